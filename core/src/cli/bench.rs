@@ -1,0 +1,104 @@
+//! `hicra bench`: prefill and decode throughput at several batch sizes on one model.
+//!
+//! Decode runs greedy with stop tokens disabled so every sequence generates exactly
+//! `--decode-tokens`; prefill is timed as the batched forward over the prompts plus the first
+//! sampled token. `scripts/bench.sh` runs this next to transformers and llama.cpp.
+
+use std::time::Instant;
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::engine::{Engine, GenerationRequest, SamplingParams};
+
+/// Arguments of `hicra bench`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per sequence in the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Untimed rounds before measuring.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print one JSON object per batch size instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measurement.
+#[derive(Debug, serde::Serialize)]
+struct BenchResult {
+    batch: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    decode_ms_per_step: f64,
+}
+
+/// Runs `hicra bench`.
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let loaded = args.model.load()?;
+    let text = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. ";
+    let mut prompt = loaded.tokenizer.encode(&text.repeat(1 + args.prompt_tokens / 8), false)?;
+    prompt.truncate(args.prompt_tokens);
+    if !args.json {
+        println!("model {} on {:?} ({:?}), prompt {} tokens, decode {} tokens", loaded.name, loaded.model.device(), loaded.model.kind(), prompt.len(), args.decode_tokens);
+        println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
+    }
+    for &batch in &args.batch {
+        let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, batch);
+        let requests: Vec<GenerationRequest> = (0..batch)
+            .map(|i| GenerationRequest {
+                prompt_ids: prompt.clone(),
+                sampling: SamplingParams { seed: i as u64, ..SamplingParams::greedy() },
+                max_new_tokens: args.decode_tokens,
+                stop_token_ids: Vec::new(),
+                stop_strings: Vec::new(),
+                top_logprobs: 0,
+            })
+            .collect();
+        for _ in 0..args.warmup {
+            measure(&mut engine, &requests)?;
+        }
+        let result = measure(&mut engine, &requests)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&result)?);
+        } else {
+            println!("{:>6} {:>16.1} {:>16.1} {:>14.2}", batch, result.prefill_tokens_per_s, result.decode_tokens_per_s, result.decode_ms_per_step);
+        }
+    }
+    Ok(())
+}
+
+fn measure(engine: &mut Engine<'_>, requests: &[GenerationRequest]) -> anyhow::Result<BenchResult> {
+    let batch = requests.len();
+    let prompt_tokens = requests.first().map(|r| r.prompt_ids.len()).unwrap_or(0);
+    let decode_tokens = requests.first().map(|r| r.max_new_tokens).unwrap_or(0);
+    let started = Instant::now();
+    engine.admit(requests.iter().cloned().enumerate().map(|(i, r)| (i as u64, r)).collect())?;
+    let prefill_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut steps = 0usize;
+    while engine.active() > 0 {
+        engine.step()?;
+        steps += 1;
+    }
+    let decode_s = started.elapsed().as_secs_f64();
+    Ok(BenchResult {
+        batch,
+        prompt_tokens,
+        decode_tokens,
+        prefill_tokens_per_s: (batch * prompt_tokens) as f64 / prefill_s,
+        decode_tokens_per_s: (batch * steps) as f64 / decode_s.max(1e-9),
+        decode_ms_per_step: 1e3 * decode_s / steps.max(1) as f64,
+    })
+}

@@ -1,0 +1,80 @@
+//! The `hicra` subcommands. Each is a small function that calls library modules; this is the
+//! only place (with the binary) that uses `anyhow`.
+
+mod bench;
+mod generate;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::device::DeviceChoice;
+use crate::model::{self, DType, LoadOptions, LoadedModel};
+
+/// hicra: serve a language model and train it online with HICRA.
+#[derive(Debug, Parser)]
+#[command(name = "hicra", version, about)]
+pub struct Cli {
+    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a completion for one prompt.
+    Generate(generate::GenerateArgs),
+    /// Measure prefill and decode throughput.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the model comes from and how it is placed.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A model name (smollm2-135m-instruct), a Hugging Face folder, a .gguf file, or a hub id
+    /// found in the local Hugging Face cache.
+    #[arg(long, default_value = model::source::DEFAULT_MODEL)]
+    pub model: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<DType>,
+    /// Context limit in tokens (prompt + completion), capped by the model's own.
+    #[arg(long, default_value_t = 4096)]
+    pub max_context: usize,
+}
+
+impl ModelArgs {
+    /// Resolves the device and loads the model.
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = crate::device::resolve(self.device)?;
+        let dtype = self.dtype.unwrap_or_else(|| DType::default_for(device));
+        let options = LoadOptions { device, dtype, max_context: self.max_context };
+        let started = std::time::Instant::now();
+        let loaded = model::load(&self.model, &options)?;
+        tracing::info!(model = %loaded.name, ?device, ?dtype, secs = started.elapsed().as_secs_f32(), "model loaded");
+        Ok(loaded)
+    }
+}
+
+/// Sets up `tracing` to stderr.
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,hicra_core=info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}

@@ -1,0 +1,399 @@
+//! Batched generation over fixed KV-cache slots.
+//!
+//! [`Engine::admit`] places new requests in free slots and prefills them together (prompts
+//! right-padded into one forward pass); [`Engine::step`] runs one decode step over every active
+//! slot, whatever its length, and reports the new token of each. A finished sequence frees its
+//! slot at once, so a scheduler can admit newcomers between steps (continuous batching).
+//! [`Engine::generate`] is the simple loop on top: admit everything, step until done.
+//!
+//! Per step the host sends the last tokens and positions (a few bytes) and reads back the
+//! sampled ids and logprobs; the forward pass and the sampling themselves never wait on
+//! the host.
+
+use tch::{Device, Kind, Tensor};
+
+use super::kv_cache::{KvCache, SlotSelection};
+use super::sampler::{BatchSampling, Sampled, SamplingParams};
+use super::EngineError;
+use crate::model::{ForwardInput, Transformer};
+use crate::tokenizer::Tokenizer;
+
+/// One completion to produce.
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    /// Prompt token ids (already templated and tokenized).
+    pub prompt_ids: Vec<u32>,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Upper bound on generated tokens.
+    pub max_new_tokens: usize,
+    /// Token ids that end the sequence (they are kept in `tokens`, not in `text`).
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end the sequence; `text` is cut before the first match.
+    pub stop_strings: Vec<String>,
+    /// How many alternatives to report per token (0 = none).
+    pub top_logprobs: usize,
+}
+
+impl GenerationRequest {
+    /// A request with the tokenizer's end-of-sequence ids as stop tokens.
+    pub fn new(prompt_ids: Vec<u32>, sampling: SamplingParams, max_new_tokens: usize, tokenizer: &Tokenizer) -> Self {
+        Self {
+            prompt_ids,
+            sampling,
+            max_new_tokens,
+            stop_token_ids: tokenizer.eos_ids().to_vec(),
+            stop_strings: Vec::new(),
+            top_logprobs: 0,
+        }
+    }
+}
+
+/// One generated token.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GeneratedToken {
+    /// Token id.
+    pub id: u32,
+    /// The text this token added to the output (empty while a UTF-8 character is incomplete,
+    /// and for special tokens).
+    pub text: String,
+    /// Natural-log probability under the distribution sampled from (temperature applied,
+    /// before top-k/top-p truncation).
+    pub logprob: f32,
+    /// The most likely alternatives `(id, logprob)`, best first, if asked for.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_new_tokens` or the context limit.
+    Length,
+}
+
+/// A finished completion.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Every sampled token, including a final stop token.
+    pub tokens: Vec<GeneratedToken>,
+    /// Decoded output, special tokens skipped, cut before a stop string.
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+/// What one step produced for one sequence.
+#[derive(Clone, Debug)]
+pub struct TokenEvent {
+    /// The caller's id for the sequence.
+    pub sequence_id: u64,
+    /// The new token.
+    pub token: GeneratedToken,
+    /// Set when this token ended the sequence; the slot is free again.
+    pub finished: Option<FinishReason>,
+    /// With `finished`: the whole decoded output, cut before a stop string.
+    pub final_text: Option<String>,
+}
+
+/// A sequence occupying a slot.
+#[derive(Debug)]
+struct Sequence {
+    id: u64,
+    request: GenerationRequest,
+    /// All token ids so far: prompt then generated.
+    ids: Vec<u32>,
+    generated: usize,
+    /// Incremental detokenization state: text of ids[prefix..read] is already emitted.
+    prefix_offset: usize,
+    read_offset: usize,
+    text: String,
+}
+
+/// The model, its tokenizer and a KV cache with `slots` sequences of `capacity` positions.
+pub struct Engine<'m> {
+    model: &'m Transformer,
+    /// Without one, tokens carry no text (parity tests on bare checkpoints).
+    tokenizer: Option<&'m Tokenizer>,
+    cache: KvCache,
+    slots: Vec<Option<Sequence>>,
+    /// Sampling tensors for the current set of active slots.
+    sampling: Option<(Vec<usize>, BatchSampling)>,
+}
+
+impl<'m> Engine<'m> {
+    /// An engine with `slots` batch slots; the cache holds the model's full context per slot.
+    pub fn new(model: &'m Transformer, tokenizer: &'m Tokenizer, slots: usize) -> Self {
+        Self::build(model, Some(tokenizer), slots)
+    }
+
+    /// An engine that produces token ids and logprobs but no text.
+    pub fn without_tokenizer(model: &'m Transformer, slots: usize) -> Self {
+        Self::build(model, None, slots)
+    }
+
+    fn build(model: &'m Transformer, tokenizer: Option<&'m Tokenizer>, slots: usize) -> Self {
+        let cfg = model.config();
+        let cache = KvCache::new(cfg.num_layers, slots.max(1), cfg.num_kv_heads, model.max_positions(), cfg.head_dim, model.kind(), model.device());
+        Self { model, tokenizer, cache, slots: (0..slots.max(1)).map(|_| None).collect(), sampling: None }
+    }
+
+    /// Slots not holding a sequence.
+    pub fn free_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_none()).count()
+    }
+
+    /// Sequences in progress.
+    pub fn active(&self) -> usize {
+        self.slots.len() - self.free_slots()
+    }
+
+    /// Checks a request against the model before it takes a slot.
+    pub fn validate(&self, request: &GenerationRequest) -> Result<(), EngineError> {
+        let vocab = self.model.config().vocab_size;
+        let limit = self.cache.capacity();
+        if request.prompt_ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if request.prompt_ids.len() >= limit {
+            return Err(EngineError::PromptTooLong { prompt_tokens: request.prompt_ids.len(), max_context: limit });
+        }
+        if let Some(&id) = request.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { id, vocab_size: vocab });
+        }
+        let s = &request.sampling;
+        if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+            return Err(EngineError::InvalidParameter(format!("temperature must be >= 0, got {}", s.temperature)));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(EngineError::InvalidParameter(format!("top_p must be in (0, 1], got {}", s.top_p)));
+        }
+        if request.top_logprobs > vocab {
+            return Err(EngineError::InvalidParameter(format!("top_logprobs {} exceeds the vocabulary", request.top_logprobs)));
+        }
+        Ok(())
+    }
+
+    /// Puts requests into free slots and prefills them in one batch; returns each one's first
+    /// token. Fails without side effects if any request is invalid or slots are short.
+    pub fn admit(&mut self, requests: Vec<(u64, GenerationRequest)>) -> Result<Vec<TokenEvent>, EngineError> {
+        for (_, request) in &requests {
+            self.validate(request)?;
+        }
+        let free: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_none()).collect();
+        if requests.len() > free.len() {
+            return Err(EngineError::InvalidParameter(format!("{} requests but {} free slots", requests.len(), free.len())));
+        }
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placed: Vec<usize> = free[..requests.len()].to_vec();
+        let lengths: Vec<usize> = requests.iter().map(|(_, r)| r.prompt_ids.len()).collect();
+        let longest = lengths.iter().copied().max().unwrap_or(1);
+        for (&slot, (id, request)) in placed.iter().zip(requests) {
+            let ids = request.prompt_ids.clone();
+            let read_offset = ids.len();
+            self.slots[slot] = Some(Sequence { id, request, ids, generated: 0, prefix_offset: read_offset, read_offset, text: String::new() });
+        }
+        let device = self.model.device();
+        let b_sz = placed.len() as i64;
+        let mut padded = vec![0i64; placed.len() * longest];
+        for (row, &slot) in placed.iter().enumerate() {
+            if let Some(seq) = &self.slots[slot] {
+                for (col, &id) in seq.ids.iter().enumerate() {
+                    padded[row * longest + col] = id as i64;
+                }
+            }
+        }
+        let tokens = Tensor::from_slice(&padded).view([b_sz, longest as i64]).to_device(device);
+        let positions = Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0).expand([b_sz, longest as i64], true);
+        let selection = selection_for(&placed, device);
+        let hidden = tch::no_grad(|| {
+            let mut view = self.cache.view(selection, longest as i64, true);
+            self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true }, Some(&mut view))
+        });
+        // The last real prompt position of each row predicts its first new token.
+        let last: Vec<i64> = lengths.iter().enumerate().map(|(row, &len)| (row * longest + len - 1) as i64).collect();
+        let last = Tensor::from_slice(&last).to_device(device);
+        let hidden_last = hidden.view([b_sz * longest as i64, -1]).index_select(0, &last);
+        self.sample_and_advance(&placed, &hidden_last)
+    }
+
+    /// One decode step over every active slot.
+    pub fn step(&mut self) -> Result<Vec<TokenEvent>, EngineError> {
+        let active: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].is_some()).collect();
+        if active.is_empty() {
+            return Ok(Vec::new());
+        }
+        let device = self.model.device();
+        let mut last_tokens = Vec::with_capacity(active.len());
+        let mut positions = Vec::with_capacity(active.len());
+        for seq in active.iter().filter_map(|&slot| self.slots[slot].as_ref()) {
+            last_tokens.push(seq.ids.last().copied().unwrap_or(0) as i64);
+            positions.push(seq.ids.len() as i64 - 1);
+        }
+        let window = positions.iter().copied().max().unwrap_or(0) + 1;
+        let b_sz = active.len() as i64;
+        let tokens = Tensor::from_slice(&last_tokens).view([b_sz, 1]).to_device(device);
+        let positions = Tensor::from_slice(&positions).view([b_sz, 1]).to_device(device);
+        let selection = selection_for(&active, device);
+        let hidden = tch::no_grad(|| {
+            let mut view = self.cache.view(selection, window, false);
+            self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true }, Some(&mut view))
+        });
+        self.sample_and_advance(&active, &hidden.view([b_sz, -1]))
+    }
+
+    /// Generates every request to completion, `slots` at a time, results in request order.
+    pub fn generate(&mut self, requests: &[GenerationRequest]) -> Result<Vec<Generation>, EngineError> {
+        for request in requests {
+            self.validate(request)?;
+        }
+        let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
+        let mut tokens: Vec<Vec<GeneratedToken>> = vec![Vec::new(); requests.len()];
+        let mut next = 0;
+        while next < requests.len() || self.active() > 0 {
+            let room = self.free_slots().min(requests.len() - next);
+            let events = if room > 0 {
+                let batch: Vec<(u64, GenerationRequest)> =
+                    (next..next + room).map(|i| (i as u64, requests[i].clone())).collect();
+                next += room;
+                self.admit(batch)?
+            } else {
+                self.step()?
+            };
+            for event in events {
+                let index = event.sequence_id as usize;
+                tokens[index].push(event.token);
+                if let Some(reason) = event.finished {
+                    results[index] = Some(Generation {
+                        prompt_tokens: requests[index].prompt_ids.len(),
+                        tokens: std::mem::take(&mut tokens[index]),
+                        text: event.final_text.unwrap_or_default(),
+                        finish_reason: reason,
+                    });
+                }
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// Samples from `hidden` `(b, hidden)` for the sequences in `slots`, appends the tokens,
+    /// applies stop conditions and frees finished slots.
+    fn sample_and_advance(&mut self, slots: &[usize], hidden: &Tensor) -> Result<Vec<TokenEvent>, EngineError> {
+        let device = self.model.device();
+        let logits = tch::no_grad(|| self.model.logits(hidden));
+        let steps: Vec<i64> = slots.iter().filter_map(|&s| self.slots[s].as_ref()).map(|q| q.generated as i64).collect();
+        let steps = Tensor::from_slice(&steps).view([-1, 1]).to_device(device);
+        let top_k = slots.iter().filter_map(|&s| self.slots[s].as_ref()).map(|q| q.request.top_logprobs).max().unwrap_or(0);
+        let sampled = self.sampling_for(slots).sample(&logits, &steps, top_k);
+        let (ids, logprobs, top) = read_back(&sampled)?;
+        let mut events = Vec::with_capacity(slots.len());
+        for (row, &slot) in slots.iter().enumerate() {
+            let Some(seq) = self.slots[slot].as_mut() else { continue };
+            let id = ids[row] as u32;
+            seq.ids.push(id);
+            seq.generated += 1;
+            let text = next_text_piece(self.tokenizer, seq)?;
+            seq.text.push_str(&text);
+            let finished = finish_reason(seq, id, self.cache.capacity());
+            let top_logprobs = top
+                .as_ref()
+                .map(|(values, indices)| {
+                    let k = seq.request.top_logprobs;
+                    (0..k).map(|j| (indices[row * top_k + j] as u32, values[row * top_k + j])).collect()
+                })
+                .unwrap_or_default();
+            let final_text = finished.map(|_| std::mem::take(&mut seq.text));
+            events.push(TokenEvent {
+                sequence_id: seq.id,
+                token: GeneratedToken { id, text, logprob: logprobs[row], top_logprobs },
+                finished,
+                final_text,
+            });
+            if finished.is_some() {
+                self.slots[slot] = None;
+                self.sampling = None;
+            }
+        }
+        Ok(events)
+    }
+
+    fn sampling_for(&mut self, slots: &[usize]) -> &BatchSampling {
+        if !matches!(&self.sampling, Some((cached, _)) if cached == slots) {
+            self.sampling = None;
+        }
+        let (model, sequences) = (self.model, &self.slots);
+        &self
+            .sampling
+            .get_or_insert_with(|| {
+                let params: Vec<&SamplingParams> =
+                    slots.iter().filter_map(|&s| sequences[s].as_ref()).map(|q| &q.request.sampling).collect();
+                (slots.to_vec(), BatchSampling::new(&params, model.config().vocab_size, model.device()))
+            })
+            .1
+    }
+}
+
+/// Contiguous slots are read as a view; others through an index.
+fn selection_for(slots: &[usize], device: Device) -> SlotSelection {
+    let start = slots.first().copied().unwrap_or(0);
+    let contiguous = slots.iter().enumerate().all(|(i, &s)| s == start + i);
+    if contiguous {
+        SlotSelection::Range { start: start as i64, len: slots.len() as i64 }
+    } else {
+        let idx: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        SlotSelection::Indices(Tensor::from_slice(&idx).to_device(device))
+    }
+}
+
+type TopLogprobs = Option<(Vec<f32>, Vec<i64>)>;
+
+/// Copies the step's results to the host: the one synchronisation per step.
+fn read_back(sampled: &Sampled) -> Result<(Vec<i64>, Vec<f32>, TopLogprobs), EngineError> {
+    let ids = Vec::<i64>::try_from(sampled.tokens.to_device(Device::Cpu))?;
+    let logprobs = Vec::<f32>::try_from(sampled.logprobs.to_device(Device::Cpu))?;
+    let top = match &sampled.top {
+        Some((values, indices)) => Some((
+            Vec::<f32>::try_from(values.to_device(Device::Cpu).reshape([-1]))?,
+            Vec::<i64>::try_from(indices.to_device(Device::Cpu).reshape([-1]))?,
+        )),
+        None => None,
+    };
+    Ok((ids, logprobs, top))
+}
+
+/// The text the newest token adds, holding back incomplete UTF-8 (TGI's/vLLM's scheme:
+/// decode a short window before and after the token and emit the difference).
+fn next_text_piece(tokenizer: Option<&Tokenizer>, seq: &mut Sequence) -> Result<String, EngineError> {
+    let Some(tokenizer) = tokenizer else { return Ok(String::new()) };
+    let before = tokenizer.decode(&seq.ids[seq.prefix_offset..seq.read_offset], true)?;
+    let after = tokenizer.decode(&seq.ids[seq.prefix_offset..], true)?;
+    if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.is_char_boundary(before.len()) {
+        let piece = after[before.len()..].to_string();
+        seq.prefix_offset = seq.read_offset;
+        seq.read_offset = seq.ids.len();
+        Ok(piece)
+    } else {
+        Ok(String::new())
+    }
+}
+
+/// Applies stop tokens, stop strings and length limits after a token was appended.
+fn finish_reason(seq: &mut Sequence, id: u32, capacity: usize) -> Option<FinishReason> {
+    if seq.request.stop_token_ids.contains(&id) {
+        return Some(FinishReason::Stop);
+    }
+    if let Some(cut) = seq.request.stop_strings.iter().filter(|s| !s.is_empty()).filter_map(|s| seq.text.find(s.as_str())).min() {
+        seq.text.truncate(cut);
+        return Some(FinishReason::Stop);
+    }
+    if seq.generated >= seq.request.max_new_tokens || seq.ids.len() >= capacity {
+        return Some(FinishReason::Length);
+    }
+    None
+}

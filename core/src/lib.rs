@@ -1,0 +1,18 @@
+//! hicra-core: the engine behind the `hicra` binary.
+//!
+//! One process holds one copy of the weights. This crate loads real models (Hugging Face
+//! folders and GGUF files of the Llama / Qwen2 / Qwen3 families) into libtorch through `tch`,
+//! tokenizes and renders chat templates, and generates with a preallocated KV cache.
+//!
+//! Modules, each owning one concept:
+//! - [`device`]: CUDA discovery (dlopen of `libtorch_cuda.so`) and `--device` parsing.
+//! - [`model`]: configs, weight loading (safetensors, GGUF), the decoder, LoRA-ready linears.
+//! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
+//! - [`engine`]: KV cache, on-device sampler, batched generation, teacher-forced scoring.
+//! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
+
+pub mod cli;
+pub mod device;
+pub mod engine;
+pub mod model;
+pub mod tokenizer;

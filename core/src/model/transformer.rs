@@ -1,0 +1,250 @@
+//! The decoder shared by Llama, Qwen2 and Qwen3.
+//!
+//! Pre-norm transformer: RMSNorm -> grouped-query attention with RoPE -> residual -> RMSNorm ->
+//! SwiGLU MLP -> residual; final RMSNorm and `lm_head` (tied to the embeddings or not). The
+//! families differ only in flags of [`ModelConfig`]: q/k/v biases (Qwen2), per-head q/k RMSNorm
+//! (Qwen3), explicit `head_dim` (Qwen3). Reference: transformers' `modeling_llama.py`,
+//! `modeling_qwen2.py`, `modeling_qwen3.py`.
+//!
+//! Shapes in comments: `b` batch rows, `t` new tokens per row, `w` attended key window.
+//! Forward passes never fail: every weight shape is checked at construction and callers
+//! (the engine) check token ids and positions against the vocabulary and the cache first.
+
+use tch::{Device, Kind, Tensor};
+
+use super::config::ModelConfig;
+use super::linear::Linear;
+use super::rope::{self, RotaryTables};
+use super::weights::Weights;
+use super::ModelError;
+use crate::engine::kv_cache::CacheView;
+
+/// One decoder layer's attention block.
+#[derive(Debug)]
+struct Attention {
+    /// Fused `q_proj | k_proj | v_proj`.
+    qkv: Linear,
+    o_proj: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    eps: f64,
+}
+
+impl Attention {
+    fn new(cfg: &ModelConfig, w: &mut Weights, prefix: &str) -> Result<Self, ModelError> {
+        let (h, kvh, d, hidden) =
+            (cfg.num_heads as i64, cfg.num_kv_heads as i64, cfg.head_dim as i64, cfg.hidden_size as i64);
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        for (name, rows) in [("q_proj", h * d), ("k_proj", kvh * d), ("v_proj", kvh * d)] {
+            weights.push(w.take(&format!("{prefix}.{name}.weight"), &[rows, hidden])?);
+            if cfg.attention_bias {
+                biases.push(w.take(&format!("{prefix}.{name}.bias"), &[rows])?);
+            }
+        }
+        let qkv_bias = (!biases.is_empty()).then(|| Tensor::cat(&biases, 0));
+        let qkv = Linear::new(Tensor::cat(&weights, 0), qkv_bias);
+        let o_bias = w.take_optional(&format!("{prefix}.o_proj.bias"), &[hidden])?;
+        let o_proj = Linear::new(w.take(&format!("{prefix}.o_proj.weight"), &[hidden, h * d])?, o_bias);
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (Some(w.take(&format!("{prefix}.q_norm.weight"), &[d])?), Some(w.take(&format!("{prefix}.k_norm.weight"), &[d])?))
+        } else {
+            (None, None)
+        };
+        Ok(Self { qkv, o_proj, q_norm, k_norm, num_heads: h, num_kv_heads: kvh, head_dim: d, eps: cfg.rms_norm_eps })
+    }
+
+    /// `x`: `(b, t, hidden)` -> `(b, t, hidden)`.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: Option<(&mut CacheView<'_>, usize)>, positions: &Tensor, use_lora: bool) -> Tensor {
+        let (b_sz, seq_len, _) = x.size3().unwrap_or((1, 1, 1));
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x, use_lora);
+        let q = qkv.narrow(-1, 0, h * d).view([b_sz, seq_len, h, d]);
+        let k = qkv.narrow(-1, h * d, kvh * d).view([b_sz, seq_len, kvh, d]);
+        let v = qkv.narrow(-1, (h + kvh) * d, kvh * d).view([b_sz, seq_len, kvh, d]);
+        let q = match &self.q_norm {
+            Some(wn) => q.rms_norm([d], Some(wn), self.eps),
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(wn) => k.rms_norm([d], Some(wn), self.eps),
+            None => k,
+        };
+        // (b, heads, t, d)
+        let q = rope::apply(&q.transpose(1, 2), cos, sin);
+        let k = rope::apply(&k.transpose(1, 2), cos, sin);
+        let v = v.transpose(1, 2);
+
+        let attended = match cache {
+            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true),
+            Some((view, layer)) if view.is_fresh() => {
+                view.write(layer, &k, &v, positions);
+                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true)
+            }
+            Some((view, layer)) => {
+                view.write(layer, &k, &v, positions);
+                let (keys, values) = view.read(layer);
+                // A query at position p sees cached keys at positions <= p: (b, 1, t, w).
+                let window = keys.size()[2];
+                let key_pos = Tensor::arange(window, (Kind::Int64, x.device())).view([1, 1, 1, window]);
+                let mask = key_pos.le_tensor(&positions.view([b_sz, 1, seq_len, 1]));
+                Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(&mask), 0.0, false, None, true)
+            }
+        };
+        let attended = attended.transpose(1, 2).reshape([b_sz, seq_len, h * d]);
+        self.o_proj.forward(&attended, use_lora)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug)]
+struct Mlp {
+    /// Fused `gate_proj | up_proj`.
+    gate_up: Linear,
+    down_proj: Linear,
+    intermediate: i64,
+}
+
+impl Mlp {
+    fn new(cfg: &ModelConfig, w: &mut Weights, prefix: &str) -> Result<Self, ModelError> {
+        let (hidden, inter) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        let gate = w.take(&format!("{prefix}.gate_proj.weight"), &[inter, hidden])?;
+        let up = w.take(&format!("{prefix}.up_proj.weight"), &[inter, hidden])?;
+        let (gate_up_bias, down_bias) = if cfg.mlp_bias {
+            let gb = w.take(&format!("{prefix}.gate_proj.bias"), &[inter])?;
+            let ub = w.take(&format!("{prefix}.up_proj.bias"), &[inter])?;
+            (Some(Tensor::cat(&[gb, ub], 0)), Some(w.take(&format!("{prefix}.down_proj.bias"), &[hidden])?))
+        } else {
+            (None, None)
+        };
+        let down = w.take(&format!("{prefix}.down_proj.weight"), &[hidden, inter])?;
+        Ok(Self {
+            gate_up: Linear::new(Tensor::cat(&[gate, up], 0), gate_up_bias),
+            down_proj: Linear::new(down, down_bias),
+            intermediate: inter,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, use_lora: bool) -> Tensor {
+        let gate_up = self.gate_up.forward(x, use_lora);
+        let gate = gate_up.narrow(-1, 0, self.intermediate);
+        let up = gate_up.narrow(-1, self.intermediate, self.intermediate);
+        self.down_proj.forward(&(gate.silu() * up), use_lora)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// What one forward pass reads.
+#[derive(Debug)]
+pub struct ForwardInput<'a> {
+    /// `(b, t)` int64 token ids, all `< vocab_size`.
+    pub tokens: &'a Tensor,
+    /// `(b, t)` int64 absolute positions, all `< max_positions`.
+    pub positions: &'a Tensor,
+    /// Adapters on (`true`) or the base model (`false`, the free reference policy).
+    pub use_lora: bool,
+}
+
+/// A causal language model of the Llama / Qwen2 / Qwen3 family.
+#[derive(Debug)]
+pub struct Transformer {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Tensor>,
+    rotary: RotaryTables,
+    kind: Kind,
+    device: Device,
+}
+
+impl Transformer {
+    /// Builds the model from checkpoint tensors named like Hugging Face's, all already in
+    /// `kind` on `device`. `max_positions` bounds the RoPE tables (the context limit).
+    pub fn new(config: ModelConfig, mut w: Weights, kind: Kind, device: Device, max_positions: usize) -> Result<Self, ModelError> {
+        config.validate()?;
+        let (vocab, hidden) = (config.vocab_size as i64, config.hidden_size as i64);
+        let embed_tokens = w.take("model.embed_tokens.weight", &[vocab, hidden])?;
+        let layers = (0..config.num_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(DecoderLayer {
+                    input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                    self_attn: Attention::new(&config, &mut w, &format!("{p}.self_attn"))?,
+                    post_attention_layernorm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                    mlp: Mlp::new(&config, &mut w, &format!("{p}.mlp"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let norm = w.take("model.norm.weight", &[hidden])?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(w.take("lm_head.weight", &[vocab, hidden])?)
+        };
+        let leftovers = w.remaining();
+        if !leftovers.is_empty() {
+            tracing::debug!(count = leftovers.len(), first = %leftovers[0], "checkpoint tensors not used by the model");
+        }
+        let rotary = RotaryTables::new(&config, max_positions, kind, device);
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rotary, kind, device })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The dtype of weights and activations.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Longest sequence (prompt + completion) the position tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.rotary.max_positions()
+    }
+
+    /// Runs the decoder and returns final-normed hidden states `(b, t, hidden)`.
+    ///
+    /// With `cache`, new keys/values are written at `positions` and attention reads the cache
+    /// window, so `t` new tokens may continue earlier ones (prefill and decode are the same
+    /// call). Without it the pass is causal over `tokens` alone (scoring and training).
+    pub fn forward_hidden(&self, input: &ForwardInput<'_>, mut cache: Option<&mut CacheView<'_>>) -> Tensor {
+        let (cos, sin) = self.rotary.select(input.positions);
+        let mut x = Tensor::embedding(&self.embed_tokens, input.tokens, -1, false, false);
+        let hidden = self.config.hidden_size as i64;
+        let eps = self.config.rms_norm_eps;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let normed = x.rms_norm([hidden], Some(&layer.input_layernorm), eps);
+            let layer_cache = cache.as_deref_mut().map(|view| (view, index));
+            let attn = layer.self_attn.forward(&normed, &cos, &sin, layer_cache, input.positions, input.use_lora);
+            x = x + attn;
+            let normed = x.rms_norm([hidden], Some(&layer.post_attention_layernorm), eps);
+            x = &x + layer.mlp.forward(&normed, input.use_lora);
+        }
+        x.rms_norm([hidden], Some(&self.norm), eps)
+    }
+
+    /// Projects hidden states `(..., hidden)` to float32 logits `(..., vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        hidden.linear::<Tensor>(head, None).to_kind(Kind::Float)
+    }
+}

@@ -1,0 +1,144 @@
+//! Parity with Hugging Face transformers on tiny random models of every supported family.
+//!
+//! Fixtures (`core/tests/fixtures/parity/<case>/`) come from `scripts/fixtures/make_parity_fixtures.py`:
+//! a checkpoint (safetensors, one case sharded; GGUF for llama and qwen2, with llama.cpp's q/k
+//! permutation) and `reference.safetensors` holding transformers' log-softmax over the vocabulary
+//! for two sequences of different lengths and 8 greedy tokens continuing each.
+
+use std::path::{Path, PathBuf};
+
+use hicra_core::engine::{score_completions, Engine, GenerationRequest, SamplingParams};
+use hicra_core::model::{load_decoder, ForwardInput, LoadOptions, ModelSource, Transformer};
+use tch::{Kind, Tensor};
+
+/// f32 forward passes agree with transformers' eager attention to this many nats.
+const TOLERANCE: f64 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+struct Reference {
+    input_ids: Vec<Vec<u32>>,
+    logprobs: Tensor,
+    greedy: Vec<Vec<u32>>,
+}
+
+fn read_reference(path: &Path) -> Reference {
+    let tensors = Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let get = |name: &str| {
+        tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).unwrap_or_else(|| panic!("{} lacks {name}", path.display()))
+    };
+    let ids = get("input_ids");
+    let lengths = Vec::<i64>::try_from(get("lengths")).expect("lengths");
+    let greedy = get("greedy_tokens");
+    let rows = |t: &Tensor, lens: Option<&[i64]>| -> Vec<Vec<u32>> {
+        (0..t.size()[0])
+            .map(|r| {
+                let row = Vec::<i64>::try_from(t.get(r)).expect("int row");
+                let len = lens.map(|l| l[r as usize] as usize).unwrap_or(row.len());
+                row[..len].iter().map(|&v| v as u32).collect()
+            })
+            .collect()
+    };
+    Reference { input_ids: rows(&ids, Some(&lengths)), logprobs: get("logprobs"), greedy: rows(&greedy, None) }
+}
+
+/// Full log-softmax of one sequence, computed alone (no padding), `(len, vocab)`.
+fn logprobs_of(model: &Transformer, ids: &[u32]) -> Tensor {
+    let len = ids.len() as i64;
+    let tokens = Tensor::from_slice(&ids.iter().map(|&i| i as i64).collect::<Vec<_>>()).view([1, len]);
+    let positions = Tensor::arange(len, (Kind::Int64, tch::Device::Cpu)).view([1, len]);
+    tch::no_grad(|| {
+        let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: false }, None);
+        model.logits(&hidden).get(0).log_softmax(-1, Kind::Float)
+    })
+}
+
+fn check(case: &str, source: ModelSource, reference: &str) {
+    let model = load_decoder(&source, &LoadOptions::cpu()).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let reference = read_reference(&fixtures().join(case).join(reference));
+
+    // 1. Full next-token distributions at every position.
+    let mut worst = 0.0f64;
+    for (row, ids) in reference.input_ids.iter().enumerate() {
+        let ours = logprobs_of(&model, ids);
+        let theirs = reference.logprobs.get(row as i64).narrow(0, 0, ids.len() as i64);
+        worst = worst.max(f64::try_from((&ours - &theirs).abs().max()).expect("scalar"));
+    }
+    eprintln!("{case}: max |logprob - transformers| = {worst:.2e}");
+    assert!(worst < TOLERANCE, "{case}: logprobs differ from transformers by {worst}");
+
+    // 2. Greedy continuation through the KV cache, both sequences in one batch.
+    let requests: Vec<GenerationRequest> = reference
+        .input_ids
+        .iter()
+        .map(|ids| GenerationRequest {
+            prompt_ids: ids.clone(),
+            sampling: SamplingParams::greedy(),
+            max_new_tokens: 8,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            top_logprobs: 0,
+        })
+        .collect();
+    let mut engine = Engine::without_tokenizer(&model, 2);
+    let generations = engine.generate(&requests).unwrap_or_else(|e| panic!("{case}: {e}"));
+    for (row, generation) in generations.iter().enumerate() {
+        let ours: Vec<u32> = generation.tokens.iter().map(|t| t.id).collect();
+        assert_eq!(ours, reference.greedy[row], "{case}: greedy tokens of sequence {row}");
+        // 3. The logprobs reported while generating equal the teacher-forced ones.
+        let scored = score_completions(&model, &[(&requests[row].prompt_ids, &ours)], 0.0, false).expect("score");
+        let reported: Vec<f32> = generation.tokens.iter().map(|t| t.logprob).collect();
+        let gap = reported.iter().zip(&scored[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(gap < 1e-4, "{case}: generation vs teacher-forced logprobs differ by {gap}");
+    }
+}
+
+fn hf(case: &str) -> ModelSource {
+    ModelSource::HfFolder(fixtures().join(case))
+}
+
+fn gguf(case: &str, file: &str) -> ModelSource {
+    ModelSource::Gguf(fixtures().join(case).join(file))
+}
+
+#[test]
+fn llama_tied_embeddings() {
+    check("llama", hf("llama"), "reference.safetensors");
+}
+
+#[test]
+fn llama3_rope_scaling_untied() {
+    check("llama3-scaled", hf("llama3-scaled"), "reference.safetensors");
+}
+
+#[test]
+fn llama_linear_rope_scaling() {
+    check("llama-linear-rope", hf("llama-linear-rope"), "reference.safetensors");
+}
+
+#[test]
+fn qwen2_biases_sharded_safetensors() {
+    check("qwen2", hf("qwen2"), "reference.safetensors");
+}
+
+#[test]
+fn qwen3_qk_norm_explicit_head_dim() {
+    check("qwen3", hf("qwen3"), "reference.safetensors");
+}
+
+#[test]
+fn llama_gguf_with_permuted_qk() {
+    check("llama", gguf("llama", "model.gguf"), "reference.safetensors");
+}
+
+#[test]
+fn llama_gguf_q8_0() {
+    check("llama", gguf("llama", "model-q8_0.gguf"), "reference-q8_0.safetensors");
+}
+
+#[test]
+fn qwen2_gguf() {
+    check("qwen2", gguf("qwen2", "model.gguf"), "reference.safetensors");
+}
