@@ -90,7 +90,7 @@ fn unknown_architecture_is_named() {
 #[test]
 fn mismatched_shapes_name_the_tensor() {
     let dir = scratch_copy("llama", "shape");
-    edit_config(&dir, |c| c["intermediate_size"] = 96.into());
+    edit_config(&dir, |c| c["intermediate_size"] = 128.into());
     let run = generate_with(&dir);
     assert!(!run.success);
     assert!(run.stderr.contains("gate_proj.weight") && run.stderr.contains("shape"), "{}", run.stderr);

@@ -43,7 +43,7 @@ fn generation_logprobs_equal_teacher_forced_logprobs() {
     let prompt = loaded.tokenizer.encode("The three primary colours are", false).expect("encode");
     let sampling = SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 50, seed: 5 };
     let request = GenerationRequest::new(prompt.clone(), sampling, 24, &loaded.tokenizer);
-    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, 1);
+    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, 1, 256);
     let generation = engine.generate(&[request]).expect("generate").remove(0);
     let ids: Vec<u32> = generation.tokens.iter().map(|t| t.id).collect();
     let scored = score_completions(&loaded.model, &[(&prompt, &ids)], 0.7, true).expect("score").remove(0);
@@ -65,9 +65,9 @@ fn batching_sequences_of_different_lengths_changes_nothing() {
             GenerationRequest::new(ids, sampling, 12, &loaded.tokenizer)
         })
         .collect();
-    let batched = Engine::new(&loaded.model, &loaded.tokenizer, 3).generate(&requests).expect("batched");
+    let batched = Engine::new(&loaded.model, &loaded.tokenizer, 3, 256).generate(&requests).expect("batched");
     for (request, together) in requests.iter().zip(&batched) {
-        let alone = Engine::new(&loaded.model, &loaded.tokenizer, 1).generate(std::slice::from_ref(request)).expect("alone").remove(0);
+        let alone = Engine::new(&loaded.model, &loaded.tokenizer, 1, 256).generate(std::slice::from_ref(request)).expect("alone").remove(0);
         let ids = |g: &hicra_core::engine::Generation| g.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
         assert_eq!(ids(together), ids(&alone));
         assert_eq!(together.text, alone.text);
@@ -84,7 +84,7 @@ fn stop_strings_cut_the_text_and_top_logprobs_are_sorted() {
     let mut request = GenerationRequest::new(ids, SamplingParams::greedy(), 40, &loaded.tokenizer);
     request.stop_strings = vec![" nine".to_string()];
     request.top_logprobs = 3;
-    let generation = Engine::new(&loaded.model, &loaded.tokenizer, 1).generate(&[request]).expect("generate").remove(0);
+    let generation = Engine::new(&loaded.model, &loaded.tokenizer, 1, 256).generate(&[request]).expect("generate").remove(0);
     assert_eq!(generation.finish_reason, FinishReason::Stop, "text: {}", generation.text);
     assert!(!generation.text.contains("nine"), "{}", generation.text);
     assert!(generation.text.contains("eight"), "{}", generation.text);
@@ -102,7 +102,7 @@ fn max_tokens_ends_with_length() {
     let ids = loaded.tokenizer.encode("Write a long story about a dragon.", false).expect("encode");
     let mut request = GenerationRequest::new(ids, SamplingParams::greedy(), 5, &loaded.tokenizer);
     request.stop_token_ids.clear();
-    let generation = Engine::new(&loaded.model, &loaded.tokenizer, 1).generate(&[request]).expect("generate").remove(0);
+    let generation = Engine::new(&loaded.model, &loaded.tokenizer, 1, 256).generate(&[request]).expect("generate").remove(0);
     assert_eq!(generation.tokens.len(), 5);
     assert_eq!(generation.finish_reason, FinishReason::Length);
 }

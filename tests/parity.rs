@@ -82,7 +82,7 @@ fn check(case: &str, source: ModelSource, reference: &str) {
             top_logprobs: 0,
         })
         .collect();
-    let mut engine = Engine::without_tokenizer(&model, 2);
+    let mut engine = Engine::without_tokenizer(&model, 2, 64);
     let generations = engine.generate(&requests).unwrap_or_else(|e| panic!("{case}: {e}"));
     for (row, generation) in generations.iter().enumerate() {
         let ours: Vec<u32> = generation.tokens.iter().map(|t| t.id).collect();

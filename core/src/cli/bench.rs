@@ -55,7 +55,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
     }
     for &batch in &args.batch {
-        let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, batch);
+        let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, batch, prompt.len() + args.decode_tokens + 1);
         let requests: Vec<GenerationRequest> = (0..batch)
             .map(|i| GenerationRequest {
                 prompt_ids: prompt.clone(),

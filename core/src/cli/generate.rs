@@ -71,7 +71,10 @@ pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut request = GenerationRequest::new(ids, sampling, args.max_tokens, &loaded.tokenizer);
     request.stop_strings = args.stop;
     request.top_logprobs = args.top_logprobs;
-    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, 1);
+    // Room for the prompt and the completion; the engine caps it at the context limit, so a
+    // prompt over the limit is still reported as such.
+    let capacity = request.prompt_ids.len() + args.max_tokens.max(1);
+    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, 1, capacity);
     let generation = engine.generate(std::slice::from_ref(&request))?.pop().context("engine returned no generation")?;
     if args.json {
         let tokens: Vec<serde_json::Value> = generation

@@ -126,19 +126,21 @@ pub struct Engine<'m> {
 }
 
 impl<'m> Engine<'m> {
-    /// An engine with `slots` batch slots; the cache holds the model's full context per slot.
-    pub fn new(model: &'m Transformer, tokenizer: &'m Tokenizer, slots: usize) -> Self {
-        Self::build(model, Some(tokenizer), slots)
+    /// An engine with `slots` batch slots of `capacity` positions each (prompt + completion;
+    /// capped by the model's context). The KV cache is allocated here, once.
+    pub fn new(model: &'m Transformer, tokenizer: &'m Tokenizer, slots: usize, capacity: usize) -> Self {
+        Self::build(model, Some(tokenizer), slots, capacity)
     }
 
     /// An engine that produces token ids and logprobs but no text.
-    pub fn without_tokenizer(model: &'m Transformer, slots: usize) -> Self {
-        Self::build(model, None, slots)
+    pub fn without_tokenizer(model: &'m Transformer, slots: usize, capacity: usize) -> Self {
+        Self::build(model, None, slots, capacity)
     }
 
-    fn build(model: &'m Transformer, tokenizer: Option<&'m Tokenizer>, slots: usize) -> Self {
+    fn build(model: &'m Transformer, tokenizer: Option<&'m Tokenizer>, slots: usize, capacity: usize) -> Self {
         let cfg = model.config();
-        let cache = KvCache::new(cfg.num_layers, slots.max(1), cfg.num_kv_heads, model.max_positions(), cfg.head_dim, model.kind(), model.device());
+        let capacity = capacity.clamp(2, model.max_positions().max(2));
+        let cache = KvCache::new(cfg.num_layers, slots.max(1), cfg.num_kv_heads, capacity, cfg.head_dim, model.kind(), model.device());
         Self { model, tokenizer, cache, slots: (0..slots.max(1)).map(|_| None).collect(), sampling: None }
     }
 

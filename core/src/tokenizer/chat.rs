@@ -50,7 +50,11 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with text content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: Some(Value::String(content.into())), ..Self::default() }
+        Self {
+            role: role.into(),
+            content: Some(Value::String(content.into())),
+            ..Self::default()
+        }
     }
 
     /// The message as the template sees it: keys in declaration order, absent options left out
@@ -58,7 +62,10 @@ impl ChatMessage {
     fn to_jinja(&self) -> JValue {
         let mut entries = vec![
             (JValue::from("role"), JValue::from(self.role.as_str())),
-            (JValue::from("content"), self.content.as_ref().map_or(JValue::from(()), to_jinja)),
+            (
+                JValue::from("content"),
+                self.content.as_ref().map_or(JValue::from(()), to_jinja),
+            ),
         ];
         if let Some(calls) = &self.tool_calls {
             entries.push((JValue::from("tool_calls"), to_jinja(calls)));
@@ -77,6 +84,20 @@ impl ChatMessage {
 }
 
 /// A compiled chat template plus the special tokens it is rendered with.
+///
+/// # Examples
+///
+/// ```
+/// use hicra_core::tokenizer::{ChatMessage, ChatTemplate};
+/// # fn main() -> Result<(), hicra_core::tokenizer::TokenizerError> {
+/// let source = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}\
+///               {% if add_generation_prompt %}<|assistant|>{% endif %}";
+/// let template = ChatTemplate::new(source, None, None)?;
+/// let text = template.render(&[ChatMessage::new("user", "Hi")], None, true, None)?;
+/// assert_eq!(text, "<|user|>Hi\n<|assistant|>");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -112,9 +133,17 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         // Python's None is not iterable (minijinja iterates none as empty).
-        env.add_test("iterable", |v: &JValue| !v.is_none() && v.try_iter().is_ok());
-        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(template_error)?;
-        Ok(Self { env, source: source.to_string(), bos_token, eos_token })
+        env.add_test("iterable", |v: &JValue| {
+            !v.is_none() && v.try_iter().is_ok()
+        });
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(template_error)?;
+        Ok(Self {
+            env,
+            source: source.to_string(),
+            bos_token,
+            eos_token,
+        })
     }
 
     /// The template text.
@@ -154,11 +183,19 @@ impl ChatTemplate {
         }
         let messages: Vec<JValue> = messages.iter().map(ChatMessage::to_jinja).collect();
         ctx.insert("messages".into(), JValue::from(messages));
-        let tools = tools.map_or(JValue::from(()), |t| JValue::from(t.iter().map(to_jinja).collect::<Vec<_>>()));
+        let tools = tools.map_or(JValue::from(()), |t| {
+            JValue::from(t.iter().map(to_jinja).collect::<Vec<_>>())
+        });
         ctx.insert("tools".into(), tools);
         ctx.insert("documents".into(), JValue::from(()));
-        ctx.insert("add_generation_prompt".into(), JValue::from(add_generation_prompt));
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(template_error)?;
+        ctx.insert(
+            "add_generation_prompt".into(),
+            JValue::from(add_generation_prompt),
+        );
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(template_error)?;
         template.render(JValue::from(ctx)).map_err(template_error)
     }
 }
@@ -176,7 +213,10 @@ impl Object for OrderedMap {
     }
 
     fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
@@ -202,7 +242,10 @@ fn to_jinja(value: &Value) -> JValue {
         Value::String(s) => JValue::from(s.as_str()),
         Value::Array(items) => JValue::from(items.iter().map(to_jinja).collect::<Vec<_>>()),
         Value::Object(map) => JValue::from_object(OrderedMap {
-            entries: map.iter().map(|(k, v)| (JValue::from(k.as_str()), to_jinja(v))).collect(),
+            entries: map
+                .iter()
+                .map(|(k, v)| (JValue::from(k.as_str()), to_jinja(v)))
+                .collect(),
         }),
     }
 }
@@ -220,7 +263,8 @@ impl fmt::Display for RaisedException {
 impl std::error::Error for RaisedException {}
 
 fn raise_exception(message: String) -> Result<JValue, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(RaisedException(message)))
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
+        .with_source(RaisedException(message)))
 }
 
 fn template_error(err: Error) -> TokenizerError {
@@ -240,15 +284,22 @@ fn strftime_now(format: String) -> Result<String, Error> {
     if format.is_empty() {
         return Ok(String::new());
     }
-    let c_format = CString::new(format)
-        .map_err(|_| Error::new(ErrorKind::InvalidOperation, "strftime_now: format contains NUL"))?;
+    let c_format = CString::new(format).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            "strftime_now: format contains NUL",
+        )
+    })?;
     // SAFETY: `time` accepts a null pointer; `localtime_r` writes only into the zeroed `tm`
     // we own and reports failure with a null return, which is checked.
     let tm = unsafe {
         let now = libc::time(std::ptr::null_mut());
         let mut tm: libc::tm = std::mem::zeroed();
         if libc::localtime_r(&now, &mut tm).is_null() {
-            return Err(Error::new(ErrorKind::InvalidOperation, "strftime_now: no local time"));
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "strftime_now: no local time",
+            ));
         }
         tm
     };
@@ -257,7 +308,8 @@ fn strftime_now(format: String) -> Result<String, Error> {
         let mut buf = vec![0u8; capacity];
         // SAFETY: `buf` is writable for `buf.len()` bytes, `c_format` is NUL-terminated and
         // `tm` is initialised; strftime writes at most `buf.len()` bytes and returns how many.
-        let n = unsafe { libc::strftime(buf.as_mut_ptr().cast(), buf.len(), c_format.as_ptr(), &tm) };
+        let n =
+            unsafe { libc::strftime(buf.as_mut_ptr().cast(), buf.len(), c_format.as_ptr(), &tm) };
         if n > 0 || capacity >= 16 * 1024 {
             buf.truncate(n);
             return Ok(String::from_utf8_lossy(&buf).into_owned());
@@ -287,12 +339,21 @@ fn tojson(value: &JValue, indent: Option<JValue>, kwargs: Kwargs) -> Result<JVal
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
         Some(_) => {
-            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators needs two strings"))
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators needs two strings",
+            ))
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let writer = PyJson { indent, item_sep, key_sep, ensure_ascii, sort_keys };
+    let writer = PyJson {
+        indent,
+        item_sep,
+        key_sep,
+        ensure_ascii,
+        sort_keys,
+    };
     let mut out = String::new();
     writer.write(&mut out, value, 0)?;
     Ok(JValue::from(out))
@@ -322,7 +383,9 @@ impl PyJson {
             ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
             ValueKind::Number => out.push_str(&py_number(value, true)),
-            ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), self.ensure_ascii),
+            ValueKind::String => {
+                write_json_string(out, value.as_str().unwrap_or_default(), self.ensure_ascii)
+            }
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<JValue> = value.try_iter()?.collect();
                 if items.is_empty() {
@@ -442,7 +505,11 @@ fn py_float_repr(f: f64) -> String {
         format!("{sign}{body}")
     } else {
         let (first, rest) = digits.split_at(1.min(digits.len()));
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let exp_sign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{exp_sign}{:02}", exp.abs())
     }
@@ -453,7 +520,11 @@ fn py_repr(out: &mut String, value: &JValue) -> Result<(), Error> {
     match value.kind() {
         ValueKind::String => {
             let s = value.as_str().unwrap_or_default();
-            let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            let quote = if s.contains('\'') && !s.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
             out.push(quote);
             for c in s.chars() {
                 match c {
@@ -521,7 +592,8 @@ fn python_formatter(out: &mut Output, state: &State, value: &JValue) -> Result<(
         ValueKind::Seq | ValueKind::Map => py_repr(&mut text, value)?,
         _ => py_str(&mut text, value),
     }
-    out.write_str(&text).map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write output"))
+    out.write_str(&text)
+        .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write output"))
 }
 
 #[cfg(test)]
@@ -559,7 +631,10 @@ mod tests {
     /// Whether serde_json keeps object keys in input order (its `preserve_order` feature).
     fn serde_json_preserves_order() -> bool {
         let v: Value = serde_json::from_str(r#"{"b": 1, "a": 2}"#).expect("json");
-        v.as_object().and_then(|o| o.keys().next()).map(String::as_str) == Some("b")
+        v.as_object()
+            .and_then(|o| o.keys().next())
+            .map(String::as_str)
+            == Some("b")
     }
 
     #[test]
@@ -570,10 +645,14 @@ mod tests {
         let mut compared = 0;
         for case in &fixture.cases {
             if case.order_sensitive && !ordered {
-                eprintln!("note: {} skipped: serde_json sorts keys (enable preserve_order)", case.name);
+                eprintln!(
+                    "note: {} skipped: serde_json sorts keys (enable preserve_order)",
+                    case.name
+                );
                 continue;
             }
-            let source = std::fs::read_to_string(fixture_dir().join(&case.template)).expect("template");
+            let source =
+                std::fs::read_to_string(fixture_dir().join(&case.template)).expect("template");
             let tmpl = ChatTemplate::new(&source, case.bos_token.clone(), case.eos_token.clone())
                 .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             let got = tmpl.render(
@@ -597,7 +676,10 @@ mod tests {
             }
             compared += 1;
         }
-        assert!(compared >= fixture.cases.len() - 9, "only {compared} cases compared");
+        assert!(
+            compared >= fixture.cases.len() - 9,
+            "only {compared} cases compared"
+        );
     }
 
     fn render_one(source: &str, ctx: Value) -> Result<String, TokenizerError> {
@@ -608,7 +690,12 @@ mod tests {
     fn tojson_matches_python_json_dumps() {
         let ctx = json!({"x": {"b": [1, 2.5, 1.0, -0.0, 1e16, 1.5e-7], "a": "<&'\"\u{e9}\n>", "n": null, "t": true, "e": {}, "l": []}});
         // serde_json without preserve_order sorts keys, so the expectation follows it.
-        let keys: Vec<String> = ctx["x"].as_object().expect("object").keys().cloned().collect();
+        let keys: Vec<String> = ctx["x"]
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
         let part = |k: &str| match k {
             "b" => r#""b": [1, 2.5, 1.0, -0.0, 1e+16, 1.5e-07]"#,
             "a" => "\"a\": \"<&'\\\"\u{e9}\\n>\"",
@@ -617,19 +704,37 @@ mod tests {
             "e" => r#""e": {}"#,
             _ => r#""l": []"#,
         };
-        let expected = format!("{{{}}}", keys.iter().map(|k| part(k)).collect::<Vec<_>>().join(", "));
-        assert_eq!(render_one("{{ x | tojson }}", ctx.clone()).expect("render"), expected);
+        let expected = format!(
+            "{{{}}}",
+            keys.iter().map(|k| part(k)).collect::<Vec<_>>().join(", ")
+        );
+        assert_eq!(
+            render_one("{{ x | tojson }}", ctx.clone()).expect("render"),
+            expected
+        );
 
         let ctx = json!({"x": {"k": [1, {"z": "é"}]}});
         assert_eq!(
             render_one("{{ x | tojson(indent=2) }}", ctx.clone()).expect("render"),
             "{\n  \"k\": [\n    1,\n    {\n      \"z\": \"é\"\n    }\n  ]\n}"
         );
-        assert_eq!(render_one("{{ x | tojson(ensure_ascii=true) }}", ctx.clone()).expect("render"), r#"{"k": [1, {"z": "\u00e9"}]}"#);
-        assert_eq!(render_one("{{ x | tojson(separators=[',', ':']) }}", ctx).expect("render"), r#"{"k":[1,{"z":"é"}]}"#);
+        assert_eq!(
+            render_one("{{ x | tojson(ensure_ascii=true) }}", ctx.clone()).expect("render"),
+            r#"{"k": [1, {"z": "\u00e9"}]}"#
+        );
+        assert_eq!(
+            render_one("{{ x | tojson(separators=[',', ':']) }}", ctx).expect("render"),
+            r#"{"k":[1,{"z":"é"}]}"#
+        );
         let ctx = json!({"x": {"b": 1, "a": 2}, "s": "\u{1F389}"});
-        assert_eq!(render_one("{{ x | tojson(sort_keys=true) }}", ctx.clone()).expect("render"), r#"{"a": 2, "b": 1}"#);
-        assert_eq!(render_one("{{ s | tojson(ensure_ascii=true) }}", ctx).expect("render"), r#""\ud83c\udf89""#);
+        assert_eq!(
+            render_one("{{ x | tojson(sort_keys=true) }}", ctx.clone()).expect("render"),
+            r#"{"a": 2, "b": 1}"#
+        );
+        assert_eq!(
+            render_one("{{ s | tojson(ensure_ascii=true) }}", ctx).expect("render"),
+            r#""\ud83c\udf89""#
+        );
     }
 
     #[test]
@@ -641,8 +746,14 @@ mod tests {
             return;
         }
         let ctx: Value = serde_json::from_str(r#"{"x": {"z": 1, "a": 2, "m": 3}}"#).expect("json");
-        assert_eq!(render_one("{{ x | tojson }}", ctx.clone()).expect("render"), r#"{"z": 1, "a": 2, "m": 3}"#);
-        assert_eq!(render_one("{% for k, v in x.items() %}{{ k }}{% endfor %}", ctx).expect("render"), "zam");
+        assert_eq!(
+            render_one("{{ x | tojson }}", ctx.clone()).expect("render"),
+            r#"{"z": 1, "a": 2, "m": 3}"#
+        );
+        assert_eq!(
+            render_one("{% for k, v in x.items() %}{{ k }}{% endfor %}", ctx).expect("render"),
+            "zam"
+        );
     }
 
     #[test]
@@ -668,7 +779,11 @@ mod tests {
     fn prints_values_like_python() {
         let ctx = json!({"n": null, "t": true, "f": false, "x": 2.0, "l": ["a", "it's", 1, null], "m": {"k": false}});
         assert_eq!(
-            render_one("{{ n }}|{{ t }}|{{ f }}|{{ x }}|{{ l }}|{{ m }}|{{ undefined_var }}|", ctx).expect("render"),
+            render_one(
+                "{{ n }}|{{ t }}|{{ f }}|{{ x }}|{{ l }}|{{ m }}|{{ undefined_var }}|",
+                ctx
+            )
+            .expect("render"),
             "None|True|False|2.0|['a', \"it's\", 1, None]|{'k': False}||"
         );
     }
@@ -678,32 +793,52 @@ mod tests {
         let ctx = json!({"s": "  <think>a</think>\n\nb  ", "n": null, "c": "text"});
         let src = "{{ s.strip().split('</think>')[-1].lstrip('\\n') }}|{{ s.startswith('  <') }}|\
                    {{ n is iterable }}|{{ c is iterable }}|{{ c is string }}";
-        assert_eq!(render_one(src, ctx).expect("render"), "b|True|False|True|True");
+        assert_eq!(
+            render_one(src, ctx).expect("render"),
+            "b|True|False|True|True"
+        );
     }
 
     #[test]
     fn whitespace_control_matches_transformers() {
         let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}\n";
         let tmpl = ChatTemplate::new(src, None, None).expect("compile");
-        let msgs = [ChatMessage::new("user", "a"), ChatMessage::new("assistant", "b")];
-        assert_eq!(tmpl.render(&msgs, None, false, None).expect("render"), "[a]\n");
+        let msgs = [
+            ChatMessage::new("user", "a"),
+            ChatMessage::new("assistant", "b"),
+        ];
+        assert_eq!(
+            tmpl.render(&msgs, None, false, None).expect("render"),
+            "[a]\n"
+        );
     }
 
     #[test]
     fn raise_exception_is_a_typed_error() {
         let src = "{% if messages|length == 0 %}{{ raise_exception('need a message') }}{% endif %}";
         let err = render_one(src, json!({})).expect_err("raises");
-        assert!(matches!(&err, TokenizerError::TemplateException(m) if m == "need a message"), "{err}");
+        assert!(
+            matches!(&err, TokenizerError::TemplateException(m) if m == "need a message"),
+            "{err}"
+        );
         let err = ChatTemplate::new("{% if %}", None, None).expect_err("syntax error");
         assert!(matches!(err, TokenizerError::Template(_)));
-        let err = ChatTemplate::new("x", None, None).expect("compile").render(&[], None, false, Some(&json!([1])));
+        let err = ChatTemplate::new("x", None, None).expect("compile").render(
+            &[],
+            None,
+            false,
+            Some(&json!([1])),
+        );
         assert!(matches!(err, Err(TokenizerError::Template(_))));
     }
 
     #[test]
     fn strftime_now_formats_local_time() {
         let year = render_one("{{ strftime_now('%Y') }}", json!({})).expect("render");
-        assert!(year.len() == 4 && year.chars().all(|c| c.is_ascii_digit()), "{year}");
+        assert!(
+            year.len() == 4 && year.chars().all(|c| c.is_ascii_digit()),
+            "{year}"
+        );
         let date = render_one("{{ strftime_now('%d %b %Y') }}", json!({})).expect("render");
         assert_eq!(date.len(), 11, "{date}");
     }
@@ -722,6 +857,9 @@ mod tests {
         let src = "{{ messages[0].reasoning_content }}|{{ 'tool_calls' in messages[0] }}|\
                    {{ 'name' in messages[0] }}|{{ messages[0].content is none }}";
         let tmpl = ChatTemplate::new(src, None, None).expect("compile");
-        assert_eq!(tmpl.render(&[m], None, false, None).expect("render"), "hmm|True|False|True");
+        assert_eq!(
+            tmpl.render(&[m], None, false, None).expect("render"),
+            "hmm|True|False|True"
+        );
     }
 }

@@ -90,16 +90,24 @@ impl PreKind {
     fn pre_tokenizer(self) -> Result<PreTokenizerWrapper, TokenizerError> {
         let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
         let split = |regex: &str| {
-            Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| TokenizerError::Build(format!("split regex: {e}")))
+            Split::new(
+                SplitPattern::Regex(regex.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| TokenizerError::Build(format!("split regex: {e}")))
         };
         Ok(match self {
             Self::Gpt2 => byte_level(true).into(),
             Self::DigitsThenGpt2 => {
                 Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into()
             }
-            Self::Llama3 => Sequence::new(vec![split(LLAMA3_REGEX)?.into(), byte_level(false).into()]).into(),
-            Self::Qwen2 => Sequence::new(vec![split(QWEN2_REGEX)?.into(), byte_level(false).into()]).into(),
+            Self::Llama3 => {
+                Sequence::new(vec![split(LLAMA3_REGEX)?.into(), byte_level(false).into()]).into()
+            }
+            Self::Qwen2 => {
+                Sequence::new(vec![split(QWEN2_REGEX)?.into(), byte_level(false).into()]).into()
+            }
         })
     }
 }
@@ -124,7 +132,12 @@ pub(super) fn build(spec: &GgufTokenizerSpec) -> Result<Built, TokenizerError> {
     let kind = PreKind::from_name(spec.pre.as_deref())?;
     let n_tokens = u32::try_from(spec.tokens.len())
         .map_err(|_| TokenizerError::InvalidGguf("more than 2^32 tokens".into()))?;
-    for (what, id) in [("bos", spec.bos_id), ("eos", spec.eos_id), ("eot", spec.eot_id), ("pad", spec.pad_id)] {
+    for (what, id) in [
+        ("bos", spec.bos_id),
+        ("eos", spec.eos_id),
+        ("eot", spec.eot_id),
+        ("pad", spec.pad_id),
+    ] {
         if let Some(id) = id.filter(|&id| id >= n_tokens) {
             return Err(TokenizerError::InvalidGguf(format!(
                 "{what} token id {id} is outside the vocabulary of {n_tokens}"
@@ -201,16 +214,28 @@ pub(super) fn build(spec: &GgufTokenizerSpec) -> Result<Built, TokenizerError> {
             .map_err(|e| TokenizerError::Build(format!("BOS post-processor: {e}")))?;
         tokenizer.with_post_processor(Some(template));
     }
-    Ok(Built { tokenizer, special_ids, add_bos })
+    Ok(Built {
+        tokenizer,
+        special_ids,
+        add_bos,
+    })
 }
 
 /// Reads the tokenizer metadata of an opened GGUF file.
 pub fn spec_from_gguf(file: &GgufFile) -> Result<GgufTokenizerSpec, TokenizerError> {
     let missing = |key: &str| TokenizerError::InvalidGguf(format!("missing or mistyped key {key}"));
-    let string = |key: &str| file.get(key).and_then(GgufValue::as_str).map(str::to_string);
+    let string = |key: &str| {
+        file.get(key)
+            .and_then(GgufValue::as_str)
+            .map(str::to_string)
+    };
     let id = |key: &str| -> Result<Option<u32>, TokenizerError> {
         file.get(key)
-            .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| missing(key)))
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| missing(key))
+            })
             .transpose()
     };
     let strings = |key: &str| -> Result<Option<Vec<String>>, TokenizerError> {
@@ -226,7 +251,11 @@ pub fn spec_from_gguf(file: &GgufFile) -> Result<GgufTokenizerSpec, TokenizerErr
         .get("tokenizer.ggml.token_type")
         .map(|v| {
             v.as_array()
-                .and_then(|a| a.iter().map(|x| x.as_i64().and_then(|n| i32::try_from(n).ok())).collect())
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_i64().and_then(|n| i32::try_from(n).ok()))
+                        .collect()
+                })
                 .ok_or_else(|| missing("tokenizer.ggml.token_type"))
         })
         .transpose()?;
@@ -241,14 +270,17 @@ pub fn spec_from_gguf(file: &GgufFile) -> Result<GgufTokenizerSpec, TokenizerErr
     Ok(GgufTokenizerSpec {
         model: string("tokenizer.ggml.model").ok_or_else(|| missing("tokenizer.ggml.model"))?,
         pre: string("tokenizer.ggml.pre"),
-        tokens: strings("tokenizer.ggml.tokens")?.ok_or_else(|| missing("tokenizer.ggml.tokens"))?,
+        tokens: strings("tokenizer.ggml.tokens")?
+            .ok_or_else(|| missing("tokenizer.ggml.tokens"))?,
         token_types,
         merges: strings("tokenizer.ggml.merges")?.unwrap_or_default(),
         bos_id: id("tokenizer.ggml.bos_token_id")?,
         eos_id: id("tokenizer.ggml.eos_token_id")?,
         eot_id: id("tokenizer.ggml.eot_token_id")?,
         pad_id: id("tokenizer.ggml.padding_token_id")?,
-        add_bos: file.get("tokenizer.ggml.add_bos_token").and_then(GgufValue::as_bool),
+        add_bos: file
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(GgufValue::as_bool),
         chat_template: string("tokenizer.chat_template"),
         scores,
     })
@@ -268,7 +300,10 @@ pub(super) mod test_support {
         if path.is_file() {
             Some(path)
         } else {
-            eprintln!("note: {} absent, skipping the real-GGUF tokenizer test", path.display());
+            eprintln!(
+                "note: {} absent, skipping the real-GGUF tokenizer test",
+                path.display()
+            );
             None
         }
     }
@@ -298,7 +333,12 @@ pub(super) mod test_support {
             tokens.push(m.replace(' ', ""));
         }
         let mut token_types = vec![1; tokens.len()];
-        for (t, ty) in [("<|im_start|>", 3), ("<|im_end|>", 3), ("<|endoftext|>", 3), ("<tool>", 4)] {
+        for (t, ty) in [
+            ("<|im_start|>", 3),
+            ("<|im_end|>", 3),
+            ("<|endoftext|>", 3),
+            ("<tool>", 4),
+        ] {
             tokens.push(t.to_string());
             token_types.push(ty);
         }
@@ -342,12 +382,19 @@ mod tests {
     #[test]
     fn smollm2_matches_python_tokenizers_for_every_pre() {
         let Some(spec) = smollm2_spec() else { return };
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizer/smollm2_gguf_ids.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tokenizer/smollm2_gguf_ids.json"
+        );
         let fixture: Fixture =
             serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
         let mut checked = 0;
         for pre in ["smollm", "gpt2", "llama-bpe", "qwen2"] {
-            let spec = GgufTokenizerSpec { pre: Some(pre.into()), add_bos: Some(false), ..spec.clone() };
+            let spec = GgufTokenizerSpec {
+                pre: Some(pre.into()),
+                add_bos: Some(false),
+                ..spec.clone()
+            };
             let tok = Tokenizer::from_gguf_spec(spec).expect("tokenizer");
             for case in fixture.cases.iter().filter(|c| c.pre == pre) {
                 let ids = tok.encode(&case.text, false).expect("encode");
@@ -373,7 +420,10 @@ mod tests {
         assert!(tok.is_special(1) && tok.is_special(0) && !tok.is_special(100));
         assert_eq!(tok.vocab_size(), 49152);
         assert_eq!(tok.id_to_token(2).as_deref(), Some("<|im_end|>"));
-        assert_eq!(tok.token_to_id("Ġthe"), tok.encode(" the", false).expect("encode").first().copied());
+        assert_eq!(
+            tok.token_to_id("Ġthe"),
+            tok.encode(" the", false).expect("encode").first().copied()
+        );
         // add_special_tokens changes nothing without add_bos, and control tokens are skippable.
         let text = "<|im_start|>user\nHi<|im_end|>";
         let ids = tok.encode(text, true).expect("encode");
@@ -382,7 +432,12 @@ mod tests {
         let rendered = tok
             .chat_template()
             .expect("template")
-            .render(&[crate::tokenizer::ChatMessage::new("user", "Hi")], None, true, None)
+            .render(
+                &[crate::tokenizer::ChatMessage::new("user", "Hi")],
+                None,
+                true,
+                None,
+            )
             .expect("render");
         assert!(rendered.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
     }
@@ -424,21 +479,30 @@ mod tests {
     #[test]
     fn add_bos_prepends_bos_once() {
         let Some(spec) = smollm2_spec() else { return };
-        let tok = Tokenizer::from_gguf_spec(GgufTokenizerSpec { add_bos: Some(true), ..spec })
-            .expect("tokenizer");
+        let tok = Tokenizer::from_gguf_spec(GgufTokenizerSpec {
+            add_bos: Some(true),
+            ..spec
+        })
+        .expect("tokenizer");
         assert!(tok.add_bos());
         let hi = tok.token_to_id("Hi").expect("Hi is one token");
         assert_eq!(tok.encode("Hi", true).expect("encode"), vec![1, hi]);
         assert_eq!(tok.encode("Hi", false).expect("encode"), vec![hi]);
         // Like HF and llama.cpp, a BOS written in the text is not deduplicated.
-        assert_eq!(tok.encode("<|im_start|>Hi", true).expect("encode"), vec![1, 1, hi]);
+        assert_eq!(
+            tok.encode("<|im_start|>Hi", true).expect("encode"),
+            vec![1, 1, hi]
+        );
     }
 
     #[test]
     fn synthetic_merges_and_added_tokens() {
         let tok = Tokenizer::from_gguf_spec(synthetic_spec()).expect("tokenizer");
         let id = |t: &str| tok.token_to_id(t).expect("token");
-        assert_eq!(tok.encode("hello world", false).expect("encode"), vec![id("hell"), id("o"), id("Ġwor"), id("l"), id("d")]);
+        assert_eq!(
+            tok.encode("hello world", false).expect("encode"),
+            vec![id("hell"), id("o"), id("Ġwor"), id("l"), id("d")]
+        );
         let ids = tok.encode("<tool>x<|im_end|>", false).expect("encode");
         assert_eq!(ids, vec![id("<tool>"), id("x"), id("<|im_end|>")]);
         assert!(!tok.is_special(id("<tool>")) && tok.is_special(id("<|im_end|>")));
@@ -446,22 +510,51 @@ mod tests {
         assert_eq!(tok.decode(&ids, true).expect("decode"), "<tool>x");
         let rendered = tok.chat_template().expect("template");
         let msgs = [crate::tokenizer::ChatMessage::new("user", "hi")];
-        assert_eq!(rendered.render(&msgs, None, false, None).expect("render"), "<|im_start|>hi");
+        assert_eq!(
+            rendered.render(&msgs, None, false, None).expect("render"),
+            "<|im_start|>hi"
+        );
     }
 
     #[test]
     fn unsupported_and_invalid_specs_are_errors() {
-        let err = Tokenizer::from_gguf_spec(GgufTokenizerSpec { pre: Some("falcon".into()), ..synthetic_spec() })
-            .expect_err("unknown pre");
+        let err = Tokenizer::from_gguf_spec(GgufTokenizerSpec {
+            pre: Some("falcon".into()),
+            ..synthetic_spec()
+        })
+        .expect_err("unknown pre");
         assert!(err.to_string().contains("\"falcon\""), "{err}");
-        let err = Tokenizer::from_gguf_spec(GgufTokenizerSpec { model: "llama".into(), ..synthetic_spec() })
-            .expect_err("spm");
-        assert!(matches!(err, TokenizerError::UnsupportedGguf(_)) && err.to_string().contains("llama"));
-        let bad_merge = GgufTokenizerSpec { merges: vec!["nospace".into()], ..synthetic_spec() };
-        assert!(matches!(Tokenizer::from_gguf_spec(bad_merge), Err(TokenizerError::InvalidGguf(_))));
-        let bad_eos = GgufTokenizerSpec { eos_id: Some(1_000_000), ..synthetic_spec() };
-        assert!(matches!(Tokenizer::from_gguf_spec(bad_eos), Err(TokenizerError::InvalidGguf(_))));
-        let bad_types = GgufTokenizerSpec { token_types: Some(vec![1]), ..synthetic_spec() };
-        assert!(matches!(Tokenizer::from_gguf_spec(bad_types), Err(TokenizerError::InvalidGguf(_))));
+        let err = Tokenizer::from_gguf_spec(GgufTokenizerSpec {
+            model: "llama".into(),
+            ..synthetic_spec()
+        })
+        .expect_err("spm");
+        assert!(
+            matches!(err, TokenizerError::UnsupportedGguf(_)) && err.to_string().contains("llama")
+        );
+        let bad_merge = GgufTokenizerSpec {
+            merges: vec!["nospace".into()],
+            ..synthetic_spec()
+        };
+        assert!(matches!(
+            Tokenizer::from_gguf_spec(bad_merge),
+            Err(TokenizerError::InvalidGguf(_))
+        ));
+        let bad_eos = GgufTokenizerSpec {
+            eos_id: Some(1_000_000),
+            ..synthetic_spec()
+        };
+        assert!(matches!(
+            Tokenizer::from_gguf_spec(bad_eos),
+            Err(TokenizerError::InvalidGguf(_))
+        ));
+        let bad_types = GgufTokenizerSpec {
+            token_types: Some(vec![1]),
+            ..synthetic_spec()
+        };
+        assert!(matches!(
+            Tokenizer::from_gguf_spec(bad_types),
+            Err(TokenizerError::InvalidGguf(_))
+        ));
     }
 }

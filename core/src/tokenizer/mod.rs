@@ -36,6 +36,9 @@ const TURN_TERMINATORS: &[&str] = &[
     "<end_of_turn>",
 ];
 
+/// `(start, end)` byte ranges in the encoded text, one per token.
+pub type ByteOffsets = Vec<(usize, usize)>;
+
 /// Errors from loading tokenizers, encoding, decoding and rendering chat templates.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -80,6 +83,28 @@ pub enum TokenizerError {
 }
 
 /// A tokenizer plus the special-token facts that generation and chat rendering need.
+///
+/// # Examples
+///
+/// ```no_run
+/// use hicra_core::model::gguf::GgufFile;
+/// use hicra_core::tokenizer::{spec_from_gguf, ChatMessage, DecodeStream, Tokenizer};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let file = GgufFile::open("smollm2-135m-instruct.gguf".as_ref())?;
+/// let tok = Tokenizer::from_gguf_spec(spec_from_gguf(&file)?)?;
+/// let prompt = tok.chat_template().expect("template").render(
+///     &[ChatMessage::new("user", "Hi")], None, true, None)?;
+/// // The rendered text already holds its special tokens: encode without adding more.
+/// let ids = tok.encode(&prompt, false)?;
+/// let mut stream = DecodeStream::new(&tok, true);
+/// for &id in &ids {
+///     if let Some(text) = stream.step(id)? {
+///         print!("{text}");
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -116,7 +141,10 @@ impl Tokenizer {
             None => Value::Null,
         };
         // tokenizer.json normally lists every added token already; add only those it lacks.
-        if let Some(decoder) = config.get("added_tokens_decoder").and_then(Value::as_object) {
+        if let Some(decoder) = config
+            .get("added_tokens_decoder")
+            .and_then(Value::as_object)
+        {
             for (id, entry) in decoder {
                 let Some(content) = entry.get("content").and_then(Value::as_str) else {
                     continue;
@@ -124,7 +152,10 @@ impl Tokenizer {
                 if inner.token_to_id(content).is_some() {
                     continue;
                 }
-                let special = entry.get("special").and_then(Value::as_bool).unwrap_or(false);
+                let special = entry
+                    .get("special")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 let token = tokenizers::AddedToken::from(content, special);
                 if special {
                     inner.add_special_tokens(&[token]);
@@ -132,7 +163,11 @@ impl Tokenizer {
                     inner.add_tokens(&[token]);
                 }
                 if inner.token_to_id(content).map(|got| got.to_string()) != Some(id.clone()) {
-                    tracing::warn!(content, id, "added token got a different id than configured");
+                    tracing::warn!(
+                        content,
+                        id,
+                        "added token got a different id than configured"
+                    );
                 }
             }
         }
@@ -223,7 +258,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
+    ) -> Result<(Vec<u32>, ByteOffsets), TokenizerError> {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
@@ -321,7 +356,10 @@ impl Tokenizer {
         ids
     }
 
-    fn compile_template(&self, source: Option<&str>) -> Result<Option<ChatTemplate>, TokenizerError> {
+    fn compile_template(
+        &self,
+        source: Option<&str>,
+    ) -> Result<Option<ChatTemplate>, TokenizerError> {
         source
             .map(|s| ChatTemplate::new(s, self.bos_token.clone(), self.eos_token.clone()))
             .transpose()
@@ -347,13 +385,20 @@ pub struct DecodeStream<'a> {
 impl<'a> DecodeStream<'a> {
     /// Starts an empty stream.
     pub fn new(tok: &'a Tokenizer, skip_special_tokens: bool) -> Self {
-        Self { tok, skip_special_tokens, ids: Vec::new(), read: 0 }
+        Self {
+            tok,
+            skip_special_tokens,
+            ids: Vec::new(),
+            read: 0,
+        }
     }
 
     /// Adds one id; returns the newly final text, or `None` while it is incomplete or empty.
     pub fn step(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
         self.ids.push(id);
-        let prefix = self.tok.decode(&self.ids[..self.read], self.skip_special_tokens)?;
+        let prefix = self
+            .tok
+            .decode(&self.ids[..self.read], self.skip_special_tokens)?;
         let full = self.tok.decode(&self.ids, self.skip_special_tokens)?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(None);
@@ -373,7 +418,9 @@ impl<'a> DecodeStream<'a> {
     /// Returns text still held back (an incomplete character at the end), as decode would
     /// render it, and empties the stream. Call once after the last id.
     pub fn flush(&mut self) -> Result<Option<String>, TokenizerError> {
-        let prefix = self.tok.decode(&self.ids[..self.read], self.skip_special_tokens)?;
+        let prefix = self
+            .tok
+            .decode(&self.ids[..self.read], self.skip_special_tokens)?;
         let full = self.tok.decode(&self.ids, self.skip_special_tokens)?;
         self.ids.clear();
         self.read = 0;
@@ -385,10 +432,14 @@ impl<'a> DecodeStream<'a> {
 }
 
 fn read_json(path: &Path) -> Result<Value, TokenizerError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text)
-        .map_err(|e| TokenizerError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| TokenizerError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// A token in tokenizer_config.json: a string, or an AddedToken object with "content".
@@ -456,7 +507,11 @@ mod tests {
             let ids = tok.encode(text, false).expect("encode");
             for skip in [false, true] {
                 let (streamed, held) = stream(&tok, &ids, skip);
-                assert_eq!(streamed, tok.decode(&ids, skip).expect("decode"), "{text:?} skip={skip}");
+                assert_eq!(
+                    streamed,
+                    tok.decode(&ids, skip).expect("decode"),
+                    "{text:?} skip={skip}"
+                );
                 held_total += held;
             }
         }
@@ -470,9 +525,14 @@ mod tests {
         let text = "hello \u{1F389} world";
         let ids = tok.encode(text, false).expect("encode");
         let mut s = DecodeStream::new(&tok, false);
-        let outputs: Vec<Option<String>> = ids.iter().map(|&id| s.step(id).expect("step")).collect();
+        let outputs: Vec<Option<String>> =
+            ids.iter().map(|&id| s.step(id).expect("step")).collect();
         // The emoji's four bytes are four tokens: three held back, then the whole character.
-        assert_eq!(outputs.iter().filter(|o| o.is_none()).count(), 3, "{outputs:?}");
+        assert_eq!(
+            outputs.iter().filter(|o| o.is_none()).count(),
+            3,
+            "{outputs:?}"
+        );
         assert!(outputs.iter().flatten().any(|o| o == "\u{1F389}"));
         assert_eq!(outputs.into_iter().flatten().collect::<String>(), text);
         // A character that never completes comes out of flush as decode renders it.
@@ -480,7 +540,10 @@ mod tests {
         let partial = &tok.encode("\u{1F389}", false).expect("encode")[..2];
         assert_eq!(s.step(partial[0]).expect("step"), None);
         assert_eq!(s.step(partial[1]).expect("step"), None);
-        assert_eq!(s.flush().expect("flush"), Some(tok.decode(partial, false).expect("decode")));
+        assert_eq!(
+            s.flush().expect("flush"),
+            Some(tok.decode(partial, false).expect("decode"))
+        );
     }
 
     #[test]
@@ -511,13 +574,24 @@ mod tests {
         assert_eq!(tok.eos_ids(), gguf_tok.eos_ids());
         assert!(!tok.add_bos());
         let text = "<|im_start|>hello world<|im_end|>";
-        assert_eq!(tok.encode(text, true).expect("hf"), gguf_tok.encode(text, true).expect("gguf"));
+        assert_eq!(
+            tok.encode(text, true).expect("hf"),
+            gguf_tok.encode(text, true).expect("gguf")
+        );
         let msgs = [ChatMessage::new("user", "hi")];
         let default = tok.chat_template().expect("default template");
-        assert_eq!(default.render(&msgs, None, false, None).expect("render"), "hi");
+        assert_eq!(
+            default.render(&msgs, None, false, None).expect("render"),
+            "hi"
+        );
         let tools = [serde_json::json!({"type": "function"})];
         let tool_use = tok.tool_use_template().expect("tool_use template");
-        assert_eq!(tool_use.render(&msgs, Some(&tools), false, None).expect("render"), "tools=1");
+        assert_eq!(
+            tool_use
+                .render(&msgs, Some(&tools), false, None)
+                .expect("render"),
+            "tools=1"
+        );
     }
 
     #[test]
