@@ -82,6 +82,11 @@ pub struct CacheView<'a> {
 }
 
 impl CacheView<'_> {
+    /// Keys attended per row (one past the largest position).
+    pub(crate) fn window(&self) -> i64 {
+        self.window
+    }
+
     /// Whether every row of this pass starts at position 0.
     pub(crate) fn is_fresh(&self) -> bool {
         self.fresh

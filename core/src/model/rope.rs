@@ -42,7 +42,11 @@ pub(crate) fn inverse_frequencies(cfg: &ModelConfig) -> Vec<f32> {
     scaled.into_iter().map(|f| f as f32).collect()
 }
 
-/// Precomputed `cos` and `sin`, each `(max_positions, head_dim)` in the model dtype.
+/// Precomputed `cos` and signed `sin`, each `(max_positions, head_dim)` in the model dtype.
+///
+/// `sin` carries the sign of `rotate_half` (`-sin` on the first half), so applying RoPE is
+/// `x * cos + roll(x, head_dim / 2) * sin`: four kernels instead of seven, which matters when
+/// a decode step is launch-bound.
 #[derive(Debug)]
 pub struct RotaryTables {
     cos: Tensor,
@@ -56,8 +60,9 @@ impl RotaryTables {
         let positions = Tensor::arange(max_positions as i64, (Kind::Float, device));
         // Outer product in f32 like transformers, then duplicated for the two halves.
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        Self { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+        let cos = Tensor::cat(&[freqs.cos(), freqs.cos()], -1);
+        let sin = Tensor::cat(&[-freqs.sin(), freqs.sin()], -1);
+        Self { cos: cos.to_kind(kind), sin: sin.to_kind(kind) }
     }
 
     /// Rows of the tables: positions is `(batch, seq)` int64; returns `(batch, 1, seq, head_dim)`.
@@ -76,11 +81,27 @@ impl RotaryTables {
     }
 }
 
-/// Applies RoPE to `x` of shape `(batch, heads, seq, head_dim)`.
-pub(crate) fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// Applies RoPE to `x` of shape `(batch, heads, seq, head_dim)` with tables from
+/// [`RotaryTables::select`]: `rotate_half(x) = [-x2, x1] = roll(x, half) * sign`.
+pub(crate) fn apply(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
-    x * cos + rotated * sin
+    x * cos + x.roll([half], [3]) * signed_sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roll_form_equals_rotate_half() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([1, 2, 3, 8], (Kind::Float, Device::Cpu));
+        let angles = Tensor::randn([1, 1, 3, 4], (Kind::Float, Device::Cpu));
+        let (c, s) = (angles.cos(), angles.sin());
+        let cos = Tensor::cat(&[&c, &c], 3);
+        let rotate_half = Tensor::cat(&[x.narrow(3, 4, 4).neg(), x.narrow(3, 0, 4)], 3);
+        let expected = &x * &cos + rotate_half * Tensor::cat(&[&s, &s], 3);
+        let got = apply(&x, &cos, &Tensor::cat(&[-&s, s.shallow_clone()], 3));
+        assert!(f64::try_from((got - expected).abs().max()).unwrap_or(1.0) < 1e-6);
+    }
 }

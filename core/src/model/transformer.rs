@@ -25,8 +25,8 @@ struct Attention {
     /// Fused `q_proj | k_proj | v_proj`.
     qkv: Linear,
     o_proj: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
+    /// Qwen3's `q_norm` and `k_norm` weights stacked per head: `(h + kvh, d)`.
+    qk_norm: Option<Tensor>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -49,54 +49,62 @@ impl Attention {
         let qkv = Linear::new(Tensor::cat(&weights, 0), qkv_bias);
         let o_bias = w.take_optional(&format!("{prefix}.o_proj.bias"), &[hidden])?;
         let o_proj = Linear::new(w.take(&format!("{prefix}.o_proj.weight"), &[hidden, h * d])?, o_bias);
-        let (q_norm, k_norm) = if cfg.qk_norm {
-            (Some(w.take(&format!("{prefix}.q_norm.weight"), &[d])?), Some(w.take(&format!("{prefix}.k_norm.weight"), &[d])?))
+        let qk_norm = if cfg.qk_norm {
+            let q_norm = w.take(&format!("{prefix}.q_norm.weight"), &[d])?;
+            let k_norm = w.take(&format!("{prefix}.k_norm.weight"), &[d])?;
+            Some(Tensor::cat(&[q_norm.unsqueeze(0).expand([h, d], false), k_norm.unsqueeze(0).expand([kvh, d], false)], 0))
         } else {
-            (None, None)
+            None
         };
-        Ok(Self { qkv, o_proj, q_norm, k_norm, num_heads: h, num_kv_heads: kvh, head_dim: d, eps: cfg.rms_norm_eps })
+        Ok(Self { qkv, o_proj, qk_norm, num_heads: h, num_kv_heads: kvh, head_dim: d, eps: cfg.rms_norm_eps })
     }
 
     /// `x`: `(b, t, hidden)` -> `(b, t, hidden)`.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: Option<(&mut CacheView<'_>, usize)>, positions: &Tensor, use_lora: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<(&mut CacheView<'_>, usize)>, use_lora: bool) -> Tensor {
         let (b_sz, seq_len, _) = x.size3().unwrap_or((1, 1, 1));
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x, use_lora);
-        let q = qkv.narrow(-1, 0, h * d).view([b_sz, seq_len, h, d]);
-        let k = qkv.narrow(-1, h * d, kvh * d).view([b_sz, seq_len, kvh, d]);
-        let v = qkv.narrow(-1, (h + kvh) * d, kvh * d).view([b_sz, seq_len, kvh, d]);
-        let q = match &self.q_norm {
-            Some(wn) => q.rms_norm([d], Some(wn), self.eps),
-            None => q,
+        // q and k go through norm and RoPE together as h + kvh heads: fewer kernels per layer.
+        let qk = qkv.narrow(-1, 0, (h + kvh) * d).view([b_sz, seq_len, h + kvh, d]);
+        let qk = match &self.qk_norm {
+            Some(weight) => qk.rms_norm([d], None::<Tensor>, self.eps) * weight,
+            None => qk,
         };
-        let k = match &self.k_norm {
-            Some(wn) => k.rms_norm([d], Some(wn), self.eps),
-            None => k,
-        };
+        let qk = rope::apply(&qk.transpose(1, 2), &ctx.cos, &ctx.sin);
         // (b, heads, t, d)
-        let q = rope::apply(&q.transpose(1, 2), cos, sin);
-        let k = rope::apply(&k.transpose(1, 2), cos, sin);
-        let v = v.transpose(1, 2);
+        let q = qk.narrow(1, 0, h);
+        let k = qk.narrow(1, h, kvh);
+        let v = qkv.narrow(-1, (h + kvh) * d, kvh * d).view([b_sz, seq_len, kvh, d]).transpose(1, 2);
 
-        let attended = match cache {
-            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true),
-            Some((view, layer)) if view.is_fresh() => {
-                view.write(layer, &k, &v, positions);
+        let attended = match (cache, &ctx.mask) {
+            (Some((view, layer)), Some(mask)) => {
+                view.write(layer, &k, &v, &ctx.positions);
+                let (keys, values) = view.read(layer);
+                Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, true)
+            }
+            (Some((view, layer)), None) => {
+                // A fresh prefill: the new keys are all there is to attend to.
+                view.write(layer, &k, &v, &ctx.positions);
                 Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true)
             }
-            Some((view, layer)) => {
-                view.write(layer, &k, &v, positions);
-                let (keys, values) = view.read(layer);
-                // A query at position p sees cached keys at positions <= p: (b, 1, t, w).
-                let window = keys.size()[2];
-                let key_pos = Tensor::arange(window, (Kind::Int64, x.device())).view([1, 1, 1, window]);
-                let mask = key_pos.le_tensor(&positions.view([b_sz, 1, seq_len, 1]));
-                Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(&mask), 0.0, false, None, true)
-            }
+            (None, _) => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true),
         };
         let attended = attended.transpose(1, 2).reshape([b_sz, seq_len, h * d]);
         self.o_proj.forward(&attended, use_lora)
     }
+}
+
+/// Per-pass tensors every layer shares, built once per forward.
+#[derive(Debug)]
+struct StepContext {
+    /// RoPE rows for the pass's positions, `(b, 1, t, head_dim)`.
+    cos: Tensor,
+    sin: Tensor,
+    /// `(b, t)` absolute positions.
+    positions: Tensor,
+    /// `(b, 1, t, w)`: query at position p sees cached keys at positions <= p. `None` when
+    /// attention is causal over the new tokens alone.
+    mask: Option<Tensor>,
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
@@ -227,19 +235,29 @@ impl Transformer {
     /// window, so `t` new tokens may continue earlier ones (prefill and decode are the same
     /// call). Without it the pass is causal over `tokens` alone (scoring and training).
     pub fn forward_hidden(&self, input: &ForwardInput<'_>, mut cache: Option<&mut CacheView<'_>>) -> Tensor {
-        let (cos, sin) = self.rotary.select(input.positions);
+        let ctx = self.step_context(input, cache.as_deref());
         let mut x = Tensor::embedding(&self.embed_tokens, input.tokens, -1, false, false);
         let hidden = self.config.hidden_size as i64;
         let eps = self.config.rms_norm_eps;
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = x.rms_norm([hidden], Some(&layer.input_layernorm), eps);
             let layer_cache = cache.as_deref_mut().map(|view| (view, index));
-            let attn = layer.self_attn.forward(&normed, &cos, &sin, layer_cache, input.positions, input.use_lora);
-            x = x + attn;
+            x = x + layer.self_attn.forward(&normed, &ctx, layer_cache, input.use_lora);
             let normed = x.rms_norm([hidden], Some(&layer.post_attention_layernorm), eps);
             x = &x + layer.mlp.forward(&normed, input.use_lora);
         }
         x.rms_norm([hidden], Some(&self.norm), eps)
+    }
+
+    fn step_context(&self, input: &ForwardInput<'_>, cache: Option<&CacheView<'_>>) -> StepContext {
+        let (cos, sin) = self.rotary.select(input.positions);
+        let mask = cache.filter(|view| !view.is_fresh()).map(|view| {
+            let (b_sz, seq_len) = input.positions.size2().unwrap_or((1, 1));
+            let window = view.window();
+            let key_pos = Tensor::arange(window, (Kind::Int64, self.device)).view([1, 1, 1, window]);
+            key_pos.le_tensor(&input.positions.view([b_sz, 1, seq_len, 1]))
+        });
+        StepContext { cos, sin, positions: input.positions.shallow_clone(), mask }
     }
 
     /// Projects hidden states `(..., hidden)` to float32 logits `(..., vocab)`.

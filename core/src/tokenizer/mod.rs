@@ -595,6 +595,13 @@ mod tests {
     }
 
     #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
+        assert_send_sync::<ChatTemplate>();
+    }
+
+    #[test]
     fn hf_files_missing_file_is_io_error() {
         let err = Tokenizer::from_hf_files(Path::new("/nonexistent/tokenizer.json"), None)
             .expect_err("missing file");
