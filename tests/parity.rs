@@ -47,22 +47,32 @@ fn read_reference(path: &Path) -> Reference {
 /// Full log-softmax of one sequence, computed alone (no padding), `(len, vocab)`.
 fn logprobs_of(model: &Transformer, ids: &[u32]) -> Tensor {
     let len = ids.len() as i64;
-    let tokens = Tensor::from_slice(&ids.iter().map(|&i| i as i64).collect::<Vec<_>>()).view([1, len]);
-    let positions = Tensor::arange(len, (Kind::Int64, tch::Device::Cpu)).view([1, len]);
+    let device = model.device();
+    let tokens = Tensor::from_slice(&ids.iter().map(|&i| i as i64).collect::<Vec<_>>()).view([1, len]).to_device(device);
+    let positions = Tensor::arange(len, (Kind::Int64, device)).view([1, len]);
     tch::no_grad(|| {
         let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: false }, None);
         model.logits(&hidden).get(0).log_softmax(-1, Kind::Float)
     })
 }
 
+/// CPU by default; `HICRA_TEST_DEVICE=cuda` runs the same checks on a GPU (f32, so the same
+/// tolerance holds: libtorch leaves TF32 matmuls off unless asked).
+fn options() -> LoadOptions {
+    let choice = std::env::var("HICRA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let choice = choice.parse().unwrap_or_else(|e| panic!("HICRA_TEST_DEVICE: {e}"));
+    let device = hicra_core::device::resolve(choice).unwrap_or_else(|e| panic!("HICRA_TEST_DEVICE: {e}"));
+    LoadOptions { device, ..LoadOptions::cpu() }
+}
+
 fn check(case: &str, source: ModelSource, reference: &str) {
-    let model = load_decoder(&source, &LoadOptions::cpu()).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let model = load_decoder(&source, &options()).unwrap_or_else(|e| panic!("{case}: {e}"));
     let reference = read_reference(&fixtures().join(case).join(reference));
 
     // 1. Full next-token distributions at every position.
     let mut worst = 0.0f64;
     for (row, ids) in reference.input_ids.iter().enumerate() {
-        let ours = logprobs_of(&model, ids);
+        let ours = logprobs_of(&model, ids).to_device(tch::Device::Cpu);
         let theirs = reference.logprobs.get(row as i64).narrow(0, 0, ids.len() as i64);
         worst = worst.max(f64::try_from((&ours - &theirs).abs().max()).expect("scalar"));
     }

@@ -202,7 +202,10 @@ pub fn load(spec: &str, options: &LoadOptions) -> Result<LoadedModel, ModelError
 
 /// Loads an already resolved source.
 pub fn load_source(source: ModelSource, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
+    let started = std::time::Instant::now();
     let model = load_decoder(&source, options)?;
+    tracing::debug!(secs = started.elapsed().as_secs_f32(), "decoder loaded");
+    let started = std::time::Instant::now();
     let mut tokenizer = match &source {
         ModelSource::HfFolder(dir) => load_hf_tokenizer(dir)?,
         ModelSource::Gguf(path) => {
@@ -210,6 +213,7 @@ pub fn load_source(source: ModelSource, options: &LoadOptions) -> Result<LoadedM
             Tokenizer::from_gguf_spec(crate::tokenizer::gguf::spec_from_gguf(&file)?)?
         }
     };
+    tracing::debug!(secs = started.elapsed().as_secs_f32(), "tokenizer loaded");
     tokenizer.add_eos_ids(&model.config().eos_token_ids);
     Ok(LoadedModel { model, tokenizer, name: source.display_name(), source })
 }
