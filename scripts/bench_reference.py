@@ -37,7 +37,9 @@ i.e. what hicra runs with) for torch.set_num_threads and for llama.cpp's n_threa
 n_threads_batch. Recorded in every JSON line.
 
 Output: one JSON line per (engine, batch) on stdout, same fields as `hicra bench --json` plus
-"engine", "dtype", "device", "threads", "decode_steps" and engine details. Progress goes to stderr.
+"engine", "dtype", "device", "threads", "decode_steps", "loadavg_1m", engine details, and
+"greedy_head": the first 8 generated token ids of sequence 0 (a sanity check that the engines
+compute the same continuation; f32 engines should agree, the quantized file may differ). Progress goes to stderr.
 Each engine runs in its own subprocess (libtorch's and llama.cpp's OpenMP runtimes stay apart).
 
 Usage (from the repository root):
@@ -106,6 +108,7 @@ def rates(batch: int, prompt: int, steps: int, t_prefill: float, t_decode: float
         "decode_ms_per_step": round(1000.0 * t_decode / steps, 3) if steps > 0 else None,
         "prefill_s": round(t_prefill, 4),
         "decode_s": round(t_decode, 4),
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews numbers
     }
 
 
@@ -125,10 +128,13 @@ def run_transformers(a: argparse.Namespace, batches: list[int]) -> None:
     # The PyPI torch wheel links the CUDA libraries even for CPU work; reuse the fixture script's
     # stub-library mechanism (it builds/caches .deps/torch-cuda-stubs and preloads them).
     # Importing that module runs ensure_torch_importable() and imports torch/transformers.
+    if not a.verbose:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF dequantizer uses tqdm directly
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
     sys.path.insert(0, str(ROOT / "scripts" / "fixtures"))
-    if a.device == "cpu":
-        import make_parity_fixtures  # noqa: F401  (side effect: torch importable without NVIDIA wheels)
+    # (A no-op when the NVIDIA wheels are all installed. --device cuda needs the real ones: the
+    # stubs abort when called.)
+    import make_parity_fixtures  # noqa: F401,E402  (side effect: torch importable)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,6 +160,8 @@ def run_transformers(a: argparse.Namespace, batches: list[int]) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    head: list[int] = []
+
     def gen(inp: torch.Tensor, mask: torch.Tensor, n: int) -> float:
         sync()
         t = time.perf_counter()
@@ -164,6 +172,7 @@ def run_transformers(a: argparse.Namespace, batches: list[int]) -> None:
         sync()
         dt = time.perf_counter() - t
         assert out.shape == (inp.shape[0], inp.shape[1] + n), out.shape
+        head[:] = out[0, inp.shape[1]:inp.shape[1] + 8].tolist()
         return dt
 
     steps = a.decode_tokens - 1
@@ -181,7 +190,8 @@ def run_transformers(a: argparse.Namespace, batches: list[int]) -> None:
                **rates(b, a.prompt_tokens, steps, t1, tn - t1),
                "dtype": a.dtype, "device": a.device, "threads": torch.get_num_threads(),
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-               "attn_implementation": model.config._attn_implementation}
+               "attn_implementation": model.config._attn_implementation,
+               "greedy_head": head}
         emit(row)
         log(f"transformers B={b}: prefill {row['prefill_tokens_per_s']:.1f} tok/s, "
             f"decode {row['decode_tokens_per_s']:.1f} tok/s")
@@ -323,7 +333,7 @@ def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
                 assert rc == 0, f"llama_decode(prefill) = {rc}"
                 nxt = argmax_rows([s * P + P - 1 for s in range(b)])
                 t_pre = time.perf_counter() - t
-                first = nxt[0]
+                toks = [nxt[0]]
                 t = time.perf_counter()
                 for step in range(n_steps):
                     for s in range(b):
@@ -332,13 +342,14 @@ def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
                     rc = L.llama_decode(ctx, dbatch)
                     assert rc == 0, f"llama_decode(step {step}) = {rc}"
                     nxt = argmax_rows(list(range(b)))
+                    toks.append(nxt[0])
                 t_dec = time.perf_counter() - t
-                return t_pre, t_dec, [first, nxt[0]]
+                return t_pre, t_dec, toks
 
             once(min(steps, 8))  # warm-up
             pres, decs = [], []
             for _ in range(a.repeats):
-                tp, td, _toks = once(steps)
+                tp, td, toks = once(steps)
                 pres.append(tp)
                 decs.append(td)
             tp, td = statistics.median(pres), statistics.median(decs)
@@ -348,7 +359,7 @@ def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
                    "dtype": a.dtype if engine.endswith("f32") else qname, "device": a.device,
                    "threads": a.threads, "versions": {"llama-cpp-python": ver},
                    "model_file": path.name, "n_ubatch": cp.n_ubatch,
-                   "flash_attn_type": cp.flash_attn_type}
+                   "flash_attn_type": cp.flash_attn_type, "greedy_head": toks[:8]}
             emit(row)
             log(f"{engine} B={b}: prefill {row['prefill_tokens_per_s']:.1f} tok/s, "
                 f"decode {row['decode_tokens_per_s']:.1f} tok/s")

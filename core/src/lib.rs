@@ -9,10 +9,12 @@
 //! - [`model`]: configs, weight loading (safetensors, GGUF), the decoder, LoRA-ready linears.
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`engine`]: KV cache, on-device sampler, batched generation, teacher-forced scoring.
+//! - [`server`]: the OpenAI-compatible HTTP API in front of the engine thread.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
 
 pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod model;
+pub mod server;
 pub mod tokenizer;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode throughput.
     Bench(bench::BenchArgs),
+    /// Serve the model through an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 /// Where the model comes from and how it is placed.
@@ -76,5 +79,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -144,6 +144,11 @@ impl<'m> Engine<'m> {
         Self { model, tokenizer, cache, slots: (0..slots.max(1)).map(|_| None).collect(), sampling: None }
     }
 
+    /// Bytes held by the KV cache.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.cache.size_bytes()
+    }
+
     /// Slots not holding a sequence.
     pub fn free_slots(&self) -> usize {
         self.slots.iter().filter(|s| s.is_none()).count()
@@ -181,7 +186,9 @@ impl<'m> Engine<'m> {
     }
 
     /// Puts requests into free slots and prefills them in one batch; returns each one's first
-    /// token. Fails without side effects if any request is invalid or slots are short.
+    /// token. Requests with identical prompts (e.g. the `n` samples of one chat request) share
+    /// one prefill: its keys/values are copied to the other slots. Fails without side effects
+    /// if any request is invalid or slots are short.
     pub fn admit(&mut self, requests: Vec<(u64, GenerationRequest)>) -> Result<Vec<TokenEvent>, EngineError> {
         for (_, request) in &requests {
             self.validate(request)?;
@@ -194,35 +201,69 @@ impl<'m> Engine<'m> {
             return Ok(Vec::new());
         }
         let placed: Vec<usize> = free[..requests.len()].to_vec();
-        let lengths: Vec<usize> = requests.iter().map(|(_, r)| r.prompt_ids.len()).collect();
-        let longest = lengths.iter().copied().max().unwrap_or(1);
+        // unique[k] = index into `requests` of the first request with the k-th distinct prompt.
+        let mut unique: Vec<usize> = Vec::new();
+        let mut prompt_of: Vec<usize> = Vec::with_capacity(requests.len());
+        for (i, (_, request)) in requests.iter().enumerate() {
+            match unique.iter().position(|&u| requests[u].1.prompt_ids == request.prompt_ids) {
+                Some(k) => prompt_of.push(k),
+                None => {
+                    prompt_of.push(unique.len());
+                    unique.push(i);
+                }
+            }
+        }
+        let leaders: Vec<usize> = unique.iter().map(|&i| placed[i]).collect();
+        let prompts: Vec<&[u32]> = unique.iter().map(|&i| requests[i].1.prompt_ids.as_slice()).collect();
+        let hidden_last = self.prefill(&leaders, &prompts);
+        for (i, &slot) in placed.iter().enumerate() {
+            let leader = leaders[prompt_of[i]];
+            if leader != slot {
+                self.cache.copy_slot(leader as i64, slot as i64, requests[i].1.prompt_ids.len() as i64);
+            }
+        }
         for (&slot, (id, request)) in placed.iter().zip(requests) {
             let ids = request.prompt_ids.clone();
             let read_offset = ids.len();
             self.slots[slot] = Some(Sequence { id, request, ids, generated: 0, prefix_offset: read_offset, read_offset, text: String::new() });
         }
+        let rows: Vec<i64> = prompt_of.iter().map(|&k| k as i64).collect();
+        let hidden = hidden_last.index_select(0, &Tensor::from_slice(&rows).to_device(self.model.device()));
+        self.sample_and_advance(&placed, &hidden)
+    }
+
+    /// Runs `prompts` (right-padded into one batch) into `slots`' cache; returns the hidden
+    /// state of each prompt's last position, `(prompts, hidden)`.
+    fn prefill(&mut self, slots: &[usize], prompts: &[&[u32]]) -> Tensor {
         let device = self.model.device();
-        let b_sz = placed.len() as i64;
-        let mut padded = vec![0i64; placed.len() * longest];
-        for (row, &slot) in placed.iter().enumerate() {
-            if let Some(seq) = &self.slots[slot] {
-                for (col, &id) in seq.ids.iter().enumerate() {
-                    padded[row * longest + col] = id as i64;
-                }
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+        let b_sz = prompts.len() as i64;
+        let mut padded = vec![0i64; prompts.len() * longest];
+        for (row, prompt) in prompts.iter().enumerate() {
+            for (col, &id) in prompt.iter().enumerate() {
+                padded[row * longest + col] = id as i64;
             }
         }
         let tokens = Tensor::from_slice(&padded).view([b_sz, longest as i64]).to_device(device);
         let positions = Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0).expand([b_sz, longest as i64], true);
-        let selection = selection_for(&placed, device);
+        let selection = selection_for(slots, device);
         let hidden = tch::no_grad(|| {
             let mut view = self.cache.view(selection, longest as i64, true);
             self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true }, Some(&mut view))
         });
         // The last real prompt position of each row predicts its first new token.
-        let last: Vec<i64> = lengths.iter().enumerate().map(|(row, &len)| (row * longest + len - 1) as i64).collect();
-        let last = Tensor::from_slice(&last).to_device(device);
-        let hidden_last = hidden.view([b_sz * longest as i64, -1]).index_select(0, &last);
-        self.sample_and_advance(&placed, &hidden_last)
+        let last: Vec<i64> = prompts.iter().enumerate().map(|(row, p)| (row * longest + p.len() - 1) as i64).collect();
+        hidden.view([b_sz * longest as i64, -1]).index_select(0, &Tensor::from_slice(&last).to_device(device))
+    }
+
+    /// Ends a sequence early (its client went away); returns whether it was running.
+    pub fn cancel(&mut self, sequence_id: u64) -> bool {
+        let found = self.slots.iter().position(|s| s.as_ref().is_some_and(|q| q.id == sequence_id));
+        if let Some(slot) = found {
+            self.slots[slot] = None;
+            self.sampling = None;
+        }
+        found.is_some()
     }
 
     /// One decode step over every active slot.

@@ -12,6 +12,7 @@
 pub mod generate;
 pub mod kv_cache;
 pub mod sampler;
+pub mod scheduler;
 pub mod score;
 
 pub use generate::{Engine, FinishReason, Generation, GenerationRequest, GeneratedToken};

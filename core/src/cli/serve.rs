@@ -1,0 +1,148 @@
+//! `hicra serve`: the OpenAI-compatible server. Every flag can also be set in a TOML file
+//! (`--config`); flags given on the command line win over the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+
+use super::ModelArgs;
+use crate::device::DeviceChoice;
+use crate::engine::scheduler::{self, SchedulerConfig};
+use crate::model::{source::DEFAULT_MODEL, DType};
+use crate::server::{self, metrics::ServerMetrics, rollouts::RolloutStore, AppState, ServerOptions};
+
+/// Arguments of `hicra serve`; unset ones come from `--config`, then from the defaults.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServeArgs {
+    /// TOML file with any of these settings (same names, underscores for dashes).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Model name, folder or .gguf file [default: smollm2-135m-instruct].
+    #[arg(long)]
+    model: Option<String>,
+    /// Address to bind [default: 127.0.0.1, loopback only].
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to bind; 0 picks a free one [default: 8000].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// auto, cpu, cuda or cuda:N [default: auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// f32, bf16 or f16 [default: f32 on CPU, bf16 on CUDA].
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Context limit per sequence, prompt + completion [default: 2048]. The KV cache holds
+    /// max_batch x max_context positions, allocated at start.
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Sequences decoded together (batch slots) [default: 16].
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Sequences that may wait for a slot before requests get 429 [default: 256].
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Prompt tokens that may wait before requests get 429 [default: 262144].
+    #[arg(long)]
+    max_queue_tokens: Option<usize>,
+    /// Largest request body in bytes [default: 8388608].
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
+    /// Rollouts kept for /v1/rollouts and training [default: 10000].
+    #[arg(long)]
+    rollout_capacity: Option<usize>,
+    /// Completion length when a request sets none [default: 2048].
+    #[arg(long)]
+    default_max_tokens: Option<usize>,
+}
+
+impl ServeArgs {
+    /// Fills unset fields from `--config`.
+    fn merged(self) -> anyhow::Result<Self> {
+        let Some(path) = &self.config else { return Ok(self) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        let file: ServeArgs = toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        Ok(Self {
+            config: self.config,
+            model: self.model.or(file.model),
+            host: self.host.or(file.host),
+            port: self.port.or(file.port),
+            api_key: self.api_key.or(file.api_key),
+            device: self.device.or(file.device),
+            dtype: self.dtype.or(file.dtype),
+            max_context: self.max_context.or(file.max_context),
+            max_batch: self.max_batch.or(file.max_batch),
+            max_queue: self.max_queue.or(file.max_queue),
+            max_queue_tokens: self.max_queue_tokens.or(file.max_queue_tokens),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            rollout_capacity: self.rollout_capacity.or(file.rollout_capacity),
+            default_max_tokens: self.default_max_tokens.or(file.default_max_tokens),
+        })
+    }
+}
+
+/// Runs `hicra serve` until Ctrl-C.
+pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let args = args.merged()?;
+    let device: DeviceChoice = args.device.as_deref().unwrap_or("auto").parse()?;
+    let dtype = args.dtype.as_deref().map(str::parse::<DType>).transpose().map_err(anyhow::Error::msg)?;
+    let max_context = args.max_context.unwrap_or(2048);
+    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context };
+    let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
+    let addr: SocketAddr = format!("{host}:{}", args.port.unwrap_or(8000))
+        .parse()
+        .or_else(|_| format!("[{host}]:{}", args.port.unwrap_or(8000)).parse())
+        .with_context(|| format!("invalid --host '{host}'"))?;
+    let loaded = model_args.load()?;
+    let max_batch = args.max_batch.unwrap_or(16);
+    let engine = scheduler::spawn(
+        loaded,
+        SchedulerConfig {
+            max_batch,
+            capacity: max_context,
+            max_queued_requests: args.max_queue.unwrap_or(256),
+            max_queued_tokens: args.max_queue_tokens.unwrap_or(262_144),
+        },
+    )?;
+    let state = AppState {
+        engine,
+        rollouts: Arc::new(RolloutStore::new(args.rollout_capacity.unwrap_or(10_000))),
+        metrics: Arc::new(ServerMetrics::default()),
+        options: Arc::new(ServerOptions {
+            api_key: args.api_key.clone(),
+            max_body_bytes: args.max_body_bytes.unwrap_or(8 << 20),
+            default_max_tokens: args.default_max_tokens.unwrap_or(2048),
+        }),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(server::serve(state, addr))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_unknown_keys_are_rejected() -> anyhow::Result<()> {
+        let path = std::env::temp_dir().join(format!("hicra-serve-{}.toml", std::process::id()));
+        std::fs::write(&path, "port = 9001\nhost = \"0.0.0.0\"\nmax_batch = 4\n")?;
+        let args = ServeArgs { config: Some(path.clone()), port: Some(7000), ..ServeArgs::default() }.merged()?;
+        assert_eq!(args.port, Some(7000));
+        assert_eq!(args.host.as_deref(), Some("0.0.0.0"));
+        assert_eq!(args.max_batch, Some(4));
+        std::fs::write(&path, "prot = 1\n")?;
+        let err = ServeArgs { config: Some(path), ..ServeArgs::default() }.merged();
+        assert!(format!("{:#}", err.err().expect("typo rejected")).contains("prot"));
+        Ok(())
+    }
+}

@@ -1,0 +1,395 @@
+//! The engine thread: one thread owns the model and its KV cache and runs continuous batching.
+//!
+//! HTTP handlers never touch tensors. They [`EngineHandle::submit`] a group of requests (the
+//! `n` choices of one API call) and read [`SequenceEvent`]s from a channel. The thread loops:
+//! take new submissions, admit as many queued sequences as there are free slots (one batched
+//! prefill, identical prompts prefilled once), run one decode step over every active slot, and
+//! dispatch the tokens. Sequences join and leave the batch at token boundaries. When a
+//! receiver is gone (the client disconnected) the group's sequences are cancelled and their
+//! slots freed.
+//!
+//! Backpressure: submissions beyond `max_queued_requests` waiting sequences, or
+//! `max_queued_tokens` waiting prompt tokens, are refused at once ([`SubmitError::QueueFull`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::generate::{Engine, FinishReason, GeneratedToken, GenerationRequest, TokenEvent};
+use super::EngineError;
+use crate::model::LoadedModel;
+use crate::tokenizer::Tokenizer;
+
+/// Limits of the scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Batch slots: sequences decoded together.
+    pub max_batch: usize,
+    /// Positions per slot (prompt + completion).
+    pub capacity: usize,
+    /// Sequences that may wait for a slot before submissions are refused.
+    pub max_queued_requests: usize,
+    /// Prompt tokens that may wait before submissions are refused.
+    pub max_queued_tokens: usize,
+}
+
+/// What a sequence reports to its submitter.
+#[derive(Clone, Debug)]
+pub enum SequenceEvent {
+    /// A new token of choice `choice`.
+    Token {
+        /// Index of the request within its submission.
+        choice: usize,
+        /// The token.
+        token: GeneratedToken,
+    },
+    /// Choice `choice` ended; `text` is its whole output (cut before a stop string).
+    Finished {
+        /// Index of the request within its submission.
+        choice: usize,
+        /// Why it ended.
+        reason: FinishReason,
+        /// The decoded output.
+        text: String,
+        /// Policy version of the weights that produced the last token.
+        policy_version: u64,
+    },
+    /// The submission could not run; no more events follow.
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Too much work is waiting.
+    #[error("server is busy: {waiting} sequences already waiting (limit {limit})")]
+    QueueFull {
+        /// What is waiting now.
+        waiting: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// More choices than batch slots.
+    #[error("n = {n} exceeds the batch size {max_batch}")]
+    TooManyChoices {
+        /// Requested choices.
+        n: usize,
+        /// Batch slots.
+        max_batch: usize,
+    },
+    /// A request is invalid for this model.
+    #[error(transparent)]
+    Invalid(#[from] EngineError),
+    /// The engine thread has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Live counters the server exports.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// Sequences waiting for a slot.
+    pub queued_sequences: AtomicUsize,
+    /// Prompt tokens waiting.
+    pub queued_tokens: AtomicUsize,
+    /// Sequences in the running batch.
+    pub active_sequences: AtomicUsize,
+    /// Tokens generated since start.
+    pub generated_tokens: AtomicU64,
+    /// Prompt tokens prefilled since start.
+    pub prefilled_tokens: AtomicU64,
+    /// Decode steps run.
+    pub decode_steps: AtomicU64,
+    /// Sum over decode steps of the batch size (mean batch = this / decode_steps).
+    pub decode_batch_sum: AtomicU64,
+    /// Sequences cancelled because their client went away.
+    pub cancelled_sequences: AtomicU64,
+    /// Generation throughput over the last busy second, in tokens/s (f64 bits).
+    pub recent_tokens_per_s_bits: AtomicU64,
+}
+
+impl SchedulerStats {
+    /// Generation throughput over the last busy second.
+    pub fn recent_tokens_per_s(&self) -> f64 {
+        f64::from_bits(self.recent_tokens_per_s_bits.load(Ordering::Relaxed))
+    }
+}
+
+/// Facts about the served model that handlers need without touching it.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// Name clients use in `model`.
+    pub name: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Positions per sequence.
+    pub max_context: usize,
+}
+
+struct Submission {
+    requests: Vec<GenerationRequest>,
+    events: UnboundedSender<SequenceEvent>,
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Submission>,
+    config: Arc<SchedulerConfig>,
+    /// Live counters.
+    pub stats: Arc<SchedulerStats>,
+    /// The served model.
+    pub info: Arc<ModelInfo>,
+    /// The tokenizer, shared read-only with handlers for templating and decoding.
+    pub tokenizer: Arc<Tokenizer>,
+    /// Incremented by each optimizer step (training arrives with its own issue).
+    pub policy_version: Arc<AtomicU64>,
+}
+
+impl EngineHandle {
+    /// Queues a group of requests; events arrive on the returned receiver. Refuses at once
+    /// when the queue is full, the group is larger than the batch, or a request is invalid.
+    pub fn submit(&self, requests: Vec<GenerationRequest>) -> Result<UnboundedReceiver<SequenceEvent>, SubmitError> {
+        if requests.len() > self.config.max_batch {
+            return Err(SubmitError::TooManyChoices { n: requests.len(), max_batch: self.config.max_batch });
+        }
+        for request in &requests {
+            validate(request, &self.info)?;
+        }
+        let waiting = self.stats.queued_sequences.load(Ordering::Relaxed);
+        let waiting_tokens = self.stats.queued_tokens.load(Ordering::Relaxed);
+        if waiting + requests.len() > self.config.max_queued_requests || waiting_tokens > self.config.max_queued_tokens {
+            return Err(SubmitError::QueueFull { waiting, limit: self.config.max_queued_requests });
+        }
+        let tokens: usize = requests.iter().map(|r| r.prompt_ids.len()).sum();
+        self.stats.queued_sequences.fetch_add(requests.len(), Ordering::Relaxed);
+        self.stats.queued_tokens.fetch_add(tokens, Ordering::Relaxed);
+        let (events, receiver) = unbounded_channel();
+        self.commands.send(Submission { requests, events }).map_err(|_| SubmitError::Stopped)?;
+        Ok(receiver)
+    }
+}
+
+/// The checks [`Engine::validate`] makes, done before queueing so errors are immediate.
+fn validate(request: &GenerationRequest, info: &ModelInfo) -> Result<(), EngineError> {
+    if request.prompt_ids.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if request.prompt_ids.len() >= info.max_context {
+        return Err(EngineError::PromptTooLong { prompt_tokens: request.prompt_ids.len(), max_context: info.max_context });
+    }
+    if let Some(&id) = request.prompt_ids.iter().find(|&&id| id as usize >= info.vocab_size) {
+        return Err(EngineError::TokenOutOfRange { id, vocab_size: info.vocab_size });
+    }
+    Ok(())
+}
+
+/// Starts the engine thread, which takes ownership of the model.
+pub fn spawn(loaded: LoadedModel, config: SchedulerConfig) -> std::io::Result<EngineHandle> {
+    let capacity = config.capacity.min(loaded.model.max_positions());
+    let config = SchedulerConfig { capacity, max_batch: config.max_batch.max(1), ..config };
+    let info = Arc::new(ModelInfo { name: loaded.name.clone(), vocab_size: loaded.model.config().vocab_size, max_context: capacity });
+    let stats = Arc::new(SchedulerStats::default());
+    let policy_version = Arc::new(AtomicU64::new(0));
+    let (commands, inbox) = mpsc::channel();
+    let LoadedModel { model, tokenizer, .. } = loaded;
+    let tokenizer = Arc::new(tokenizer);
+    let handle = EngineHandle {
+        commands,
+        config: Arc::new(config.clone()),
+        stats: stats.clone(),
+        info,
+        tokenizer: tokenizer.clone(),
+        policy_version: policy_version.clone(),
+    };
+    let (ready, started) = mpsc::channel();
+    std::thread::Builder::new().name("hicra-engine".into()).spawn(move || {
+        let engine = Engine::new(&model, &tokenizer, config.max_batch, config.capacity);
+        tracing::info!(slots = config.max_batch, capacity = config.capacity, kv_cache_mib = engine.kv_cache_bytes() >> 20, "engine ready");
+        let _ = ready.send(());
+        Scheduler { engine, inbox, stats, policy_version, waiting: VecDeque::new(), routes: HashMap::new(), groups: HashMap::new(), next_id: 0 }.run();
+    })?;
+    // Serve only once the KV cache exists, so a healthy server answers at full speed.
+    started.recv().map_err(|_| std::io::Error::other("the engine thread died while allocating its KV cache"))?;
+    Ok(handle)
+}
+
+/// Where a running sequence's events go.
+struct Route {
+    group: u64,
+    choice: usize,
+}
+
+struct Scheduler<'m> {
+    engine: Engine<'m>,
+    inbox: mpsc::Receiver<Submission>,
+    stats: Arc<SchedulerStats>,
+    policy_version: Arc<AtomicU64>,
+    /// Submissions waiting for slots, whole (the n choices of a request start together).
+    waiting: VecDeque<(u64, Submission)>,
+    routes: HashMap<u64, Route>,
+    /// Group id -> (event sender, sequences still running).
+    groups: HashMap<u64, (UnboundedSender<SequenceEvent>, usize)>,
+    next_id: u64,
+}
+
+impl Scheduler<'_> {
+    fn run(mut self) {
+        let mut window_started = Instant::now();
+        let mut window_tokens = 0u64;
+        loop {
+            if !self.take_submissions() {
+                return;
+            }
+            let produced = match self.admit_waiting() {
+                Some(events) => self.dispatch(events),
+                None => 0,
+            };
+            let produced = produced + if self.engine.active() > 0 { self.decode() } else { 0 };
+            window_tokens += produced as u64;
+            let elapsed = window_started.elapsed().as_secs_f64();
+            if elapsed >= 1.0 || self.engine.active() == 0 {
+                let rate = if elapsed > 0.0 { window_tokens as f64 / elapsed } else { 0.0 };
+                self.stats.recent_tokens_per_s_bits.store(rate.to_bits(), Ordering::Relaxed);
+                window_started = Instant::now();
+                window_tokens = 0;
+            }
+            self.stats.active_sequences.store(self.engine.active(), Ordering::Relaxed);
+        }
+    }
+
+    /// Moves new submissions into the waiting queue; blocks when there is nothing to do.
+    /// Returns false when every handle is gone and no work remains.
+    fn take_submissions(&mut self) -> bool {
+        if self.engine.active() == 0 && self.waiting.is_empty() {
+            match self.inbox.recv() {
+                Ok(submission) => self.enqueue(submission),
+                Err(_) => return false,
+            }
+        }
+        while let Ok(submission) = self.inbox.try_recv() {
+            self.enqueue(submission);
+        }
+        true
+    }
+
+    fn enqueue(&mut self, submission: Submission) {
+        let group = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back((group, submission));
+    }
+
+    /// Admits waiting submissions, first come first served, while their choices fit.
+    fn admit_waiting(&mut self) -> Option<Vec<TokenEvent>> {
+        let mut batch = Vec::new();
+        let mut free = self.engine.free_slots();
+        while let Some((_, front)) = self.waiting.front() {
+            if front.requests.len() > free {
+                break;
+            }
+            let Some((group, submission)) = self.waiting.pop_front() else { break };
+            let tokens: usize = submission.requests.iter().map(|r| r.prompt_ids.len()).sum();
+            self.stats.queued_sequences.fetch_sub(submission.requests.len(), Ordering::Relaxed);
+            self.stats.queued_tokens.fetch_sub(tokens, Ordering::Relaxed);
+            if submission.events.is_closed() {
+                continue;
+            }
+            free -= submission.requests.len();
+            self.stats.prefilled_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+            self.groups.insert(group, (submission.events, submission.requests.len()));
+            for (choice, request) in submission.requests.into_iter().enumerate() {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.routes.insert(id, Route { group, choice });
+                batch.push((id, request));
+            }
+        }
+        if batch.is_empty() {
+            return None;
+        }
+        let ids: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
+        match self.engine.admit(batch) {
+            Ok(events) => Some(events),
+            Err(err) => {
+                // Requests were validated on submit; reaching here is an engine fault. Fail the
+                // affected groups rather than the whole server.
+                self.fail(&ids, &err.to_string());
+                None
+            }
+        }
+    }
+
+    fn decode(&mut self) -> usize {
+        let batch = self.engine.active();
+        match self.engine.step() {
+            Ok(events) => {
+                self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+                self.stats.decode_batch_sum.fetch_add(batch as u64, Ordering::Relaxed);
+                self.dispatch(events)
+            }
+            Err(err) => {
+                let ids: Vec<u64> = self.routes.keys().copied().collect();
+                self.fail(&ids, &err.to_string());
+                0
+            }
+        }
+    }
+
+    /// Sends events to their submitters; cancels the groups whose receivers are gone.
+    fn dispatch(&mut self, events: Vec<TokenEvent>) -> usize {
+        let produced = events.len();
+        self.stats.generated_tokens.fetch_add(produced as u64, Ordering::Relaxed);
+        let version = self.policy_version.load(Ordering::Relaxed);
+        let mut gone = Vec::new();
+        for event in events {
+            let Some(route) = self.routes.get(&event.sequence_id) else { continue };
+            let (group, choice) = (route.group, route.choice);
+            let Some((sender, running)) = self.groups.get_mut(&group) else { continue };
+            let mut delivered = sender.send(SequenceEvent::Token { choice, token: event.token }).is_ok();
+            if let Some(reason) = event.finished {
+                let text = event.final_text.unwrap_or_default();
+                delivered &= sender.send(SequenceEvent::Finished { choice, reason, text, policy_version: version }).is_ok();
+                self.routes.remove(&event.sequence_id);
+                *running -= 1;
+                if *running == 0 {
+                    self.groups.remove(&group);
+                }
+            }
+            if !delivered {
+                gone.push(group);
+            }
+        }
+        for group in gone {
+            self.cancel_group(group);
+        }
+        produced
+    }
+
+    fn cancel_group(&mut self, group: u64) {
+        let ids: Vec<u64> = self.routes.iter().filter(|(_, r)| r.group == group).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.routes.remove(&id);
+            if self.engine.cancel(id) {
+                self.stats.cancelled_sequences.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.groups.remove(&group);
+    }
+
+    fn fail(&mut self, ids: &[u64], message: &str) {
+        tracing::error!(%message, sequences = ids.len(), "engine failure; failing the affected requests");
+        let groups: Vec<u64> = ids.iter().filter_map(|id| self.routes.get(id).map(|r| r.group)).collect();
+        for group in groups {
+            if let Some((sender, _)) = self.groups.get(&group) {
+                let _ = sender.send(SequenceEvent::Failed { message: message.to_string() });
+            }
+            self.cancel_group(group);
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `POST /v1/chat/completions`: template the conversation, generate, answer as a whole or as
+//! server-sent chunks, parse tool calls where the template defines a format.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::{ApiError, ApiJson};
+use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, FunctionCall, ToolCall, Usage};
+use super::requests::{self, FinishedChoice, Plan};
+use super::stream::{sse_channel, StopHoldback};
+use super::{unix_now, AppState};
+use crate::engine::scheduler::SequenceEvent;
+use crate::tokenizer::tool_calls::{parse_tool_calls, ToolCallFormat};
+
+/// Everything about one accepted chat request that answering it needs.
+struct ChatJob {
+    id: String,
+    created: u64,
+    prompt_ids: Vec<u32>,
+    plan: Plan,
+    logprobs: bool,
+    tool_format: Option<ToolCallFormat>,
+    include_usage: bool,
+    return_token_ids: bool,
+    user: Option<String>,
+    started: Instant,
+}
+
+pub(super) async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJson<ChatCompletionRequest>) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    if request.model != state.engine.info.name {
+        return Err(ApiError::invalid("model", format!("model '{}' is not served here (this server serves '{}')", request.model, state.engine.info.name)));
+    }
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    if request.top_logprobs.is_some_and(|k| k > 0) && !request.logprobs {
+        return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs: true"));
+    }
+    let plan = requests::plan(&request.sampling, request.top_logprobs)?;
+    let tokenizer = state.engine.tokenizer.clone();
+    let template = tokenizer.chat_template().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
+    let tools_off = request.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
+    let tools = request.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
+    let text = template.render(&request.messages, tools, true, None)?;
+    let prompt_ids = tokenizer.encode(&text, false)?;
+    let engine_requests = requests::engine_requests(&plan, &prompt_ids, &state)?;
+    let events = state.engine.submit(engine_requests)?;
+    let job = ChatJob {
+        id: format!("chatcmpl-{}", state.rollouts.next_id()),
+        created: unix_now(),
+        prompt_ids,
+        plan,
+        logprobs: request.logprobs,
+        tool_format: tools.and_then(|_| ToolCallFormat::detect(template.source())),
+        include_usage: request.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        return_token_ids: request.sampling.return_token_ids,
+        user: request.sampling.user.clone(),
+        started,
+    };
+    if request.sampling.stream {
+        return Ok(stream_chat(state, job, events));
+    }
+    let choices = requests::collect(events, job.plan.n, &state, started).await?;
+    Ok(Json(whole_response(&state, &job, choices)).into_response())
+}
+
+/// Content and tool calls of a finished text, per the template's tool format.
+fn split_tool_calls(job: &ChatJob, text: &str, choice_index: usize) -> (Option<String>, Vec<ToolCall>) {
+    let Some(format) = job.tool_format else { return (Some(text.to_string()), Vec::new()) };
+    let parsed = parse_tool_calls(format, text);
+    let calls = parsed
+        .tool_calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, call)| ToolCall {
+            id: format!("call_{}_{choice_index}_{i}", job.id.trim_start_matches("chatcmpl-")),
+            kind: "function",
+            function: FunctionCall { name: call.name, arguments: call.arguments },
+        })
+        .collect();
+    (parsed.content, calls)
+}
+
+fn whole_response(state: &AppState, job: &ChatJob, choices: Vec<FinishedChoice>) -> ChatCompletion {
+    let tokenizer = &state.engine.tokenizer;
+    let completion_tokens = choices.iter().map(|c| c.tokens.len()).sum();
+    let choices = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, choice)| {
+            let (content, tool_calls) = split_tool_calls(job, &choice.text, index);
+            let finish_reason = if tool_calls.is_empty() { requests::finish_reason_str(choice.reason) } else { "tool_calls" };
+            let hicra = requests::record_rollout(state, &job.prompt_ids, &choice, finish_reason, job.plan.sampling.temperature, job.user.as_ref(), job.return_token_ids);
+            let logprobs = job.logprobs.then(|| ChatLogprobs { content: choice.tokens.iter().map(|t| requests::token_logprob(tokenizer, t)).collect() });
+            ChatChoice { index, message: AssistantMessage { role: "assistant", content, tool_calls }, logprobs, finish_reason, hicra }
+        })
+        .collect();
+    let prompt_tokens = job.prompt_ids.len();
+    ChatCompletion {
+        id: job.id.clone(),
+        object: "chat.completion",
+        created: job.created,
+        model: state.engine.info.name.clone(),
+        choices,
+        usage: Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
+    }
+}
+
+fn stream_chat(state: AppState, job: ChatJob, events: UnboundedReceiver<SequenceEvent>) -> Response {
+    let (tx, response) = sse_channel();
+    tokio::spawn(async move {
+        let mut writer = ChunkWriter { state, job, tx };
+        if let Err(err) = writer.run(events).await {
+            // The client is gone or the engine failed: tell the client if it is still there.
+            let _ = writer.tx.send(err.body().to_string());
+        }
+        let _ = writer.tx.send("[DONE]".to_string());
+    });
+    response
+}
+
+/// Turns engine events into `chat.completion.chunk`s.
+struct ChunkWriter {
+    state: AppState,
+    job: ChatJob,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl ChunkWriter {
+    fn send(&self, choices: Value, usage: Option<Value>) -> Result<(), ApiError> {
+        let mut chunk = json!({
+            "id": self.job.id, "object": "chat.completion.chunk", "created": self.job.created,
+            "model": self.state.engine.info.name, "choices": choices,
+        });
+        if self.job.include_usage {
+            chunk["usage"] = usage.unwrap_or(Value::Null);
+        }
+        // A failed send means the client disconnected; returning drops the engine receiver,
+        // which makes the scheduler cancel the sequences.
+        self.tx.send(chunk.to_string()).map_err(|_| ApiError::Internal("client disconnected".into()))
+    }
+
+    async fn run(&mut self, mut events: UnboundedReceiver<SequenceEvent>) -> Result<(), ApiError> {
+        let n = self.job.plan.n;
+        let mut holdbacks: Vec<StopHoldback> = (0..n).map(|_| StopHoldback::new(&self.job.plan.stop)).collect();
+        let mut finished: Vec<FinishedChoice> = (0..n).map(|_| FinishedChoice::default()).collect();
+        for index in 0..n {
+            self.send(json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)?;
+        }
+        let mut remaining = n;
+        let mut first = true;
+        while remaining > 0 {
+            match events.recv().await {
+                Some(SequenceEvent::Token { choice, token }) => {
+                    if first {
+                        self.state.metrics.time_to_first_token.observe(self.job.started.elapsed().as_secs_f64());
+                        first = false;
+                    }
+                    let Some(holdback) = holdbacks.get_mut(choice) else { continue };
+                    // With tools, content is parsed at the end, so nothing is released early.
+                    let text = if self.job.tool_format.is_some() { String::new() } else { holdback.push(&token.text) };
+                    let logprobs = self.job.logprobs.then(|| json!({"content": [requests::token_logprob(&self.state.engine.tokenizer, &token)]}));
+                    if !text.is_empty() || logprobs.is_some() {
+                        self.send(json!([{"index": choice, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}]), None)?;
+                    }
+                    if let Some(c) = finished.get_mut(choice) {
+                        c.tokens.push(token);
+                    }
+                }
+                Some(SequenceEvent::Finished { choice, reason, text, policy_version }) => {
+                    remaining -= 1;
+                    let Some(c) = finished.get_mut(choice) else { continue };
+                    c.reason = Some(reason);
+                    c.text = text;
+                    c.policy_version = policy_version;
+                    self.finish_choice(choice, &finished[choice], &mut holdbacks[choice])?;
+                }
+                Some(SequenceEvent::Failed { message }) => return Err(ApiError::Internal(message)),
+                None => return Err(ApiError::Internal("engine closed the event stream".into())),
+            }
+        }
+        if self.job.include_usage {
+            let completion_tokens: usize = finished.iter().map(|c| c.tokens.len()).sum();
+            let prompt_tokens = self.job.prompt_ids.len();
+            let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+            self.send(json!([]), Some(usage))?;
+        }
+        Ok(())
+    }
+
+    fn finish_choice(&self, index: usize, choice: &FinishedChoice, holdback: &mut StopHoldback) -> Result<(), ApiError> {
+        let (content, tool_calls) = if self.job.tool_format.is_some() {
+            split_tool_calls(&self.job, &choice.text, index)
+        } else {
+            (Some(holdback.finish(&choice.text)), Vec::new())
+        };
+        let finish_reason = if tool_calls.is_empty() { requests::finish_reason_str(choice.reason) } else { "tool_calls" };
+        let mut delta = json!({});
+        if let Some(content) = content.filter(|c| !c.is_empty()) {
+            delta["content"] = json!(content);
+        }
+        if !tool_calls.is_empty() {
+            let calls: Vec<Value> = tool_calls
+                .iter()
+                .enumerate()
+                .map(|(i, call)| json!({"index": i, "id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}))
+                .collect();
+            delta["tool_calls"] = json!(calls);
+        }
+        let hicra = requests::record_rollout(&self.state, &self.job.prompt_ids, choice, finish_reason, self.job.plan.sampling.temperature, self.job.user.as_ref(), self.job.return_token_ids);
+        self.send(json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason, "hicra": hicra}]), None)
+    }
+}

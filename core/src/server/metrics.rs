@@ -1,0 +1,97 @@
+//! Prometheus text exposition for `GET /metrics`: request counts, queue depth, batch size,
+//! throughput, and latency histograms. Hand-written: a few atomics need no metrics crate.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::collections::BTreeMap;
+
+use crate::engine::scheduler::SchedulerStats;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// A cumulative histogram of durations in seconds.
+#[derive(Debug)]
+pub struct Histogram {
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self { counts: BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0), total: AtomicU64::new(0) }
+    }
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, seconds: f64) {
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
+        }
+        let total = self.total.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+/// The server's own metrics (the engine's live in [`SchedulerStats`]).
+#[derive(Debug, Default)]
+pub struct ServerMetrics {
+    /// Requests by (endpoint, HTTP status).
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Whole-request latency.
+    pub request_latency: Histogram,
+    /// Time from request arrival to the first generated token.
+    pub time_to_first_token: Histogram,
+}
+
+impl ServerMetrics {
+    /// Counts one finished request.
+    pub fn count_request(&self, endpoint: &str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((endpoint.to_string(), status)).or_default() += 1;
+    }
+
+    /// The exposition text.
+    pub fn render(&self, engine: &SchedulerStats, rollouts: (usize, u64)) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP hicra_requests_total HTTP requests by endpoint and status.\n# TYPE hicra_requests_total counter");
+        for ((endpoint, status), count) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "hicra_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {count}");
+        }
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        gauge(&mut out, "hicra_queue_depth", "Sequences waiting for a batch slot.", "gauge", engine.queued_sequences.load(Ordering::Relaxed) as f64);
+        gauge(&mut out, "hicra_queued_prompt_tokens", "Prompt tokens waiting.", "gauge", engine.queued_tokens.load(Ordering::Relaxed) as f64);
+        gauge(&mut out, "hicra_batch_size", "Sequences in the running batch.", "gauge", engine.active_sequences.load(Ordering::Relaxed) as f64);
+        let steps = load(&engine.decode_steps);
+        gauge(&mut out, "hicra_mean_batch_size", "Mean sequences per decode step since start.", "gauge", if steps > 0.0 { load(&engine.decode_batch_sum) / steps } else { 0.0 });
+        gauge(&mut out, "hicra_tokens_per_second", "Generated tokens per second over the last busy second.", "gauge", engine.recent_tokens_per_s());
+        gauge(&mut out, "hicra_generated_tokens_total", "Tokens generated.", "counter", load(&engine.generated_tokens));
+        gauge(&mut out, "hicra_prompt_tokens_total", "Prompt tokens prefilled.", "counter", load(&engine.prefilled_tokens));
+        gauge(&mut out, "hicra_decode_steps_total", "Decode steps run.", "counter", steps);
+        gauge(&mut out, "hicra_sequences_cancelled_total", "Sequences cancelled because the client went away.", "counter", load(&engine.cancelled_sequences));
+        gauge(&mut out, "hicra_rollouts_stored", "Rollouts held in the store.", "gauge", rollouts.0 as f64);
+        gauge(&mut out, "hicra_rollouts_evicted_total", "Rollouts evicted from the store.", "counter", rollouts.1 as f64);
+        self.request_latency.render(&mut out, "hicra_request_duration_seconds", "Request latency.");
+        self.time_to_first_token.render(&mut out, "hicra_time_to_first_token_seconds", "Time to the first generated token.");
+        out
+    }
+}

@@ -1,0 +1,141 @@
+//! The OpenAI-compatible HTTP server.
+//!
+//! Handlers only translate: they validate a request, template and tokenize it, submit it to
+//! the engine thread ([`crate::engine::scheduler`]) and turn token events into OpenAI
+//! responses or server-sent events. They never touch tensors. Every finished choice is
+//! recorded in the [`rollouts::RolloutStore`] with its exact token ids and sampling logprobs.
+//!
+//! Routes: `GET /health`, `GET /metrics` (open); `GET /v1/models`, `POST /v1/chat/completions`,
+//! `POST /v1/completions`, `GET /v1/rollouts/{id}` (behind the API key when one is set).
+
+mod chat;
+mod completions;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+mod requests;
+pub mod rollouts;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::engine::scheduler::EngineHandle;
+use error::ApiError;
+use metrics::ServerMetrics;
+use rollouts::RolloutStore;
+
+/// Server settings that are not the engine's.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Bearer token required on `/v1/*`, if any.
+    pub api_key: Option<String>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Completion length when a request gives none (capped by the context).
+    pub default_max_tokens: usize,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine thread.
+    pub engine: EngineHandle,
+    /// Served completions.
+    pub rollouts: Arc<RolloutStore>,
+    /// Request metrics.
+    pub metrics: Arc<ServerMetrics>,
+    /// Settings.
+    pub options: Arc<ServerOptions>,
+}
+
+/// The router with every route and layer.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/rollouts/{id}", get(get_rollout))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/metrics", get(render_metrics))
+        .merge(api)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), record_request))
+        .layer(DefaultBodyLimit::max(state.options.max_body_bytes))
+        .with_state(state)
+}
+
+/// Binds `addr`, prints `listening on http://ADDR` to stderr, and serves until Ctrl-C.
+pub async fn serve(state: AppState, addr: SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, model = %state.engine.info.name, "serving");
+    eprintln!("listening on http://{local}");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
+
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.options.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let endpoint = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "other".into());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state.metrics.count_request(&endpoint, response.status().as_u16());
+    if endpoint.starts_with("/v1/") && endpoint.ends_with("completions") {
+        state.metrics.request_latency.observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": state.engine.info.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "hicra",
+            "max_model_len": state.engine.info.max_context,
+        }],
+    }))
+}
+
+async fn get_rollout(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<rollouts::Rollout>, ApiError> {
+    state.rollouts.get(&id).map(Json).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let text = state.metrics.render(&state.engine.stats, state.rollouts.counts());
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,292 @@
+//! OpenAI's request and response bodies, as serde types.
+//!
+//! Requests accept the fields OpenAI clients send; unknown fields are ignored (clients add new
+//! ones often). hicra's extensions: `top_k` and `return_token_ids` in requests, a `hicra`
+//! object on each choice naming the rollout and the policy version that produced it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::tokenizer::chat::ChatMessage;
+
+/// `stop`: one string or several.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopStrings {
+    /// A single stop string.
+    One(String),
+    /// Up to a few stop strings.
+    Many(Vec<String>),
+}
+
+impl StopStrings {
+    /// The strings as a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with usage and no choices.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by chat and text completions.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SamplingFields {
+    /// Choices to generate (1 by default).
+    pub n: Option<i64>,
+    /// Softmax temperature; 0 is greedy (OpenAI's default is 1).
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    pub top_p: Option<f64>,
+    /// Extension: keep the k most likely tokens.
+    pub top_k: Option<i64>,
+    /// Completion length limit.
+    pub max_tokens: Option<i64>,
+    /// Newer name of `max_tokens` (chat).
+    pub max_completion_tokens: Option<i64>,
+    /// Stop strings.
+    pub stop: Option<StopStrings>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<i64>,
+    /// Stream server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// End user id (recorded with the rollout).
+    pub user: Option<String>,
+    /// Extension: return prompt and completion token ids in `choices[i].hicra`.
+    #[serde(default)]
+    pub return_token_ids: bool,
+    /// Accepted for compatibility; only 0 is supported.
+    pub presence_penalty: Option<f64>,
+    /// Accepted for compatibility; only 0 is supported.
+    pub frequency_penalty: Option<f64>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// The served model's id.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Tools the model may call, rendered through the chat template.
+    pub tools: Option<Vec<Value>>,
+    /// `none`, `auto`, `required` or a specific function.
+    pub tool_choice: Option<Value>,
+    /// Return per-token logprobs.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per token (0..=20), needs `logprobs`.
+    pub top_logprobs: Option<i64>,
+    /// Sampling and output controls.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// A prompt given as text, token ids, or a batch of either.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One text prompt.
+    Text(String),
+    /// Several text prompts.
+    Texts(Vec<String>),
+    /// One prompt as token ids.
+    Tokens(Vec<i64>),
+    /// Several prompts as token ids.
+    TokenBatches(Vec<Vec<i64>>),
+}
+
+/// `POST /v1/completions`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CompletionRequest {
+    /// The served model's id.
+    pub model: String,
+    /// What to continue.
+    pub prompt: Prompt,
+    /// Legacy logprobs: number of alternatives per token (0..=5 in OpenAI, 20 here).
+    pub logprobs: Option<i64>,
+    /// Prepend the prompt to the output text.
+    #[serde(default)]
+    pub echo: bool,
+    /// Sampling and output controls.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// Token counts of a response.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Usage {
+    /// Prompt tokens (per prompt, counted once however many choices share it).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all choices, including a final end-of-turn token.
+    pub completion_tokens: usize,
+    /// The sum.
+    pub total_tokens: usize,
+}
+
+/// One alternative in `top_logprobs`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// Its UTF-8 bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One token in chat `logprobs.content`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its natural-log probability under the sampling distribution.
+    pub logprob: f32,
+    /// Its UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The best alternatives.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// Chat `logprobs`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatLogprobs {
+    /// One entry per generated token.
+    pub content: Vec<TokenLogprob>,
+}
+
+/// A tool call in an assistant message.
+#[derive(Clone, Debug, Serialize)]
+pub struct ToolCall {
+    /// `call_...`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its JSON arguments.
+    pub function: FunctionCall,
+}
+
+/// The function part of a tool call.
+#[derive(Clone, Debug, Serialize)]
+pub struct FunctionCall {
+    /// Function name.
+    pub name: String,
+    /// Arguments as JSON text.
+    pub arguments: String,
+}
+
+/// hicra's per-choice extension: which rollout this is and which weights produced it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChoiceExtension {
+    /// Id to reward this completion with later (`GET /v1/rollouts/{id}`).
+    pub rollout_id: String,
+    /// Policy version of the weights that generated it.
+    pub policy_version: u64,
+    /// Prompt token ids, with `return_token_ids`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// Completion token ids, with `return_token_ids`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// The assistant message of a chat choice.
+#[derive(Clone, Debug, Serialize)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The text, or null when the answer is only tool calls.
+    pub content: Option<String>,
+    /// Parsed tool calls.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// One chat choice.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatChoice {
+    /// Position among the `n` choices.
+    pub index: usize,
+    /// The answer.
+    pub message: AssistantMessage,
+    /// Per-token logprobs, when asked for.
+    pub logprobs: Option<ChatLogprobs>,
+    /// `stop`, `length` or `tool_calls`.
+    pub finish_reason: &'static str,
+    /// hicra's extension.
+    pub hicra: ChoiceExtension,
+}
+
+/// A whole chat completion.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model.
+    pub model: String,
+    /// The choices.
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// Legacy completions logprobs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CompletionLogprobs {
+    /// Token texts.
+    pub tokens: Vec<String>,
+    /// Their logprobs.
+    pub token_logprobs: Vec<f32>,
+    /// Alternatives per position, token text -> logprob.
+    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    /// Character offset of each token in the output text.
+    pub text_offset: Vec<usize>,
+}
+
+/// One text-completion choice.
+#[derive(Clone, Debug, Serialize)]
+pub struct CompletionChoice {
+    /// Position among all choices (prompt-major).
+    pub index: usize,
+    /// The generated text.
+    pub text: String,
+    /// Per-token logprobs, when asked for.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+    /// hicra's extension.
+    pub hicra: ChoiceExtension,
+}
+
+/// A whole text completion.
+#[derive(Clone, Debug, Serialize)]
+pub struct Completion {
+    /// `cmpl-...`.
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// The served model.
+    pub model: String,
+    /// The choices.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts.
+    pub usage: Usage,
+}

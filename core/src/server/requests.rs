@@ -1,0 +1,220 @@
+//! What chat and text completions share: turning OpenAI sampling fields into engine requests,
+//! collecting a submission's events into finished choices, and recording rollouts.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::error::ApiError;
+use super::openai::{ChoiceExtension, SamplingFields, TokenLogprob, TopLogprob};
+use super::rollouts::Rollout;
+use super::AppState;
+use crate::engine::scheduler::SequenceEvent;
+use crate::engine::{FinishReason, GeneratedToken, GenerationRequest, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+/// Most choices one request may ask for.
+pub(crate) const MAX_CHOICES: i64 = 16;
+/// Most alternatives per token.
+pub(crate) const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// Validated sampling fields, before a prompt is attached.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    pub n: usize,
+    pub sampling: SamplingParams,
+    /// `None`: up to the context limit (capped by the server's default).
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub top_logprobs: usize,
+}
+
+/// Checks the sampling fields; errors name the parameter.
+pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result<Plan, ApiError> {
+    let n = fields.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::invalid("n", format!("n must be between 1 and {MAX_CHOICES}, got {n}")));
+    }
+    let temperature = fields.temperature.unwrap_or(1.0);
+    if !(temperature.is_finite() && (0.0..=100.0).contains(&temperature)) {
+        return Err(ApiError::invalid("temperature", format!("temperature must be >= 0, got {temperature}")));
+    }
+    let top_p = fields.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+    }
+    let top_k = fields.top_k.unwrap_or(0);
+    if top_k < 0 {
+        return Err(ApiError::invalid("top_k", format!("top_k must be >= 0 (0 disables it), got {top_k}")));
+    }
+    let max_tokens = match fields.max_completion_tokens.or(fields.max_tokens) {
+        Some(m) if m < 1 => return Err(ApiError::invalid("max_tokens", format!("max_tokens must be at least 1, got {m}"))),
+        Some(m) => Some(m as usize),
+        None => None,
+    };
+    for (name, value) in [("presence_penalty", fields.presence_penalty), ("frequency_penalty", fields.frequency_penalty)] {
+        if value.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(name, format!("{name} is not supported (only 0)")));
+        }
+    }
+    let top_logprobs = top_logprobs.unwrap_or(0);
+    if !(0..=MAX_TOP_LOGPROBS).contains(&top_logprobs) {
+        return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")));
+    }
+    let stop = fields.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stop.len() > 8 {
+        return Err(ApiError::invalid("stop", "at most 8 stop strings"));
+    }
+    let seed = match fields.seed {
+        Some(seed) => seed as u64,
+        None => random_seed(),
+    };
+    Ok(Plan {
+        n: n as usize,
+        sampling: SamplingParams { temperature, top_p, top_k: top_k as usize, seed },
+        max_tokens,
+        stop,
+        top_logprobs: top_logprobs as usize,
+    })
+}
+
+/// A seed for requests that gave none.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Instant::now().elapsed().as_nanos());
+    hasher.finish()
+}
+
+/// The seed of choice `index`: distinct per choice, fixed by the request's seed.
+fn choice_seed(seed: u64, index: usize) -> u64 {
+    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// One engine request per choice.
+pub(crate) fn engine_requests(plan: &Plan, prompt_ids: &[u32], state: &AppState) -> Result<Vec<GenerationRequest>, ApiError> {
+    let info = &state.engine.info;
+    if prompt_ids.len() >= info.max_context {
+        return Err(ApiError::invalid(
+            "messages",
+            format!("prompt has {} tokens but the context limit is {} (at least one position must remain for generation)", prompt_ids.len(), info.max_context),
+        ));
+    }
+    let room = info.max_context - prompt_ids.len();
+    let max_new_tokens = plan.max_tokens.unwrap_or(state.options.default_max_tokens).min(room);
+    let tokenizer = &state.engine.tokenizer;
+    Ok((0..plan.n)
+        .map(|i| GenerationRequest {
+            prompt_ids: prompt_ids.to_vec(),
+            sampling: SamplingParams { seed: choice_seed(plan.sampling.seed, i), ..plan.sampling.clone() },
+            max_new_tokens,
+            stop_token_ids: tokenizer.eos_ids().to_vec(),
+            stop_strings: plan.stop.clone(),
+            top_logprobs: plan.top_logprobs,
+        })
+        .collect())
+}
+
+/// A finished choice.
+#[derive(Debug, Default)]
+pub(crate) struct FinishedChoice {
+    pub tokens: Vec<GeneratedToken>,
+    pub text: String,
+    pub reason: Option<FinishReason>,
+    pub policy_version: u64,
+}
+
+/// Waits for every choice of a submission to finish.
+pub(crate) async fn collect(mut events: UnboundedReceiver<SequenceEvent>, n: usize, state: &AppState, started: Instant) -> Result<Vec<FinishedChoice>, ApiError> {
+    let mut choices: Vec<FinishedChoice> = (0..n).map(|_| FinishedChoice::default()).collect();
+    let mut remaining = n;
+    let mut first_token = true;
+    while remaining > 0 {
+        match events.recv().await {
+            Some(SequenceEvent::Token { choice, token }) => {
+                if first_token {
+                    state.metrics.time_to_first_token.observe(started.elapsed().as_secs_f64());
+                    first_token = false;
+                }
+                if let Some(c) = choices.get_mut(choice) {
+                    c.tokens.push(token);
+                }
+            }
+            Some(SequenceEvent::Finished { choice, reason, text, policy_version }) => {
+                if let Some(c) = choices.get_mut(choice) {
+                    c.text = text;
+                    c.reason = Some(reason);
+                    c.policy_version = policy_version;
+                }
+                remaining -= 1;
+            }
+            Some(SequenceEvent::Failed { message }) => return Err(ApiError::Internal(message)),
+            None => return Err(ApiError::Internal("engine closed the event stream".into())),
+        }
+    }
+    Ok(choices)
+}
+
+/// Records a finished choice as a rollout and returns its extension object.
+pub(crate) fn record_rollout(
+    state: &AppState,
+    prompt_ids: &[u32],
+    choice: &FinishedChoice,
+    finish_reason: &str,
+    temperature: f64,
+    user: Option<&String>,
+    return_token_ids: bool,
+) -> ChoiceExtension {
+    let id = state.rollouts.next_id();
+    let completion: Vec<u32> = choice.tokens.iter().map(|t| t.id).collect();
+    state.rollouts.insert(Rollout {
+        id: id.clone(),
+        model: state.engine.info.name.clone(),
+        policy_version: choice.policy_version,
+        prompt_token_ids: prompt_ids.to_vec(),
+        completion_token_ids: completion.clone(),
+        logprobs: choice.tokens.iter().map(|t| t.logprob).collect(),
+        finish_reason: finish_reason.to_string(),
+        text: choice.text.clone(),
+        temperature,
+        created: super::unix_now(),
+        user: user.cloned(),
+    });
+    ChoiceExtension {
+        rollout_id: id,
+        policy_version: choice.policy_version,
+        prompt_token_ids: return_token_ids.then(|| prompt_ids.to_vec()),
+        token_ids: return_token_ids.then_some(completion),
+    }
+}
+
+/// `stop` or `length`.
+pub(crate) fn finish_reason_str(reason: Option<FinishReason>) -> &'static str {
+    match reason {
+        Some(FinishReason::Length) => "length",
+        _ => "stop",
+    }
+}
+
+/// A token's text as OpenAI shows it in logprobs (the token alone, special tokens included).
+pub(crate) fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+/// Chat-format logprob entry of one token.
+pub(crate) fn token_logprob(tokenizer: &Tokenizer, token: &GeneratedToken) -> TokenLogprob {
+    let text = token_text(tokenizer, token.id);
+    TokenLogprob {
+        bytes: text.as_bytes().to_vec(),
+        token: text,
+        logprob: token.logprob,
+        top_logprobs: token
+            .top_logprobs
+            .iter()
+            .map(|&(id, logprob)| {
+                let t = token_text(tokenizer, id);
+                TopLogprob { bytes: t.as_bytes().to_vec(), token: t, logprob }
+            })
+            .collect(),
+    }
+}

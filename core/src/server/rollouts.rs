@@ -1,0 +1,132 @@
+//! The rollout store: what the server sampled, kept exactly so it can be rewarded and trained on.
+//!
+//! Every finished choice becomes a [`Rollout`]: the prompt and completion token ids as served
+//! (never re-tokenized), the logprob of each completion token under the distribution it was
+//! sampled from, and the policy version. The store is bounded; the oldest rollouts are evicted
+//! first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// One served completion.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rollout {
+    /// `ro-...`, unique within the process.
+    pub id: String,
+    /// Model that produced it.
+    pub model: String,
+    /// Version of the weights that produced it.
+    pub policy_version: u64,
+    /// Exact prompt ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Exact completion ids, including a final end-of-turn token.
+    pub completion_token_ids: Vec<u32>,
+    /// Sampling logprob of each completion token.
+    pub logprobs: Vec<f32>,
+    /// `stop`, `length` or `tool_calls`.
+    pub finish_reason: String,
+    /// The decoded output as returned to the client.
+    pub text: String,
+    /// Sampling temperature used (logprobs are under it).
+    pub temperature: f64,
+    /// Unix seconds.
+    pub created: u64,
+    /// The request's `user`, if given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// A bounded map of rollouts by id, evicting the oldest.
+#[derive(Debug)]
+pub struct RolloutStore {
+    capacity: usize,
+    inner: Mutex<StoreInner>,
+}
+
+#[derive(Debug, Default)]
+struct StoreInner {
+    by_id: HashMap<String, Rollout>,
+    order: VecDeque<String>,
+    next: u64,
+    evicted: u64,
+}
+
+impl RolloutStore {
+    /// A store holding at most `capacity` rollouts.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), inner: Mutex::new(StoreInner::default()) }
+    }
+
+    /// A fresh rollout id.
+    pub fn next_id(&self) -> String {
+        let mut inner = self.lock();
+        inner.next += 1;
+        format!("ro-{:x}-{}", std::process::id(), inner.next)
+    }
+
+    /// Keeps `rollout`, evicting the oldest if full.
+    pub fn insert(&self, rollout: Rollout) {
+        let mut inner = self.lock();
+        while inner.order.len() >= self.capacity {
+            if let Some(old) = inner.order.pop_front() {
+                inner.by_id.remove(&old);
+                inner.evicted += 1;
+            }
+        }
+        inner.order.push_back(rollout.id.clone());
+        inner.by_id.insert(rollout.id.clone(), rollout);
+    }
+
+    /// A copy of rollout `id`, if still held.
+    pub fn get(&self, id: &str) -> Option<Rollout> {
+        self.lock().by_id.get(id).cloned()
+    }
+
+    /// Rollouts held and rollouts evicted so far.
+    pub fn counts(&self) -> (usize, u64) {
+        let inner = self.lock();
+        (inner.order.len(), inner.evicted)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreInner> {
+        // A panic while holding this lock cannot leave the maps inconsistent in a way that
+        // matters more than losing the server, so recover the guard.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(id: String) -> Rollout {
+        Rollout {
+            id,
+            model: "m".into(),
+            policy_version: 0,
+            prompt_token_ids: vec![1],
+            completion_token_ids: vec![2],
+            logprobs: vec![-0.5],
+            finish_reason: "stop".into(),
+            text: String::new(),
+            temperature: 1.0,
+            created: 0,
+            user: None,
+        }
+    }
+
+    #[test]
+    fn evicts_the_oldest_beyond_capacity() {
+        let store = RolloutStore::new(2);
+        let ids: Vec<String> = (0..3).map(|_| store.next_id()).collect();
+        for id in &ids {
+            store.insert(rollout(id.clone()));
+        }
+        assert!(store.get(&ids[0]).is_none());
+        assert!(store.get(&ids[1]).is_some() && store.get(&ids[2]).is_some());
+        assert_eq!(store.counts(), (2, 1));
+        assert_ne!(ids[1], ids[2]);
+    }
+}
