@@ -97,6 +97,31 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return sum(v), v[3]
+
+
+def wait_idle(max_s: float, threads: int) -> None:
+    """Wait (at most max_s) until the other processes leave our `threads` cores free.
+
+    A 2-core machine shared with a compiler gives meaningless numbers: OpenMP workers (libtorch
+    and llama.cpp both) spin at barriers while a sibling thread is descheduled. Measured runs start
+    only when the CPUs were >= 90% idle over the last 0.5 s; the run's row records what it saw."""
+    if max_s <= 0:
+        return
+    ncpu = os.cpu_count() or 1
+    need = min(0.9, 1.0 - (threads - 0.9) / ncpu) if ncpu > threads else 0.9
+    end = time.monotonic() + max_s
+    while True:
+        t1, i1 = _cpu_times()
+        time.sleep(0.5)
+        t2, i2 = _cpu_times()
+        if t2 == t1 or (i2 - i1) / (t2 - t1) >= need or time.monotonic() > end:
+            return
+
+
 def emit(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
