@@ -11,7 +11,9 @@
 # Usage: scripts/bench.sh            (CPU, f32, batches 1,8,32, 128 prompt / 64 decode tokens)
 # Environment knobs:
 #   BENCH_DEVICE=cpu|cuda  BENCH_DTYPE=f32|bf16 (default f32 on cpu, bf16 on cuda)
-#   BENCH_BATCH=1,8,32  BENCH_PROMPT_TOKENS=128  BENCH_DECODE_TOKENS=64  BENCH_REPEATS=1
+#   BENCH_BATCH=1,8,32  BENCH_PROMPT_TOKENS=128  BENCH_DECODE_TOKENS=64
+#   BENCH_REPEATS=2        measured runs per reference row (fastest kept)
+#   BENCH_WAIT_IDLE=60     references wait up to this many s for idle CPUs before each run
 #   BENCH_TRANSFORMERS_BATCH=...  batch sizes for transformers (default: BENCH_BATCH)
 #   BENCH_ENGINES="hicra transformers llamacpp"   subset to run
 #   BENCH_MODEL=path.gguf  (default .deps/models/smollm2-135m-instruct.gguf)
@@ -27,7 +29,8 @@ if [ "$device" = cuda ]; then dtype="${BENCH_DTYPE:-bf16}"; else dtype="${BENCH_
 batch="${BENCH_BATCH:-1,8,32}"
 ptok="${BENCH_PROMPT_TOKENS:-128}"
 dtok="${BENCH_DECODE_TOKENS:-64}"
-repeats="${BENCH_REPEATS:-1}"
+repeats="${BENCH_REPEATS:-2}"
+wait_idle="${BENCH_WAIT_IDLE:-60}"
 tbatch="${BENCH_TRANSFORMERS_BATCH:-$batch}"
 engines=" ${BENCH_ENGINES:-hicra transformers llamacpp} "
 model="${BENCH_MODEL:-$root/.deps/models/smollm2-135m-instruct.gguf}"
@@ -81,7 +84,8 @@ for line in sys.stdin:
 fi
 
 ref_args=(--model-gguf "$model" --batch "$batch" --prompt-tokens "$ptok" --decode-tokens "$dtok"
-          --device "$device" --dtype "$dtype" --repeats "$repeats" --transformers-batch "$tbatch")
+          --device "$device" --dtype "$dtype" --repeats "$repeats" --transformers-batch "$tbatch"
+          --wait-idle "$wait_idle")
 for eng in transformers llamacpp; do
   if [[ "$engines" == *" $eng "* ]]; then
     say "reference: $eng"

@@ -23,7 +23,7 @@ exactly --decode-tokens new tokens.
            inputs are tensors already). t_decode = time(generate(max_new_tokens=N, min_new_tokens=N))
            - t_prefill, both measured back to back after one warm-up generate per batch size; the
            generate overhead outside the forwards is therefore counted in t_decode the way a
-           user of generate pays it. With --repeats R > 1 the median of R measurements is used.
+           user of generate pays it. With --repeats R > 1 the fastest of R measurements is used.
   llama.cpp: low-level API (llama_batch with one sequence id per prompt, non-unified KV cache,
            n_ctx = B * 256 cells (512 at B=1), n_batch = max(512, B * prompt_tokens) so the
            whole prefill is one llama_decode call (llama.cpp splits it into n_ubatch=512 micro
@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -103,22 +102,20 @@ def _cpu_times() -> tuple[int, int]:
     return sum(v), v[3]
 
 
-def wait_idle(max_s: float, threads: int) -> None:
+def wait_idle(max_s: float) -> None:
     """Wait (at most max_s) until the other processes leave our `threads` cores free.
 
     A 2-core machine shared with a compiler gives meaningless numbers: OpenMP workers (libtorch
     and llama.cpp both) spin at barriers while a sibling thread is descheduled. Measured runs start
-    only when the CPUs were >= 90% idle over the last 0.5 s; the run's row records what it saw."""
+    only when the CPUs were >= 90% idle over the last 0.5 s (or after max_s anyway)."""
     if max_s <= 0:
         return
-    ncpu = os.cpu_count() or 1
-    need = min(0.9, 1.0 - (threads - 0.9) / ncpu) if ncpu > threads else 0.9
     end = time.monotonic() + max_s
     while True:
         t1, i1 = _cpu_times()
         time.sleep(0.5)
         t2, i2 = _cpu_times()
-        if t2 == t1 or (i2 - i1) / (t2 - t1) >= need or time.monotonic() > end:
+        if t2 == t1 or (i2 - i1) / (t2 - t1) >= 0.9 or time.monotonic() > end:
             return
 
 
@@ -207,9 +204,11 @@ def run_transformers(a: argparse.Namespace, batches: list[int]) -> None:
         gen(inp, mask, min(a.decode_tokens, 8))  # warm-up
         t1s, tns = [], []
         for _ in range(a.repeats):
+            wait_idle(a.wait_idle)
             t1s.append(gen(inp, mask, 1))
+            wait_idle(a.wait_idle)
             tns.append(gen(inp, mask, a.decode_tokens))
-        t1, tn = statistics.median(t1s), statistics.median(tns)
+        t1, tn = min(t1s), min(tns)
         row = {"engine": "transformers", "batch": b, "prompt_tokens": a.prompt_tokens,
                "decode_tokens": a.decode_tokens, "decode_steps": steps,
                **rates(b, a.prompt_tokens, steps, t1, tn - t1),
@@ -374,10 +373,11 @@ def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
             once(min(steps, 8))  # warm-up
             pres, decs = [], []
             for _ in range(a.repeats):
+                wait_idle(a.wait_idle)
                 tp, td, toks = once(steps)
                 pres.append(tp)
                 decs.append(td)
-            tp, td = statistics.median(pres), statistics.median(decs)
+            tp, td = min(pres), min(decs)
             row = {"engine": engine, "batch": b, "prompt_tokens": P,
                    "decode_tokens": a.decode_tokens, "decode_steps": steps,
                    **rates(b, P, steps, tp, td),
@@ -408,7 +408,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["transformers", "llamacpp"])
     ap.add_argument("--threads", type=int, default=physical_cores(),
                     help="intra-op threads (default: physical cores = libtorch's default)")
-    ap.add_argument("--repeats", type=int, default=1, help="measured runs per batch (median)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measured runs per batch; the fastest prefill and decode times are kept")
+    ap.add_argument("--wait-idle", type=float, default=60.0,
+                    help="before each measured run wait up to this many seconds for idle CPUs (0: never)")
     ap.add_argument("--transformers-batch", default=None,
                     help="batch sizes for transformers if different from --batch (to cap runtime)")
     ap.add_argument("--verbose", action="store_true")

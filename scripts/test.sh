@@ -9,3 +9,5 @@ echo "[test] cargo build --release"
 cargo build --release --workspace
 echo "[test] cargo test --release"
 cargo test --release --workspace
+echo "[test] pytest tests/python (the real server through the official openai client)"
+.deps/venv/bin/python -m pytest tests/python -q

@@ -60,11 +60,18 @@ impl ApiError {
 
     /// The OpenAI error object (also used inside a stream).
     pub fn body(&self) -> serde_json::Value {
-        let (status, kind, param) = self.parts();
+        let (_, kind, param) = self.parts();
         if let Self::Internal(detail) = self {
             tracing::error!(%detail, "internal error answered with 500");
         }
-        serde_json::json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": status.as_u16()}})
+        // OpenAI's `code` is a short string or null, never the HTTP status.
+        let code = match self {
+            Self::Unauthorized => Some("invalid_api_key"),
+            Self::Busy(_) => Some("rate_limit_exceeded"),
+            Self::InvalidRequest { message, .. } if message.contains("context limit") => Some("context_length_exceeded"),
+            _ => None,
+        };
+        serde_json::json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
     }
 }
 
