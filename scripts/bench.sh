@@ -79,8 +79,10 @@ for line in sys.stdin:
         print(line, file=sys.stderr); continue
     row = json.loads(line)
     row.setdefault("engine", "hicra")
+    row.setdefault("dtype", sys.argv[1])
+    row.setdefault("device", sys.argv[2])
     print(json.dumps(row), flush=True)
-' >> "$results"
+' "$dtype" "$device" >> "$results"
 fi
 
 ref_args=(--model-gguf "$model" --batch "$batch" --prompt-tokens "$ptok" --decode-tokens "$dtok"
@@ -94,7 +96,7 @@ for eng in transformers llamacpp; do
 done
 
 say "raw results: $results"
-"$py" - "$results" "$batch" <<'EOF'
+"$py" - "$results" "$batch" "$(basename "$model")" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 batches = [int(b) for b in sys.argv[2].split(",") if b]
@@ -102,8 +104,8 @@ engines = list(dict.fromkeys(r["engine"] for r in rows))
 by = {(r["engine"], r["batch"]): r for r in rows}
 if rows:
     r0 = rows[0]
-    print(f"Model {r0.get('model_file', 'default GGUF')}; {r0['prompt_tokens']} prompt tokens, "
-          f"{r0['decode_tokens']} decode tokens, device {r0.get('device', '?')}, "
+    print(f"Model {sys.argv[3]}; {r0['prompt_tokens']} prompt tokens, "
+          f"{r0['decode_tokens']} decode tokens, device {next((r['device'] for r in rows if 'device' in r), '?')}, "
           f"threads {sorted({r.get('threads') for r in rows if r.get('threads')})}.\n")
 for key, title in (("prefill_tokens_per_s", "Prefill tokens/s"), ("decode_tokens_per_s", "Decode tokens/s")):
     print(f"### {title} (higher is better; x = hicra / engine)\n")

@@ -42,6 +42,7 @@ struct BenchResult {
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
     decode_ms_per_step: f64,
+    decode_steps: usize,
 }
 
 /// Runs `hicra bench`.
@@ -56,9 +57,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     for &batch in &args.batch {
         let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, batch, prompt.len() + args.decode_tokens + 1);
+        // Distinct prompts (rotations of one text): identical ones would share one prefill.
         let requests: Vec<GenerationRequest> = (0..batch)
             .map(|i| GenerationRequest {
-                prompt_ids: prompt.clone(),
+                prompt_ids: prompt.iter().cycle().skip(i % prompt.len().max(1)).take(prompt.len()).copied().collect(),
                 sampling: SamplingParams { seed: i as u64, ..SamplingParams::greedy() },
                 max_new_tokens: args.decode_tokens,
                 stop_token_ids: Vec::new(),
@@ -100,5 +102,6 @@ fn measure(engine: &mut Engine<'_>, requests: &[GenerationRequest]) -> anyhow::R
         prefill_tokens_per_s: (batch * prompt_tokens) as f64 / prefill_s,
         decode_tokens_per_s: (batch * steps) as f64 / decode_s.max(1e-9),
         decode_ms_per_step: 1e3 * decode_s / steps.max(1) as f64,
+        decode_steps: steps,
     })
 }

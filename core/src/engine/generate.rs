@@ -284,6 +284,7 @@ impl<'m> Engine<'m> {
         let tokens = Tensor::from_slice(&last_tokens).view([b_sz, 1]).to_device(device);
         let positions = Tensor::from_slice(&positions).view([b_sz, 1]).to_device(device);
         let selection = selection_for(&active, device);
+        let _threads = IntraOpThreads::for_rows(self.model, b_sz);
         let hidden = tch::no_grad(|| {
             let mut view = self.cache.view(selection, window, false);
             self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true }, Some(&mut view))
@@ -379,6 +380,29 @@ impl<'m> Engine<'m> {
                 (slots.to_vec(), BatchSampling::new(&params, model.config().vocab_size, model.device()))
             })
             .1
+    }
+}
+
+/// Drops libtorch to one intra-op thread while a small CPU decode step runs on
+/// [`crate::model::cpu_gemv`]'s workers, and restores the count afterwards.
+struct IntraOpThreads(Option<i32>);
+
+impl IntraOpThreads {
+    fn for_rows(model: &Transformer, rows: i64) -> Self {
+        if !crate::model::cpu_gemv::handles_rows(model.device(), model.kind(), rows) {
+            return Self(None);
+        }
+        let previous = tch::get_num_threads();
+        tch::set_num_threads(1);
+        Self(Some(previous))
+    }
+}
+
+impl Drop for IntraOpThreads {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0 {
+            tch::set_num_threads(previous);
+        }
     }
 }
 

@@ -51,7 +51,11 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `(..., in_features)`.
     pub fn forward(&self, x: &Tensor, use_lora: bool) -> Tensor {
-        let base = x.linear(&self.weight, self.bias.as_ref());
+        let base = if super::cpu_gemv::applies(x, &self.weight) {
+            super::cpu_gemv::linear(x, &self.weight, self.bias.as_ref())
+        } else {
+            x.linear(&self.weight, self.bias.as_ref())
+        };
         if !use_lora || self.adapters.is_empty() {
             return base;
         }

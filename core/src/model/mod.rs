@@ -9,6 +9,7 @@
 //! Every failure is a [`ModelError`] that names the file, tensor or limit involved.
 
 pub mod config;
+pub mod cpu_gemv;
 pub mod gguf;
 pub mod gguf_model;
 pub mod linear;

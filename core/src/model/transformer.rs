@@ -263,6 +263,9 @@ impl Transformer {
     /// Projects hidden states `(..., hidden)` to float32 logits `(..., vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        if super::cpu_gemv::applies(hidden, head) {
+            return super::cpu_gemv::linear(hidden, head, None);
+        }
         hidden.linear::<Tensor>(head, None).to_kind(Kind::Float)
     }
 }
