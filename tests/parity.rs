@@ -51,7 +51,7 @@ fn logprobs_of(model: &Transformer, ids: &[u32]) -> Tensor {
     let tokens = Tensor::from_slice(&ids.iter().map(|&i| i as i64).collect::<Vec<_>>()).view([1, len]).to_device(device);
     let positions = Tensor::arange(len, (Kind::Int64, device)).view([1, len]);
     tch::no_grad(|| {
-        let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: false }, None);
+        let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: false, training: false }, None);
         model.logits(&hidden).get(0).log_softmax(-1, Kind::Float)
     })
 }

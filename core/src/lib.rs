@@ -18,3 +18,4 @@ pub mod engine;
 pub mod model;
 pub mod server;
 pub mod tokenizer;
+pub mod train;

@@ -249,7 +249,7 @@ impl<'m> Engine<'m> {
         let selection = selection_for(slots, device);
         let hidden = tch::no_grad(|| {
             let mut view = self.cache.view(selection, longest as i64, true);
-            self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true }, Some(&mut view))
+            self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true, training: false }, Some(&mut view))
         });
         // The last real prompt position of each row predicts its first new token.
         let last: Vec<i64> = prompts.iter().enumerate().map(|(row, p)| (row * longest + p.len() - 1) as i64).collect();
@@ -287,7 +287,7 @@ impl<'m> Engine<'m> {
         let _threads = IntraOpThreads::for_rows(self.model, b_sz);
         let hidden = tch::no_grad(|| {
             let mut view = self.cache.view(selection, window, false);
-            self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true }, Some(&mut view))
+            self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true, training: false }, Some(&mut view))
         });
         self.sample_and_advance(&active, &hidden.view([b_sz, -1]))
     }

@@ -47,7 +47,7 @@ pub fn score_completions(
     let tokens = Tensor::from_slice(&ids).view([b_sz, longest as i64]).to_device(device);
     let positions = Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0).expand([b_sz, longest as i64], true);
     let hidden = tch::no_grad(|| {
-        model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora }, None)
+        model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora, training: false }, None)
     });
     let mut out = Vec::with_capacity(pairs.len());
     for (row, (prompt, completion)) in pairs.iter().enumerate() {

@@ -36,12 +36,14 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Adapters over disjoint row ranges.
     pub adapters: Vec<LoraAdapter>,
+    /// Dropout on the adapters' input in training passes.
+    pub dropout: f64,
 }
 
 impl Linear {
     /// A layer without adapters.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, adapters: Vec::new() }
+        Self { weight, bias, adapters: Vec::new(), dropout: 0.0 }
     }
 
     /// Output width.
@@ -49,8 +51,9 @@ impl Linear {
         self.weight.size()[0]
     }
 
-    /// Applies the layer to `x` of shape `(..., in_features)`.
-    pub fn forward(&self, x: &Tensor, use_lora: bool) -> Tensor {
+    /// Applies the layer to `x` of shape `(..., in_features)`; `training` enables dropout on
+    /// the adapter input.
+    pub fn forward(&self, x: &Tensor, use_lora: bool, training: bool) -> Tensor {
         let base = if super::cpu_gemv::applies(x, &self.weight) {
             super::cpu_gemv::linear(x, &self.weight, self.bias.as_ref())
         } else {
@@ -59,12 +62,15 @@ impl Linear {
         if !use_lora || self.adapters.is_empty() {
             return base;
         }
-        self.add_adapters(x, base)
+        self.add_adapters(x, base, training)
     }
 
-    fn add_adapters(&self, x: &Tensor, base: Tensor) -> Tensor {
+    fn add_adapters(&self, x: &Tensor, base: Tensor, training: bool) -> Tensor {
         let out_kind = base.kind();
-        let x32 = x.to_kind(Kind::Float);
+        let mut x32 = x.to_kind(Kind::Float);
+        if training && self.dropout > 0.0 {
+            x32 = x32.dropout(self.dropout, true);
+        }
         let mut pieces: Vec<Tensor> = Vec::new();
         let mut cursor = 0;
         let mut sorted: Vec<&LoraAdapter> = self.adapters.iter().collect();
@@ -98,7 +104,7 @@ mod tests {
         let w = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
         let mut layer = Linear::new(w, None);
         let x = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu));
-        let base = layer.forward(&x, true);
+        let base = layer.forward(&x, true, false);
         layer.adapters.push(LoraAdapter {
             module: "k_proj".into(),
             rows: 2..4,
@@ -106,18 +112,18 @@ mod tests {
             b: Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)),
             scale: 2.0,
         });
-        let with_zero = layer.forward(&x, true);
+        let with_zero = layer.forward(&x, true, false);
         assert_eq!(f64::try_from((&with_zero - &base).abs().max()).unwrap_or(1.0), 0.0);
 
         let _ = layer.adapters[0].b.fill_(0.5);
-        let changed = layer.forward(&x, true);
+        let changed = layer.forward(&x, true, false);
         let diff = (&changed - &base).abs().sum_dim_intlist([0i64, 1].as_slice(), false, Kind::Float);
         let per_row: Vec<f32> = Vec::<f32>::try_from(diff).unwrap_or_default();
         assert_eq!(per_row[0], 0.0);
         assert_eq!(per_row[1], 0.0);
         assert!(per_row[2] > 0.0 && per_row[3] > 0.0);
         assert_eq!(per_row[4], 0.0);
-        let off = layer.forward(&x, false);
+        let off = layer.forward(&x, false, false);
         assert_eq!(f64::try_from((&off - &base).abs().max()).unwrap_or(1.0), 0.0);
     }
 }

@@ -13,6 +13,7 @@ pub mod cpu_gemv;
 pub mod gguf;
 pub mod gguf_model;
 pub mod linear;
+pub mod lora;
 pub mod rope;
 pub mod source;
 pub mod transformer;

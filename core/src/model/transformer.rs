@@ -60,10 +60,10 @@ impl Attention {
     }
 
     /// `x`: `(b, t, hidden)` -> `(b, t, hidden)`.
-    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<(&mut CacheView<'_>, usize)>, use_lora: bool) -> Tensor {
+    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<(&mut CacheView<'_>, usize)>, use_lora: bool, training: bool) -> Tensor {
         let (b_sz, seq_len, _) = x.size3().unwrap_or((1, 1, 1));
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x, use_lora);
+        let qkv = self.qkv.forward(x, use_lora, training);
         // q and k go through norm and RoPE together as h + kvh heads: fewer kernels per layer.
         let qk = qkv.narrow(-1, 0, (h + kvh) * d).view([b_sz, seq_len, h + kvh, d]);
         let qk = match &self.qk_norm {
@@ -90,7 +90,7 @@ impl Attention {
             (None, _) => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true),
         };
         let attended = attended.transpose(1, 2).reshape([b_sz, seq_len, h * d]);
-        self.o_proj.forward(&attended, use_lora)
+        self.o_proj.forward(&attended, use_lora, training)
     }
 }
 
@@ -136,11 +136,11 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, use_lora: bool) -> Tensor {
-        let gate_up = self.gate_up.forward(x, use_lora);
+    fn forward(&self, x: &Tensor, use_lora: bool, training: bool) -> Tensor {
+        let gate_up = self.gate_up.forward(x, use_lora, training);
         let gate = gate_up.narrow(-1, 0, self.intermediate);
         let up = gate_up.narrow(-1, self.intermediate, self.intermediate);
-        self.down_proj.forward(&(gate.silu() * up), use_lora)
+        self.down_proj.forward(&(gate.silu() * up), use_lora, training)
     }
 }
 
@@ -161,6 +161,8 @@ pub struct ForwardInput<'a> {
     pub positions: &'a Tensor,
     /// Adapters on (`true`) or the base model (`false`, the free reference policy).
     pub use_lora: bool,
+    /// A training pass: adapter dropout applies.
+    pub training: bool,
 }
 
 /// A causal language model of the Llama / Qwen2 / Qwen3 family.
@@ -242,9 +244,9 @@ impl Transformer {
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = x.rms_norm([hidden], Some(&layer.input_layernorm), eps);
             let layer_cache = cache.as_deref_mut().map(|view| (view, index));
-            x = x + layer.self_attn.forward(&normed, &ctx, layer_cache, input.use_lora);
+            x = x + layer.self_attn.forward(&normed, &ctx, layer_cache, input.use_lora, input.training);
             let normed = x.rms_norm([hidden], Some(&layer.post_attention_layernorm), eps);
-            x = &x + layer.mlp.forward(&normed, input.use_lora);
+            x = &x + layer.mlp.forward(&normed, input.use_lora, input.training);
         }
         x.rms_norm([hidden], Some(&self.norm), eps)
     }
@@ -258,6 +260,29 @@ impl Transformer {
             key_pos.le_tensor(&input.positions.view([b_sz, 1, seq_len, 1]))
         });
         StepContext { cos, sin, positions: input.positions.shallow_clone(), mask }
+    }
+
+    /// Every fused linear layer with the projections it holds, for LoRA.
+    pub(crate) fn lora_slots(&mut self) -> Vec<super::lora::Slot<'_>> {
+        let (h, kvh, d) = (self.config.num_heads as i64, self.config.num_kv_heads as i64, self.config.head_dim as i64);
+        let (hidden, inter) = (self.config.hidden_size as i64, self.config.intermediate_size as i64);
+        let mut slots = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let attn = format!("model.layers.{i}.self_attn");
+            let mlp = format!("model.layers.{i}.mlp");
+            slots.push(super::lora::Slot { prefix: attn.clone(), linear: &mut layer.self_attn.qkv, parts: vec![("q_proj", 0, h * d), ("k_proj", h * d, kvh * d), ("v_proj", (h + kvh) * d, kvh * d)] });
+            slots.push(super::lora::Slot { prefix: attn, linear: &mut layer.self_attn.o_proj, parts: vec![("o_proj", 0, hidden)] });
+            slots.push(super::lora::Slot { prefix: mlp.clone(), linear: &mut layer.mlp.gate_up, parts: vec![("gate_proj", 0, inter), ("up_proj", inter, inter)] });
+            slots.push(super::lora::Slot { prefix: mlp, linear: &mut layer.mlp.down_proj, parts: vec![("down_proj", 0, hidden)] });
+        }
+        slots
+    }
+
+    /// Sets the adapter dropout of every layer.
+    pub(crate) fn set_lora_dropout(&mut self, p: f64) {
+        for slot in self.lora_slots() {
+            slot.linear.dropout = p;
+        }
     }
 
     /// Projects hidden states `(..., hidden)` to float32 logits `(..., vocab)`.

@@ -1,0 +1,208 @@
+//! The policy loss: PPO's clipped surrogate with clip-higher, against the logprobs recorded
+//! when the tokens were sampled, plus optional KL to the base policy and an entropy bonus.
+//!
+//! The "old" policy is whatever produced the rollout; since sampler and trainer are the same
+//! forward code on the same weights, the ratio is exactly 1 for rollouts of the current
+//! version (up to float rounding), and the clip range only matters for stale rollouts or
+//! later micro-steps.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::TrainError;
+use crate::model::{ForwardInput, Transformer};
+
+/// How per-token losses become the batch loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Sum over every token of the batch divided by the batch's token count (DAPO).
+    Token,
+    /// Mean over each sequence's tokens, then mean over sequences (original GRPO).
+    SequenceMean,
+}
+
+/// Loss settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossConfig {
+    /// Lower clip: ratios below `1 - clip_low` stop helping negative advantages.
+    pub clip_low: f64,
+    /// Upper clip ("clip-higher"): ratios above `1 + clip_high` stop helping positive ones.
+    pub clip_high: f64,
+    /// Weight of the k3 KL estimate to the base policy (adapters off); 0 skips its forward.
+    pub kl_coef: f64,
+    /// Weight of the entropy bonus.
+    pub entropy_coef: f64,
+    /// Token-level or sequence-mean aggregation.
+    pub aggregation: Aggregation,
+    /// Sequences per forward/backward pass (gradients accumulate across them).
+    pub micro_batch: usize,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self { clip_low: 0.2, clip_high: 0.28, kl_coef: 0.0, entropy_coef: 0.0, aggregation: Aggregation::Token, micro_batch: 4 }
+    }
+}
+
+/// One completion to learn from.
+#[derive(Clone, Debug)]
+pub struct TrainSample {
+    /// Exact prompt ids as served.
+    pub prompt_ids: Vec<u32>,
+    /// Exact completion ids as served.
+    pub completion_ids: Vec<u32>,
+    /// Logprob of each completion token when it was sampled.
+    pub old_logprobs: Vec<f32>,
+    /// Advantage of each completion token.
+    pub advantages: Vec<f32>,
+    /// Temperature the logprobs are under.
+    pub temperature: f64,
+}
+
+/// What a backward pass over some samples measured.
+#[derive(Debug, Default, Clone)]
+pub struct LossStats {
+    /// Loss contributed (already divided by the batch normaliser).
+    pub loss: f64,
+    /// Tokens seen.
+    pub tokens: usize,
+    /// Tokens whose clipped objective was the active one.
+    pub clipped_tokens: usize,
+    /// Sum of per-token k3 KL to the base policy (0 when `kl_coef` is 0).
+    pub kl_sum: f64,
+    /// Per sample, per token entropy of the current policy (nats).
+    pub entropies: Vec<Vec<f32>>,
+    /// Per sample, per token logprob under the current policy before the update.
+    pub new_logprobs: Vec<Vec<f32>>,
+}
+
+impl LossStats {
+    fn merge(&mut self, other: LossStats) {
+        self.loss += other.loss;
+        self.tokens += other.tokens;
+        self.clipped_tokens += other.clipped_tokens;
+        self.kl_sum += other.kl_sum;
+        self.entropies.extend(other.entropies);
+        self.new_logprobs.extend(other.new_logprobs);
+    }
+}
+
+/// Checks that every sample's vectors have the completion's length.
+pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize) -> Result<(), TrainError> {
+    for (i, s) in samples.iter().enumerate() {
+        let n = s.completion_ids.len();
+        if s.prompt_ids.is_empty() || n == 0 {
+            return Err(TrainError::InvalidSample { index: i, reason: "empty prompt or completion".into() });
+        }
+        if s.old_logprobs.len() != n || s.advantages.len() != n {
+            return Err(TrainError::InvalidSample { index: i, reason: format!("{n} tokens but {} logprobs and {} advantages", s.old_logprobs.len(), s.advantages.len()) });
+        }
+        if s.prompt_ids.len() + n > max_positions {
+            return Err(TrainError::InvalidSample { index: i, reason: format!("{} tokens exceed the context {max_positions}", s.prompt_ids.len() + n) });
+        }
+        if let Some(id) = s.prompt_ids.iter().chain(&s.completion_ids).find(|&&id| id as usize >= vocab_size) {
+            return Err(TrainError::InvalidSample { index: i, reason: format!("token id {id} outside the vocabulary") });
+        }
+        if s.old_logprobs.iter().chain(&s.advantages).any(|v| !v.is_finite()) || !(s.temperature >= 0.0) {
+            return Err(TrainError::InvalidSample { index: i, reason: "non-finite logprob, advantage or temperature".into() });
+        }
+    }
+    Ok(())
+}
+
+/// Runs forward and backward over `samples` in micro-batches, accumulating gradients into the
+/// adapters. Losses are divided so that the gradients of all calls of one optimizer step add up
+/// to the gradient of the batch loss: `total_tokens` and `total_sequences` describe that batch.
+pub fn accumulate(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
+    let mut stats = LossStats::default();
+    for chunk in samples.chunks(config.micro_batch.max(1)) {
+        stats.merge(micro_batch(model, chunk, config, total_tokens, total_sequences));
+    }
+    stats
+}
+
+/// Float32 log-softmax rows `(tokens, vocab)` predicting each completion token, and the flat
+/// index of each completion token's row.
+fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: bool) -> (Tensor, Tensor) {
+    let device = model.device();
+    let longest = samples.iter().map(|s| s.prompt_ids.len() + s.completion_ids.len()).max().unwrap_or(1);
+    let b_sz = samples.len();
+    let mut ids = vec![0i64; b_sz * longest];
+    let mut rows = Vec::new();
+    let mut inv_t = Vec::new();
+    for (r, s) in samples.iter().enumerate() {
+        for (c, &id) in s.prompt_ids.iter().chain(&s.completion_ids).enumerate() {
+            ids[r * longest + c] = id as i64;
+        }
+        let start = r * longest + s.prompt_ids.len() - 1;
+        rows.extend((start..start + s.completion_ids.len()).map(|i| i as i64));
+        let t = if s.temperature > 0.0 { s.temperature } else { 1.0 };
+        inv_t.extend(std::iter::repeat_n((1.0 / t) as f32, s.completion_ids.len()));
+    }
+    let tokens = Tensor::from_slice(&ids).view([b_sz as i64, longest as i64]).to_device(device);
+    let positions = Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0).expand([b_sz as i64, longest as i64], true);
+    let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora, training: use_lora }, None);
+    let rows = Tensor::from_slice(&rows).to_device(device);
+    let picked = hidden.view([(b_sz * longest) as i64, -1]).index_select(0, &rows);
+    let inv_t = Tensor::from_slice(&inv_t).to_device(device).unsqueeze(1);
+    let logprobs = (model.logits(&picked) * inv_t).log_softmax(-1, Kind::Float);
+    let targets: Vec<i64> = samples.iter().flat_map(|s| s.completion_ids.iter().map(|&id| id as i64)).collect();
+    (logprobs, Tensor::from_slice(&targets).to_device(device))
+}
+
+fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
+    let device = model.device();
+    let (logprobs, targets) = completion_logprobs(model, samples, true);
+    let new_lp = logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+    let flat = |f: &dyn Fn(&TrainSample) -> &Vec<f32>| Tensor::from_slice(&samples.iter().flat_map(|s| f(s).iter().copied()).collect::<Vec<f32>>()).to_device(device);
+    let old_lp = flat(&|s| &s.old_logprobs);
+    let adv = flat(&|s| &s.advantages);
+
+    let ratio = (&new_lp - &old_lp).exp();
+    let unclipped = &ratio * &adv;
+    let clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * &adv;
+    let mut per_token = -unclipped.minimum(&clipped);
+    let clipped_active = clipped.lt_tensor(&unclipped);
+    let entropy = -(logprobs.exp() * &logprobs).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
+    if config.entropy_coef != 0.0 {
+        per_token = per_token - &entropy * config.entropy_coef;
+    }
+    let mut kl_sum = 0.0;
+    if config.kl_coef != 0.0 {
+        let (ref_logprobs, _) = tch::no_grad(|| completion_logprobs(model, samples, false));
+        let ref_lp = ref_logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+        let log_ratio = ref_lp - &new_lp;
+        let k3 = log_ratio.exp() - &log_ratio - 1.0;
+        kl_sum = f64::try_from(k3.detach().sum(Kind::Double)).unwrap_or(f64::NAN);
+        per_token = per_token + k3 * config.kl_coef;
+    }
+    let loss = match config.aggregation {
+        Aggregation::Token => per_token.sum(Kind::Float) / total_tokens.max(1) as f64,
+        Aggregation::SequenceMean => {
+            let weights: Vec<f32> = samples.iter().flat_map(|s| std::iter::repeat_n(1.0 / s.completion_ids.len() as f32, s.completion_ids.len())).collect();
+            (per_token * Tensor::from_slice(&weights).to_device(device)).sum(Kind::Float) / total_sequences.max(1) as f64
+        }
+    };
+    loss.backward();
+    let split = |t: &Tensor| -> Vec<Vec<f32>> {
+        let all = Vec::<f32>::try_from(t.detach().to_device(tch::Device::Cpu)).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for s in samples {
+            let end = (at + s.completion_ids.len()).min(all.len());
+            out.push(all[at..end].to_vec());
+            at = end;
+        }
+        out
+    };
+    LossStats {
+        loss: f64::try_from(loss.detach()).unwrap_or(f64::NAN),
+        tokens: targets.size()[0] as usize,
+        clipped_tokens: i64::try_from(clipped_active.sum(Kind::Int64)).unwrap_or(0) as usize,
+        kl_sum,
+        entropies: split(&entropy),
+        new_logprobs: split(&new_lp),
+    }
+}

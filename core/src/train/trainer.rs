@@ -1,0 +1,227 @@
+//! One optimizer step from rewarded rollout groups: credit assignment, loss, AdamW, in place.
+//!
+//! groups -> (skip zero-variance groups) -> per-token advantages (the credit scheme, with the
+//! planning masks) -> clipped policy loss with gradient accumulation -> gradient clipping ->
+//! AdamW on the LoRA tensors inside the served model -> `policy_version += 1`. The next token
+//! any engine samples from this model uses the new adapters: there is no copy to sync.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::credit::{self, CreditScheme, GroupInput};
+use super::loss::{self, LossConfig, TrainSample};
+use super::optimizer::{self, AdamW, OptimConfig};
+use super::TrainError;
+use crate::model::lora::{self, LoraConfig};
+use crate::model::Transformer;
+
+/// Everything that shapes a training step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainerConfig {
+    /// Adapters.
+    pub lora: LoraConfig,
+    /// Policy loss.
+    pub loss: LossConfig,
+    /// Optimizer and schedule.
+    pub optim: OptimConfig,
+    /// Credit assignment.
+    pub credit: CreditScheme,
+}
+
+/// One rewarded completion of a group.
+#[derive(Clone, Debug)]
+pub struct GroupMember {
+    /// Completion ids as served.
+    pub completion_ids: Vec<u32>,
+    /// Sampling logprob of each completion token.
+    pub logprobs: Vec<f32>,
+    /// Scalar reward.
+    pub reward: f32,
+    /// Planning-token mask over the completion tokens.
+    pub planning_mask: Vec<bool>,
+}
+
+/// Completions of one prompt, sampled from the same policy, with their rewards.
+#[derive(Clone, Debug)]
+pub struct RolloutGroup {
+    /// Prompt ids as served.
+    pub prompt_ids: Vec<u32>,
+    /// Sampling temperature (the logprobs are under it).
+    pub temperature: f64,
+    /// The completions.
+    pub members: Vec<GroupMember>,
+}
+
+/// What a step did, for logs and metrics.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepReport {
+    /// Optimizer steps taken so far (after this one).
+    pub step: u64,
+    /// Version of the weights now served.
+    pub policy_version: u64,
+    /// False when every group had equal rewards (no gradient, no update).
+    pub updated: bool,
+    /// Groups offered.
+    pub groups: usize,
+    /// Groups skipped for equal rewards.
+    pub zero_variance_groups: usize,
+    /// Mean reward over all offered completions.
+    pub reward_mean: f64,
+    /// Mean completion length in tokens.
+    pub response_length: f64,
+    /// Batch loss.
+    pub loss: f64,
+    /// Share of tokens where the clipped objective was active.
+    pub clip_fraction: f64,
+    /// Mean k3 KL to the base policy per token (0 without `kl_coef`).
+    pub kl: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Share of trained tokens that are planning tokens.
+    pub planning_share: f64,
+    /// Mean token entropy over planning tokens (NaN when there are none).
+    pub entropy_planning: f64,
+    /// Mean token entropy over execution tokens.
+    pub entropy_execution: f64,
+    /// Tokens trained on.
+    pub tokens: usize,
+    /// Wall time of the step.
+    pub step_seconds: f64,
+    /// Trained tokens per second.
+    pub tokens_per_s: f64,
+}
+
+/// Adapter tensors, optimizer state and the policy version of one served model.
+pub struct Trainer {
+    config: TrainerConfig,
+    params: Vec<(String, Tensor)>,
+    optimizer: AdamW,
+    policy_version: u64,
+}
+
+impl Trainer {
+    /// Attaches fresh LoRA adapters to `model` and prepares the optimizer.
+    pub fn new(model: &mut Transformer, config: TrainerConfig) -> Result<Self, TrainError> {
+        lora::attach(model, &config.lora)?;
+        let params = lora::parameters(model);
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let optimizer = AdamW::new(config.optim.clone(), &tensors);
+        Ok(Self { config, params, optimizer, policy_version: 0 })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// Version of the weights being served (0 before any step).
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+    }
+
+    /// Adapter tensors under PEFT names (sharing storage with the model).
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The optimizer (its moments and step count go into checkpoints).
+    pub fn optimizer(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    /// Restores the policy version from a checkpoint.
+    pub fn set_policy_version(&mut self, version: u64) {
+        self.policy_version = version;
+    }
+
+    fn tensors(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
+    }
+
+    /// Trains on `groups`: one optimizer step unless every group has equal rewards.
+    pub fn step(&mut self, model: &Transformer, groups: &[RolloutGroup]) -> Result<StepReport, TrainError> {
+        let started = Instant::now();
+        let mut report = StepReport { groups: groups.len(), ..StepReport::default() };
+        let mut samples = Vec::new();
+        let mut masks = Vec::new();
+        let (mut reward_sum, mut members, mut length_sum) = (0.0f64, 0usize, 0usize);
+        for group in groups {
+            let rewards: Vec<f32> = group.members.iter().map(|m| m.reward).collect();
+            let planning: Vec<Vec<bool>> = group.members.iter().map(|m| m.planning_mask.clone()).collect();
+            reward_sum += rewards.iter().map(|&r| r as f64).sum::<f64>();
+            members += rewards.len();
+            length_sum += group.members.iter().map(|m| m.completion_ids.len()).sum::<usize>();
+            let advantages = credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: None })?;
+            if advantages.zero_variance {
+                report.zero_variance_groups += 1;
+                continue;
+            }
+            for (member, per_token) in group.members.iter().zip(advantages.per_token) {
+                samples.push(TrainSample {
+                    prompt_ids: group.prompt_ids.clone(),
+                    completion_ids: member.completion_ids.clone(),
+                    old_logprobs: member.logprobs.clone(),
+                    advantages: per_token,
+                    temperature: group.temperature,
+                });
+                masks.push(member.planning_mask.clone());
+            }
+        }
+        report.reward_mean = if members > 0 { reward_sum / members as f64 } else { 0.0 };
+        report.response_length = if members > 0 { length_sum as f64 / members as f64 } else { 0.0 };
+        report.step = self.optimizer.step;
+        report.policy_version = self.policy_version;
+        if samples.is_empty() {
+            report.step_seconds = started.elapsed().as_secs_f64();
+            return Ok(report);
+        }
+        loss::validate(&samples, model.config().vocab_size, model.max_positions())?;
+        let total_tokens: usize = samples.iter().map(|s| s.completion_ids.len()).sum();
+        let tensors = self.tensors();
+        optimizer::zero_grad(&tensors);
+        let stats = loss::accumulate(model, &samples, &self.config.loss, total_tokens, samples.len());
+        if !stats.loss.is_finite() {
+            optimizer::zero_grad(&tensors);
+            return Err(TrainError::NonFinite(format!("loss {}", stats.loss)));
+        }
+        report.grad_norm = optimizer::clip_grad_norm(&tensors, self.config.optim.max_grad_norm);
+        if !report.grad_norm.is_finite() {
+            optimizer::zero_grad(&tensors);
+            return Err(TrainError::NonFinite(format!("gradient norm {}", report.grad_norm)));
+        }
+        report.lr = self.optimizer.apply(&tensors);
+        optimizer::zero_grad(&tensors);
+        self.policy_version += 1;
+
+        let (mut planning_h, mut planning_n, mut exec_h, mut exec_n) = (0.0f64, 0usize, 0.0f64, 0usize);
+        for (entropies, mask) in stats.entropies.iter().zip(&masks) {
+            for (h, &is_planning) in entropies.iter().zip(mask) {
+                if is_planning {
+                    planning_h += *h as f64;
+                    planning_n += 1;
+                } else {
+                    exec_h += *h as f64;
+                    exec_n += 1;
+                }
+            }
+        }
+        report.updated = true;
+        report.step = self.optimizer.step;
+        report.policy_version = self.policy_version;
+        report.loss = stats.loss;
+        report.tokens = stats.tokens;
+        report.clip_fraction = stats.clipped_tokens as f64 / stats.tokens.max(1) as f64;
+        report.kl = stats.kl_sum / stats.tokens.max(1) as f64;
+        report.planning_share = planning_n as f64 / (planning_n + exec_n).max(1) as f64;
+        report.entropy_planning = if planning_n > 0 { planning_h / planning_n as f64 } else { f64::NAN };
+        report.entropy_execution = if exec_n > 0 { exec_h / exec_n as f64 } else { f64::NAN };
+        report.step_seconds = started.elapsed().as_secs_f64();
+        report.tokens_per_s = stats.tokens as f64 / report.step_seconds.max(1e-9);
+        Ok(report)
+    }
+}
