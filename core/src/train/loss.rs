@@ -185,7 +185,10 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
             (per_token * Tensor::from_slice(&weights).to_device(device)).sum(Kind::Float) / total_sequences.max(1) as f64
         }
     };
-    loss.backward();
+    // Under `no_grad` (evaluation, finite-difference checks) there is nothing to propagate.
+    if loss.requires_grad() {
+        loss.backward();
+    }
     let split = |t: &Tensor| -> Vec<Vec<f32>> {
         let all = Vec::<f32>::try_from(t.detach().to_device(tch::Device::Cpu)).unwrap_or_default();
         let mut out = Vec::new();
