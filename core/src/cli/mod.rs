@@ -4,6 +4,7 @@
 mod bench;
 mod generate;
 mod serve;
+mod train;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -29,6 +30,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model through an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Train LoRA adapters with GRPO/HICRA on a dataset (offline loop).
+    Train(train::TrainArgs),
 }
 
 /// Where the model comes from and how it is placed.
@@ -80,5 +83,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

@@ -63,6 +63,19 @@ pub(crate) struct ServeArgs {
     /// Completion length when a request sets none [default: 2048].
     #[arg(long)]
     default_max_tokens: Option<usize>,
+    /// Train LoRA adapters online from rewards posted to /v1/rollouts/{id}/reward.
+    #[arg(long)]
+    #[serde(default)]
+    train: bool,
+    /// TOML file with the trainer settings (lora, loss, optim, credit); implies --train.
+    #[arg(long)]
+    train_config: Option<PathBuf>,
+    /// Complete groups per optimizer step [default: 1].
+    #[arg(long)]
+    groups_per_step: Option<usize>,
+    /// Members of a client-named reward group [default: 4].
+    #[arg(long)]
+    group_size: Option<usize>,
 }
 
 impl ServeArgs {
@@ -86,6 +99,10 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             rollout_capacity: self.rollout_capacity.or(file.rollout_capacity),
             default_max_tokens: self.default_max_tokens.or(file.default_max_tokens),
+            train: self.train || file.train,
+            train_config: self.train_config.or(file.train_config),
+            groups_per_step: self.groups_per_step.or(file.groups_per_step),
+            group_size: self.group_size.or(file.group_size),
         })
     }
 }
@@ -102,6 +119,17 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         .parse()
         .or_else(|_| format!("[{host}]:{}", args.port.unwrap_or(8000)).parse())
         .with_context(|| format!("invalid --host '{host}'"))?;
+    let training = if args.train || args.train_config.is_some() {
+        Some(match &args.train_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<crate::train::trainer::TrainerConfig>(&text).with_context(|| format!("invalid trainer configuration {}", path.display()))?
+            }
+            None => crate::train::trainer::TrainerConfig::default(),
+        })
+    } else {
+        None
+    };
     let loaded = model_args.load()?;
     let max_batch = args.max_batch.unwrap_or(16);
     let engine = scheduler::spawn(
@@ -112,6 +140,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_queued_requests: args.max_queue.unwrap_or(256),
             max_queued_tokens: args.max_queue_tokens.unwrap_or(262_144),
         },
+        training.clone(),
     )?;
     let state = AppState {
         engine,
@@ -122,6 +151,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_body_bytes: args.max_body_bytes.unwrap_or(8 << 20),
             default_max_tokens: args.default_max_tokens.unwrap_or(2048),
         }),
+        training: training.map(|_| Arc::new(crate::server::training::TrainingBuffer::new(args.groups_per_step.unwrap_or(1), args.group_size.unwrap_or(4)))),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(server::serve(state, addr))?;

@@ -21,6 +21,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::generate::{Engine, FinishReason, GeneratedToken, GenerationRequest, TokenEvent};
 use super::EngineError;
 use crate::model::LoadedModel;
+use crate::train::trainer::{RolloutGroup, StepReport, Trainer, TrainerConfig};
 use crate::tokenizer::Tokenizer;
 
 /// Limits of the scheduler.
@@ -137,10 +138,18 @@ struct Submission {
     events: UnboundedSender<SequenceEvent>,
 }
 
+/// Work for the engine thread.
+enum Command {
+    /// Generate these requests.
+    Generate(Submission),
+    /// Run one training step on these groups between decode steps.
+    Train(Vec<RolloutGroup>, tokio::sync::oneshot::Sender<Result<StepReport, String>>),
+}
+
 /// A cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    commands: mpsc::Sender<Submission>,
+    commands: mpsc::Sender<Command>,
     config: Arc<SchedulerConfig>,
     /// Live counters.
     pub stats: Arc<SchedulerStats>,
@@ -148,8 +157,10 @@ pub struct EngineHandle {
     pub info: Arc<ModelInfo>,
     /// The tokenizer, shared read-only with handlers for templating and decoding.
     pub tokenizer: Arc<Tokenizer>,
-    /// Incremented by each optimizer step (training arrives with its own issue).
+    /// Incremented by each optimizer step.
     pub policy_version: Arc<AtomicU64>,
+    /// Set when the engine trains online.
+    trainer_config: Option<Arc<TrainerConfig>>,
 }
 
 impl EngineHandle {
@@ -171,8 +182,26 @@ impl EngineHandle {
         self.stats.queued_sequences.fetch_add(requests.len(), Ordering::Relaxed);
         self.stats.queued_tokens.fetch_add(tokens, Ordering::Relaxed);
         let (events, receiver) = unbounded_channel();
-        self.commands.send(Submission { requests, events }).map_err(|_| SubmitError::Stopped)?;
+        self.commands.send(Command::Generate(Submission { requests, events })).map_err(|_| SubmitError::Stopped)?;
         Ok(receiver)
+    }
+
+    /// Whether the engine was started with a trainer.
+    pub fn can_train(&self) -> bool {
+        self.trainer_config.is_some()
+    }
+
+    /// The training configuration, when training is on.
+    pub fn trainer_config(&self) -> Option<&TrainerConfig> {
+        self.trainer_config.as_deref()
+    }
+
+    /// Runs a training step on the engine thread between decode steps; the served adapters
+    /// change in place and `policy_version` increments when it updates.
+    pub async fn train(&self, groups: Vec<RolloutGroup>) -> Result<StepReport, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands.send(Command::Train(groups, reply)).map_err(|_| "the engine has stopped".to_string())?;
+        answer.await.map_err(|_| "the engine dropped the training step".to_string())?
     }
 }
 
@@ -190,15 +219,20 @@ fn validate(request: &GenerationRequest, info: &ModelInfo) -> Result<(), EngineE
     Ok(())
 }
 
-/// Starts the engine thread, which takes ownership of the model.
-pub fn spawn(loaded: LoadedModel, config: SchedulerConfig) -> std::io::Result<EngineHandle> {
+/// Starts the engine thread, which takes ownership of the model. With `training`, LoRA
+/// adapters are attached first and the thread accepts training steps.
+pub fn spawn(loaded: LoadedModel, config: SchedulerConfig, training: Option<TrainerConfig>) -> std::io::Result<EngineHandle> {
     let capacity = config.capacity.min(loaded.model.max_positions());
     let config = SchedulerConfig { capacity, max_batch: config.max_batch.max(1), ..config };
     let info = Arc::new(ModelInfo { name: loaded.name.clone(), vocab_size: loaded.model.config().vocab_size, max_context: capacity });
     let stats = Arc::new(SchedulerStats::default());
     let policy_version = Arc::new(AtomicU64::new(0));
     let (commands, inbox) = mpsc::channel();
-    let LoadedModel { model, tokenizer, .. } = loaded;
+    let LoadedModel { mut model, tokenizer, .. } = loaded;
+    let trainer = match &training {
+        Some(trainer_config) => Some(Trainer::new(&mut model, trainer_config.clone()).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let tokenizer = Arc::new(tokenizer);
     let handle = EngineHandle {
         commands,
@@ -207,13 +241,26 @@ pub fn spawn(loaded: LoadedModel, config: SchedulerConfig) -> std::io::Result<En
         info,
         tokenizer: tokenizer.clone(),
         policy_version: policy_version.clone(),
+        trainer_config: training.map(Arc::new),
     };
     let (ready, started) = mpsc::channel();
     std::thread::Builder::new().name("hicra-engine".into()).spawn(move || {
         let engine = Engine::new(&model, &tokenizer, config.max_batch, config.capacity);
-        tracing::info!(slots = config.max_batch, capacity = config.capacity, kv_cache_mib = engine.kv_cache_bytes() >> 20, "engine ready");
+        tracing::info!(slots = config.max_batch, capacity = config.capacity, kv_cache_mib = engine.kv_cache_bytes() >> 20, training = trainer.is_some(), "engine ready");
         let _ = ready.send(());
-        Scheduler { engine, inbox, stats, policy_version, waiting: VecDeque::new(), routes: HashMap::new(), groups: HashMap::new(), next_id: 0 }.run();
+        Scheduler {
+            engine,
+            model: &model,
+            trainer,
+            inbox,
+            stats,
+            policy_version,
+            waiting: VecDeque::new(),
+            routes: HashMap::new(),
+            groups: HashMap::new(),
+            next_id: 0,
+        }
+        .run();
     })?;
     // Serve only once the KV cache exists, so a healthy server answers at full speed.
     started.recv().map_err(|_| std::io::Error::other("the engine thread died while allocating its KV cache"))?;
@@ -228,7 +275,9 @@ struct Route {
 
 struct Scheduler<'m> {
     engine: Engine<'m>,
-    inbox: mpsc::Receiver<Submission>,
+    model: &'m crate::model::Transformer,
+    trainer: Option<Trainer>,
+    inbox: mpsc::Receiver<Command>,
     stats: Arc<SchedulerStats>,
     policy_version: Arc<AtomicU64>,
     /// Submissions waiting for slots, whole (the n choices of a request start together).
@@ -269,14 +318,31 @@ impl Scheduler<'_> {
     fn take_submissions(&mut self) -> bool {
         if self.engine.active() == 0 && self.waiting.is_empty() {
             match self.inbox.recv() {
-                Ok(submission) => self.enqueue(submission),
+                Ok(command) => self.handle(command),
                 Err(_) => return false,
             }
         }
-        while let Ok(submission) = self.inbox.try_recv() {
-            self.enqueue(submission);
+        while let Ok(command) = self.inbox.try_recv() {
+            self.handle(command);
         }
         true
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Generate(submission) => self.enqueue(submission),
+            Command::Train(groups, reply) => {
+                // Between decode steps: sequences in flight continue on the new weights.
+                let result = match &mut self.trainer {
+                    Some(trainer) => trainer.step(self.model, &groups).map_err(|e| e.to_string()),
+                    None => Err("this server was started without training".to_string()),
+                };
+                if let Ok(report) = &result {
+                    self.policy_version.store(report.policy_version, Ordering::Release);
+                }
+                let _ = reply.send(result);
+            }
+        }
     }
 
     fn enqueue(&mut self, submission: Submission) {

@@ -31,6 +31,19 @@ struct ChatJob {
     started: Instant,
 }
 
+impl ChatJob {
+    fn rollout_context(&self) -> requests::RolloutContext<'_> {
+        requests::RolloutContext {
+            prompt_ids: &self.prompt_ids,
+            temperature: self.plan.sampling.temperature,
+            user: self.user.as_ref(),
+            return_token_ids: self.return_token_ids,
+            group: self.id.clone(),
+            group_size: self.plan.n,
+        }
+    }
+}
+
 pub(super) async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJson<ChatCompletionRequest>) -> Result<Response, ApiError> {
     let started = Instant::now();
     if request.model != state.engine.info.name {
@@ -96,7 +109,7 @@ fn whole_response(state: &AppState, job: &ChatJob, choices: Vec<FinishedChoice>)
         .map(|(index, choice)| {
             let (content, tool_calls) = split_tool_calls(job, &choice.text, index);
             let finish_reason = if tool_calls.is_empty() { requests::finish_reason_str(choice.reason) } else { "tool_calls" };
-            let hicra = requests::record_rollout(state, &job.prompt_ids, &choice, finish_reason, job.plan.sampling.temperature, job.user.as_ref(), job.return_token_ids);
+            let hicra = requests::record_rollout(state, &job.rollout_context(), &choice, finish_reason);
             let logprobs = job.logprobs.then(|| ChatLogprobs { content: choice.tokens.iter().map(|t| requests::token_logprob(tokenizer, t)).collect() });
             ChatChoice { index, message: AssistantMessage { role: "assistant", content, tool_calls }, logprobs, finish_reason, hicra }
         })
@@ -213,7 +226,7 @@ impl ChunkWriter {
                 .collect();
             delta["tool_calls"] = json!(calls);
         }
-        let hicra = requests::record_rollout(&self.state, &self.job.prompt_ids, choice, finish_reason, self.job.plan.sampling.temperature, self.job.user.as_ref(), self.job.return_token_ids);
+        let hicra = requests::record_rollout(&self.state, &self.job.rollout_context(), choice, finish_reason);
         self.send(json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason, "hicra": hicra}]), None)
     }
 }

@@ -42,13 +42,21 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
     let tokenizer = state.engine.tokenizer.clone();
     let mut choices = Vec::new();
     let mut usage = Usage::default();
-    for (ids, events) in prompts.iter().zip(submissions) {
+    for (prompt_index, (ids, events)) in prompts.iter().zip(submissions).enumerate() {
         let finished = requests::collect(events, plan.n, &state, started).await?;
+        let context = requests::RolloutContext {
+            prompt_ids: ids,
+            temperature: plan.sampling.temperature,
+            user: request.sampling.user.as_ref(),
+            return_token_ids: request.sampling.return_token_ids,
+            group: format!("{id}-{prompt_index}"),
+            group_size: plan.n,
+        };
         usage.prompt_tokens += ids.len();
         for choice in finished {
             usage.completion_tokens += choice.tokens.len();
             let finish_reason = requests::finish_reason_str(choice.reason);
-            let hicra = requests::record_rollout(&state, ids, &choice, finish_reason, plan.sampling.temperature, request.sampling.user.as_ref(), request.sampling.return_token_ids);
+            let hicra = requests::record_rollout(&state, &context, &choice, finish_reason);
             let logprobs = request.logprobs.map(|_| legacy_logprobs(&tokenizer, &choice));
             let mut text = choice.text;
             if request.echo {
@@ -133,7 +141,15 @@ fn stream_completion(
                     let rest = holdbacks[choice].finish(&text);
                     c.text = text;
                     let finish_reason = requests::finish_reason_str(Some(reason));
-                    let hicra = requests::record_rollout(&state, &prompt_ids, c, finish_reason, plan.sampling.temperature, user.as_ref(), return_token_ids);
+                    let context = requests::RolloutContext {
+                        prompt_ids: &prompt_ids,
+                        temperature: plan.sampling.temperature,
+                        user: user.as_ref(),
+                        return_token_ids,
+                        group: id.clone(),
+                        group_size: plan.n,
+                    };
+                    let hicra = requests::record_rollout(&state, &context, c, finish_reason);
                     chunk(json!([{"index": choice, "text": rest, "logprobs": null, "finish_reason": finish_reason, "hicra": hicra}]))
                 }
                 Some(SequenceEvent::Failed { message }) => ApiError::Internal(message).body().to_string(),

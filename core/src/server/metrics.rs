@@ -58,6 +58,10 @@ pub struct ServerMetrics {
     pub request_latency: Histogram,
     /// Time from request arrival to the first generated token.
     pub time_to_first_token: Histogram,
+    /// The last training step's report, as JSON fields.
+    last_step: Mutex<Option<crate::train::trainer::StepReport>>,
+    /// Training steps run online.
+    train_steps: AtomicU64,
 }
 
 impl ServerMetrics {
@@ -65,6 +69,12 @@ impl ServerMetrics {
     pub fn count_request(&self, endpoint: &str, status: u16) {
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry((endpoint.to_string(), status)).or_default() += 1;
+    }
+
+    /// Remembers a training step for `/metrics`.
+    pub fn record_step(&self, report: &crate::train::trainer::StepReport) {
+        self.train_steps.fetch_add(1, Ordering::Relaxed);
+        *self.last_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
     }
 
     /// The exposition text.
@@ -90,6 +100,25 @@ impl ServerMetrics {
         gauge(&mut out, "hicra_sequences_cancelled_total", "Sequences cancelled because the client went away.", "counter", load(&engine.cancelled_sequences));
         gauge(&mut out, "hicra_rollouts_stored", "Rollouts held in the store.", "gauge", rollouts.0 as f64);
         gauge(&mut out, "hicra_rollouts_evicted_total", "Rollouts evicted from the store.", "counter", rollouts.1 as f64);
+        gauge(&mut out, "hicra_train_steps_total", "Online training steps run.", "counter", load(&self.train_steps));
+        if let Some(step) = self.last_step.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            for (name, help, value) in [
+                ("hicra_train_policy_version", "Policy version after the last step.", step.policy_version as f64),
+                ("hicra_train_reward_mean", "Mean reward of the last step's rollouts.", step.reward_mean),
+                ("hicra_train_zero_variance_groups", "Equal-reward groups skipped in the last step.", step.zero_variance_groups as f64),
+                ("hicra_train_loss", "Loss of the last step.", step.loss),
+                ("hicra_train_clip_fraction", "Clipped-token share of the last step.", step.clip_fraction),
+                ("hicra_train_kl", "Mean KL to the base policy in the last step.", step.kl),
+                ("hicra_train_grad_norm", "Gradient norm of the last step.", step.grad_norm),
+                ("hicra_train_planning_share", "Planning-token share of the last step.", step.planning_share),
+                ("hicra_train_entropy_planning", "Mean planning-token entropy of the last step.", step.entropy_planning),
+                ("hicra_train_entropy_execution", "Mean execution-token entropy of the last step.", step.entropy_execution),
+                ("hicra_train_step_seconds", "Duration of the last step.", step.step_seconds),
+                ("hicra_train_tokens_per_second", "Trained tokens per second in the last step.", step.tokens_per_s),
+            ] {
+                gauge(&mut out, name, help, "gauge", value);
+            }
+        }
         self.request_latency.render(&mut out, "hicra_request_duration_seconds", "Request latency.");
         self.time_to_first_token.render(&mut out, "hicra_time_to_first_token_seconds", "Time to the first generated token.");
         out

@@ -6,7 +6,8 @@
 //! recorded in the [`rollouts::RolloutStore`] with its exact token ids and sampling logprobs.
 //!
 //! Routes: `GET /health`, `GET /metrics` (open); `GET /v1/models`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`, `GET /v1/rollouts/{id}` (behind the API key when one is set).
+//! `POST /v1/completions`, `GET /v1/rollouts/{id}`, `POST /v1/rollouts/{id}/reward`,
+//! `POST /v1/rewards` (behind the API key when one is set).
 
 mod chat;
 mod completions;
@@ -16,6 +17,7 @@ pub mod openai;
 mod requests;
 pub mod rollouts;
 mod stream;
+pub mod training;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,6 +57,8 @@ pub struct AppState {
     pub metrics: Arc<ServerMetrics>,
     /// Settings.
     pub options: Arc<ServerOptions>,
+    /// Reward collection, when the server trains online.
+    pub training: Option<Arc<training::TrainingBuffer>>,
 }
 
 /// The router with every route and layer.
@@ -64,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/rollouts/{id}", get(get_rollout))
+        .route("/v1/rollouts/{id}/reward", post(training::reward_one))
+        .route("/v1/rewards", post(training::reward_batch))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))

@@ -155,36 +155,43 @@ pub(crate) async fn collect(mut events: UnboundedReceiver<SequenceEvent>, n: usi
     Ok(choices)
 }
 
+/// What a request contributes to each of its rollouts.
+pub(crate) struct RolloutContext<'a> {
+    pub prompt_ids: &'a [u32],
+    pub temperature: f64,
+    pub user: Option<&'a String>,
+    pub return_token_ids: bool,
+    /// The request's choices form one group for GRPO unless rewards name another.
+    pub group: String,
+    pub group_size: usize,
+}
+
 /// Records a finished choice as a rollout and returns its extension object.
-pub(crate) fn record_rollout(
-    state: &AppState,
-    prompt_ids: &[u32],
-    choice: &FinishedChoice,
-    finish_reason: &str,
-    temperature: f64,
-    user: Option<&String>,
-    return_token_ids: bool,
-) -> ChoiceExtension {
+pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, choice: &FinishedChoice, finish_reason: &str) -> ChoiceExtension {
     let id = state.rollouts.next_id();
     let completion: Vec<u32> = choice.tokens.iter().map(|t| t.id).collect();
     state.rollouts.insert(Rollout {
         id: id.clone(),
         model: state.engine.info.name.clone(),
         policy_version: choice.policy_version,
-        prompt_token_ids: prompt_ids.to_vec(),
+        prompt_token_ids: ctx.prompt_ids.to_vec(),
         completion_token_ids: completion.clone(),
         logprobs: choice.tokens.iter().map(|t| t.logprob).collect(),
+        token_texts: choice.tokens.iter().map(|t| t.text.clone()).collect(),
         finish_reason: finish_reason.to_string(),
         text: choice.text.clone(),
-        temperature,
+        temperature: ctx.temperature,
         created: super::unix_now(),
-        user: user.cloned(),
+        user: ctx.user.cloned(),
+        group: ctx.group.clone(),
+        group_size: ctx.group_size,
+        reward: None,
     });
     ChoiceExtension {
         rollout_id: id,
         policy_version: choice.policy_version,
-        prompt_token_ids: return_token_ids.then(|| prompt_ids.to_vec()),
-        token_ids: return_token_ids.then_some(completion),
+        prompt_token_ids: ctx.return_token_ids.then(|| ctx.prompt_ids.to_vec()),
+        token_ids: ctx.return_token_ids.then_some(completion),
     }
 }
 

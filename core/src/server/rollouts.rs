@@ -25,6 +25,9 @@ pub struct Rollout {
     pub completion_token_ids: Vec<u32>,
     /// Sampling logprob of each completion token.
     pub logprobs: Vec<f32>,
+    /// The text each completion token added (for planning-token masks).
+    #[serde(skip)]
+    pub token_texts: Vec<String>,
     /// `stop`, `length` or `tool_calls`.
     pub finish_reason: String,
     /// The decoded output as returned to the client.
@@ -36,6 +39,12 @@ pub struct Rollout {
     /// The request's `user`, if given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The GRPO group: the request's id (its choices) unless a reward names another.
+    pub group: String,
+    /// Choices of the request that produced it.
+    pub group_size: usize,
+    /// The reward, once given.
+    pub reward: Option<f32>,
 }
 
 /// A bounded map of rollouts by id, evicting the oldest.
@@ -84,6 +93,17 @@ impl RolloutStore {
         self.lock().by_id.get(id).cloned()
     }
 
+    /// Sets the reward (and optionally the group) of rollout `id`; returns the updated copy.
+    pub fn set_reward(&self, id: &str, reward: f32, group: Option<String>) -> Option<Rollout> {
+        let mut inner = self.lock();
+        let rollout = inner.by_id.get_mut(id)?;
+        rollout.reward = Some(reward);
+        if let Some(group) = group {
+            rollout.group = group;
+        }
+        Some(rollout.clone())
+    }
+
     /// Rollouts held and rollouts evicted so far.
     pub fn counts(&self) -> (usize, u64) {
         let inner = self.lock();
@@ -109,11 +129,15 @@ mod tests {
             prompt_token_ids: vec![1],
             completion_token_ids: vec![2],
             logprobs: vec![-0.5],
+            token_texts: vec!["x".into()],
             finish_reason: "stop".into(),
             text: String::new(),
             temperature: 1.0,
             created: 0,
             user: None,
+            group: "g".into(),
+            group_size: 1,
+            reward: None,
         }
     }
 

@@ -206,12 +206,9 @@ pub fn assign(scheme: &CreditScheme, input: &GroupInput) -> Result<GroupAdvantag
     validate(scheme, input)?;
     let (sequence, zero_variance) = sequence_advantages(input.rewards, scheme.scale_by_std());
     let per_token = match *scheme {
-        CreditScheme::Grpo { .. } | CreditScheme::DrGrpo => input
-            .planning_masks
-            .iter()
-            .zip(&sequence)
-            .map(|(mask, &a)| vec![a; mask.len()])
-            .collect(),
+        CreditScheme::Grpo { .. } | CreditScheme::DrGrpo => {
+            input.planning_masks.iter().zip(&sequence).map(|(mask, &a)| vec![a; mask.len()]).collect()
+        }
         CreditScheme::Hicra { alpha, .. } => input
             .planning_masks
             .iter()
@@ -433,11 +430,9 @@ mod tests {
 
     #[test]
     fn equal_rewards_give_zero_and_no_nan() {
-        for scheme in [
-            CreditScheme::Grpo { scale_by_std: true },
-            CreditScheme::DrGrpo,
-            CreditScheme::default(),
-        ] {
+        for scheme in
+            [CreditScheme::Grpo { scale_by_std: true }, CreditScheme::DrGrpo, CreditScheme::default()]
+        {
             let out = run(scheme, &[1., 1., 1.], &[vec![true, false], vec![true], vec![]]);
             assert!(out.zero_variance);
             assert!(out.per_token.iter().flatten().chain(&out.sequence).all(|&a| a == 0.0));
@@ -460,7 +455,8 @@ mod tests {
         m[2][0] = true;
         let ent: Vec<Vec<f32>> = vec![(0..10).map(|x| x as f32).collect(), vec![9.0; 2], vec![9.0; 12]];
         let scheme = CreditScheme::EntropyGated { alpha: 0.2, entropy_quantile: 0.3, scale_by_std: false };
-        let input = GroupInput { rewards: &[1., 1., 0.], planning_masks: &m, entropies: Some(ent.as_slice()) };
+        let input =
+            GroupInput { rewards: &[1., 1., 0.], planning_masks: &m, entropies: Some(ent.as_slice()) };
         let out = assign(&scheme, &input).expect("valid");
         let third = 1.0f32 / 3.0;
         let boosted: Vec<usize> = (0..10).filter(|&t| !close(out.per_token[0][t], third)).collect();
@@ -479,17 +475,26 @@ mod tests {
         };
         assert_eq!(err(&[], &[], None, &scheme), CreditError::EmptyGroup);
         assert_eq!(err(&[1.], &m, None, &scheme), CreditError::MaskCountMismatch { rewards: 1, masks: 2 });
-        assert!(matches!(err(&[1., f32::NAN], &m, None, &scheme), CreditError::NonFiniteReward { index: 1, .. }));
+        assert!(matches!(
+            err(&[1., f32::NAN], &m, None, &scheme),
+            CreditError::NonFiniteReward { index: 1, .. }
+        ));
         let ent = vec![vec![0.5], vec![0.5, 0.1]];
         assert_eq!(
             err(&[1., 0.], &m, Some(ent.as_slice()), &scheme),
             CreditError::LengthMismatch { index: 1, mask_len: 1, entropy_len: 2 }
         );
         let gated = CreditScheme::EntropyGated { alpha: 0.2, entropy_quantile: 0.3, scale_by_std: true };
-        assert_eq!(err(&[1., 0.], &m, None, &gated), CreditError::MissingEntropies { scheme: "entropy_gated" });
+        assert_eq!(
+            err(&[1., 0.], &m, None, &gated),
+            CreditError::MissingEntropies { scheme: "entropy_gated" }
+        );
         let bad_q = CreditScheme::EntropyGated { alpha: 0.2, entropy_quantile: 1.5, scale_by_std: true };
         let ok_ent = vec![vec![0.5], vec![0.5]];
-        assert!(matches!(err(&[1., 0.], &m, Some(ok_ent.as_slice()), &bad_q), CreditError::InvalidParameter { .. }));
+        assert!(matches!(
+            err(&[1., 0.], &m, Some(ok_ent.as_slice()), &bad_q),
+            CreditError::InvalidParameter { .. }
+        ));
         let inf_ent = vec![vec![0.5], vec![f32::INFINITY]];
         assert!(matches!(
             err(&[1., 0.], &m, Some(inf_ent.as_slice()), &gated),

@@ -9,11 +9,14 @@
 //!
 //! Invariant: a failing step (bad sample, non-finite loss) leaves the weights untouched.
 
+pub mod checkpoint;
 pub mod credit;
+pub mod data;
 pub mod loss;
 pub mod optimizer;
 pub mod planning;
 pub mod reward;
+pub mod run;
 pub mod trainer;
 
 /// Why a training step did not happen.

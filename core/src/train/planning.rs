@@ -109,11 +109,15 @@ impl StrategicGrams {
         for_each_word(text, |start, end, word| words.push((start, end, self.vocab.get(word).copied())));
         let mut out = Vec::new();
         for (i, &(start, _, id)) in words.iter().enumerate() {
-            let Some(candidates) = id.and_then(|id| self.by_first.get(&id)) else { continue };
+            let Some(candidates) = id.and_then(|id| self.by_first.get(&id)) else {
+                continue;
+            };
             for &p in candidates {
                 let phrase = &self.phrases[p];
                 let n = phrase.words.len();
-                let Some(window) = words.get(i..i + n) else { continue };
+                let Some(window) = words.get(i..i + n) else {
+                    continue;
+                };
                 if window.iter().zip(&phrase.words).all(|(w, &pid)| w.2 == Some(pid)) {
                     out.push(SgMatch { start, end: window[n - 1].1, phrase: phrase.text.clone() });
                 }
@@ -250,8 +254,15 @@ mod tests {
         let set = StrategicGrams::from_phrases(["but", "but wait", "wait", "wait, but"]);
         let text = "Hmm wait, but wait";
         let got = spans(&set, text);
-        let expect = [("wait", "wait"), ("wait, but", "wait, but"), ("but", "but"), ("but wait", "but wait"), ("wait", "wait")];
-        let expect: Vec<(String, String)> = expect.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let expect = [
+            ("wait", "wait"),
+            ("wait, but", "wait, but"),
+            ("but", "but"),
+            ("but wait", "but wait"),
+            ("wait", "wait"),
+        ];
+        let expect: Vec<(String, String)> =
+            expect.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         assert_eq!(got, expect);
     }
 

@@ -76,7 +76,9 @@ pub fn normalize_answer(answer: &str) -> String {
 /// compares as normalised strings. A reference that is itself a full solution (`... #### 72`
 /// or containing `\boxed{}`) is reduced to its final answer first.
 pub fn math_reward(completion: &str, reference: &str) -> f32 {
-    let Some(answer) = extract_answer(completion) else { return 0.0 };
+    let Some(answer) = extract_answer(completion) else {
+        return 0.0;
+    };
     let reference = extract_answer(reference).unwrap_or_else(|| reference.to_owned());
     let (a, r) = (normalize_answer(&answer), normalize_answer(&reference));
     let equal = match (numeric_value(&a), numeric_value(&r)) {
@@ -189,15 +191,16 @@ fn command_pos(s: &str, name: &str) -> Option<usize> {
 /// `x=3` -> `3`, `x_1=3` -> `3`, `\theta=30` -> `30`: a single variable on the left of the
 /// only `=`. Anything else (`y=2x+1` keeps its right side too; `a+b=3` is left alone).
 fn strip_assignment(s: &str) -> &str {
-    let Some((lhs, rhs)) = s.split_once('=') else { return s };
+    let Some((lhs, rhs)) = s.split_once('=') else {
+        return s;
+    };
     if rhs.contains('=') || rhs.is_empty() {
         return s;
     }
     let (head, sub) = lhs.split_once('_').unwrap_or((lhs, ""));
     let letter = head.len() == 1 && head.starts_with(|c: char| c.is_ascii_alphabetic());
-    let greek = head.len() > 1
-        && head.starts_with('\\')
-        && head[1..].chars().all(|c| c.is_ascii_alphabetic());
+    let greek =
+        head.len() > 1 && head.starts_with('\\') && head[1..].chars().all(|c| c.is_ascii_alphabetic());
     let sub_ok = sub.chars().all(|c| c.is_ascii_alphanumeric() || c == '{' || c == '}');
     if (letter || greek) && sub_ok {
         rhs
@@ -264,7 +267,15 @@ fn remove_thousands_commas(s: &str) -> String {
     chars
         .iter()
         .enumerate()
-        .filter(|&(i, &c)| !(c == ',' && i > 0 && digit(i - 1) && digit(i + 1) && digit(i + 2) && digit(i + 3) && !digit(i + 4)))
+        .filter(|&(i, &c)| {
+            !(c == ','
+                && i > 0
+                && digit(i - 1)
+                && digit(i + 1)
+                && digit(i + 2)
+                && digit(i + 3)
+                && !digit(i + 4))
+        })
         .map(|(_, &c)| c)
         .collect()
 }

@@ -1,0 +1,145 @@
+//! Online training: clients reward served rollouts; complete groups train the served model.
+//!
+//! `POST /v1/rollouts/{id}/reward` `{"reward": r, "group_id": optional}` (or a batch at
+//! `POST /v1/rewards` `{"rewards": [{"rollout_id", "reward", "group_id"}]}`). By default the
+//! `n` choices of one request form a GRPO group, complete once all `n` are rewarded; a client
+//! may name its own `group_id` instead, complete at `group_size` members. When
+//! `groups_per_step` groups are complete, the engine thread runs one step between decode
+//! steps, on the exact token ids and sampling logprobs the server recorded.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiJson};
+use super::rollouts::Rollout;
+use super::AppState;
+use crate::train::planning::{spans_from_pieces, StrategicGrams};
+use crate::train::trainer::{GroupMember, RolloutGroup};
+
+/// Complete groups waiting for a step, and groups still collecting rewards.
+#[derive(Debug)]
+pub struct TrainingBuffer {
+    /// Groups per optimizer step.
+    pub groups_per_step: usize,
+    /// Members of a client-named group.
+    pub group_size: usize,
+    grams: StrategicGrams,
+    state: Mutex<BufferState>,
+}
+
+#[derive(Debug, Default)]
+struct BufferState {
+    collecting: HashMap<String, Vec<Rollout>>,
+    ready: Vec<RolloutGroup>,
+}
+
+impl TrainingBuffer {
+    /// A buffer stepping every `groups_per_step` complete groups.
+    pub fn new(groups_per_step: usize, group_size: usize) -> Self {
+        Self { groups_per_step: groups_per_step.max(1), group_size: group_size.max(2), grams: StrategicGrams::paper(), state: Mutex::new(BufferState::default()) }
+    }
+
+    /// Adds a rewarded rollout; returns whether its group completed, and the groups of a full
+    /// step when one is ready.
+    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<Vec<RolloutGroup>>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let expected = if named_group { self.group_size } else { rollout.group_size };
+        let key = rollout.group.clone();
+        let members = state.collecting.entry(key.clone()).or_default();
+        members.retain(|m| m.id != rollout.id);
+        members.push(rollout);
+        if members.len() < expected {
+            return (false, None);
+        }
+        let members = state.collecting.remove(&key).unwrap_or_default();
+        let group = self.to_group(members);
+        state.ready.push(group);
+        if state.ready.len() >= self.groups_per_step {
+            return (true, Some(std::mem::take(&mut state.ready)));
+        }
+        (true, None)
+    }
+
+    fn to_group(&self, members: Vec<Rollout>) -> RolloutGroup {
+        let prompt_ids = members.first().map(|m| m.prompt_token_ids.clone()).unwrap_or_default();
+        let temperature = members.first().map(|m| m.temperature).unwrap_or(1.0);
+        let members = members
+            .into_iter()
+            .map(|m| {
+                let pieces: Vec<&str> = m.token_texts.iter().map(String::as_str).collect();
+                let planning_mask = self.grams.token_mask(&pieces.concat(), &spans_from_pieces(&pieces));
+                GroupMember { completion_ids: m.completion_token_ids, logprobs: m.logprobs, reward: m.reward.unwrap_or(0.0), planning_mask }
+            })
+            .collect();
+        RolloutGroup { prompt_ids, temperature, members }
+    }
+}
+
+/// Body of a single reward.
+#[derive(Debug, Deserialize)]
+pub(super) struct RewardBody {
+    reward: f64,
+    group_id: Option<String>,
+}
+
+/// One entry of the batch form.
+#[derive(Debug, Deserialize)]
+pub(super) struct BatchEntry {
+    rollout_id: String,
+    reward: f64,
+    group_id: Option<String>,
+}
+
+/// Body of the batch form.
+#[derive(Debug, Deserialize)]
+pub(super) struct BatchBody {
+    rewards: Vec<BatchEntry>,
+}
+
+pub(super) async fn reward_one(State(state): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<RewardBody>) -> Result<Json<Value>, ApiError> {
+    let entries = vec![BatchEntry { rollout_id: id, reward: body.reward, group_id: body.group_id }];
+    reward_many(state, entries).await
+}
+
+pub(super) async fn reward_batch(State(state): State<AppState>, ApiJson(body): ApiJson<BatchBody>) -> Result<Json<Value>, ApiError> {
+    reward_many(state, body.rewards).await
+}
+
+async fn reward_many(state: AppState, entries: Vec<BatchEntry>) -> Result<Json<Value>, ApiError> {
+    let Some(buffer) = state.training.clone() else {
+        return Err(ApiError::invalid("reward", "this server does not train: start it with --train"));
+    };
+    // Validate everything before recording anything.
+    for entry in &entries {
+        if !entry.reward.is_finite() {
+            return Err(ApiError::invalid("reward", format!("reward for '{}' must be a finite number", entry.rollout_id)));
+        }
+        if state.rollouts.get(&entry.rollout_id).is_none() {
+            return Err(ApiError::NotFound(format!("no rollout '{}' (unknown or evicted)", entry.rollout_id)));
+        }
+    }
+    let mut completed = 0;
+    let mut steps = Vec::new();
+    for entry in entries {
+        let named = entry.group_id.is_some();
+        let Some(rollout) = state.rollouts.set_reward(&entry.rollout_id, entry.reward as f32, entry.group_id) else { continue };
+        let (group_done, ready) = buffer.add(rollout, named);
+        completed += group_done as usize;
+        if let Some(groups) = ready {
+            let report = state.engine.train(groups).await.map_err(ApiError::Internal)?;
+            state.metrics.record_step(&report);
+            steps.push(report);
+        }
+    }
+    Ok(Json(json!({
+        "accepted": true,
+        "groups_completed": completed,
+        "policy_version": state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire),
+        "steps": steps,
+    })))
+}

@@ -1,0 +1,382 @@
+//! The offline loop behind `hicra train --config run.toml`: sample G completions per prompt
+//! from the model being trained, reward them, assign HICRA credit, step, evaluate, checkpoint.
+//!
+//! Sampling and training use the same weights in the same process: each step's rollouts come
+//! from the policy version the previous step produced, with their sampling logprobs as the
+//! PPO "old" policy. Sampling seeds derive from `(seed, step, prompt, sample)`, so a resumed
+//! run repeats exactly what an uninterrupted one does.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint;
+use super::data::{self, DataConfig, Example};
+use super::planning::{spans_from_pieces, StrategicGrams};
+use super::reward;
+use super::trainer::{GroupMember, RolloutGroup, StepReport, Trainer, TrainerConfig};
+use crate::engine::{Engine, Generation, GenerationRequest, SamplingParams};
+use crate::model::LoadedModel;
+use crate::tokenizer::chat::ChatMessage;
+
+/// How completions are scored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// The answer in `\boxed{}` or after `####` must equal the reference.
+    #[default]
+    Math,
+    /// Like `math`, but a completion without a marked answer is judged by its last number.
+    MathLastNumber,
+    /// The whole completion must equal the reference (whitespace-normalised).
+    ExactMatch,
+}
+
+/// A training run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Model name, folder or file (as `--model`).
+    pub model: String,
+    /// Seed of sampling and data order.
+    pub seed: u64,
+    /// Optimizer steps to run.
+    pub steps: u64,
+    /// Prompts per step.
+    pub prompts_per_step: usize,
+    /// Completions per prompt (G).
+    pub group_size: usize,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Completion length limit.
+    pub max_new_tokens: usize,
+    /// Wrap prompts in the chat template as a user message.
+    pub chat: bool,
+    /// Optional system message.
+    pub system_prompt: Option<String>,
+    /// Text appended to every question (e.g. how to format the answer).
+    pub instruction: String,
+    /// Data source.
+    pub data: DataConfig,
+    /// Share of examples held out for evaluation.
+    pub eval_fraction: f64,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Held-out prompts per evaluation.
+    pub eval_prompts: usize,
+    /// Samples per held-out prompt (pass@k uses all of them).
+    pub eval_samples: usize,
+    /// Scoring.
+    pub reward: RewardKind,
+    /// Strategic-Gram phrase file (one per line); the paper's list when absent.
+    pub strategic_grams: Option<PathBuf>,
+    /// Where metrics and checkpoints go.
+    pub output_dir: PathBuf,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// The trainer (LoRA, loss, optimizer, credit scheme).
+    pub trainer: TrainerConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            model: crate::model::source::DEFAULT_MODEL.to_string(),
+            seed: 0,
+            steps: 20,
+            prompts_per_step: 4,
+            group_size: 8,
+            temperature: 1.0,
+            max_new_tokens: 64,
+            chat: true,
+            system_prompt: None,
+            instruction: String::new(),
+            data: DataConfig::default(),
+            eval_fraction: 0.1,
+            eval_every: 0,
+            eval_prompts: 16,
+            eval_samples: 4,
+            reward: RewardKind::default(),
+            strategic_grams: None,
+            output_dir: PathBuf::from("runs/default"),
+            checkpoint_every: 0,
+            trainer: TrainerConfig::default(),
+        }
+    }
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Data could not be loaded.
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    /// Generation failed.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// A step failed.
+    #[error(transparent)]
+    Train(#[from] super::TrainError),
+    /// A checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// Templating or tokenizing a prompt failed.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// Writing metrics failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("invalid run configuration: {0}")]
+    Config(String),
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepMetrics {
+    /// The trainer's report.
+    #[serde(flatten)]
+    pub train: StepReport,
+    /// Share of completions with reward 1.
+    pub accuracy: f64,
+    /// Shannon entropy (nats) of the Strategic-Gram frequency distribution in this batch.
+    pub semantic_entropy: f64,
+    /// Strategic-Gram occurrences in this batch.
+    pub strategic_grams: usize,
+    /// Held-out pass@1 when evaluated this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_pass1: Option<f64>,
+    /// Held-out pass@k when evaluated this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_pass_k: Option<f64>,
+    /// Seconds spent sampling.
+    pub sample_seconds: f64,
+}
+
+/// Scores one completion.
+pub fn score(kind: RewardKind, completion: &str, answer: &str) -> f32 {
+    match kind {
+        RewardKind::Math => reward::math_reward(completion, answer),
+        RewardKind::MathLastNumber if reward::extract_answer(completion).is_some() => reward::math_reward(completion, answer),
+        RewardKind::MathLastNumber => match last_number(completion) {
+            Some(n) => reward::math_reward(&format!("#### {n}"), answer),
+            None => 0.0,
+        },
+        RewardKind::ExactMatch => reward::exact_match_reward(completion, answer, true),
+    }
+}
+
+/// The last integer or decimal in `text` (with a leading minus sign).
+fn last_number(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut end = None;
+    for i in (0..bytes.len()).rev() {
+        if bytes[i].is_ascii_digit() {
+            end = Some(i + 1);
+            break;
+        }
+    }
+    let end = end?;
+    let mut start = end;
+    while start > 0 && (bytes[start - 1].is_ascii_digit() || bytes[start - 1] == b'.' || bytes[start - 1] == b',') {
+        start -= 1;
+    }
+    if start > 0 && bytes[start - 1] == b'-' {
+        start -= 1;
+    }
+    Some(text[start..end].trim_start_matches(['.', ',']).replace(',', ""))
+}
+
+/// A run in progress: model, trainer, data and where it is.
+pub struct Run {
+    config: RunConfig,
+    loaded: LoadedModel,
+    trainer: Trainer,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    grams: StrategicGrams,
+    metrics_path: PathBuf,
+}
+
+impl Run {
+    /// Sets up a run on an already loaded model (adapters are attached here).
+    pub fn new(config: RunConfig, mut loaded: LoadedModel) -> Result<Self, RunError> {
+        if config.group_size < 2 || config.prompts_per_step == 0 {
+            return Err(RunError::Config("group_size must be >= 2 and prompts_per_step >= 1".into()));
+        }
+        let mut examples = data::load(&config.data)?;
+        let mut state = config.seed ^ 0xD1B5_4A32_D192_ED03;
+        for i in (1..examples.len()).rev() {
+            let j = (data::splitmix(&mut state) % (i as u64 + 1)) as usize;
+            examples.swap(i, j);
+        }
+        let held_out = ((examples.len() as f64 * config.eval_fraction).round() as usize).min(examples.len().saturating_sub(1));
+        let train = examples.split_off(held_out);
+        let grams = match &config.strategic_grams {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| RunError::Io { path: path.clone(), source })?;
+                StrategicGrams::from_phrases(text.lines())
+            }
+            None => StrategicGrams::paper(),
+        };
+        let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
+        std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
+        let metrics_path = config.output_dir.join("metrics.jsonl");
+        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path })
+    }
+
+    /// The checkpoint directory.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.config.output_dir.join("checkpoint")
+    }
+
+    /// Restores the last checkpoint; returns the step to continue from.
+    pub fn resume(&mut self) -> Result<u64, RunError> {
+        let restored = checkpoint::load(&self.checkpoint_dir(), &mut self.trainer)?;
+        Ok(restored.step)
+    }
+
+    /// The trainer (for tests and tools).
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    fn prompt_ids(&self, example: &Example) -> Result<Vec<u32>, RunError> {
+        let tokenizer = &self.loaded.tokenizer;
+        let question = format!("{}{}", example.prompt, self.config.instruction);
+        let template = tokenizer.chat_template().filter(|_| self.config.chat);
+        let Some(template) = template else { return Ok(tokenizer.encode(&question, true)?) };
+        let mut messages = Vec::new();
+        if let Some(system) = &self.config.system_prompt {
+            messages.push(ChatMessage::new("system", system.clone()));
+        }
+        messages.push(ChatMessage::new("user", question));
+        Ok(tokenizer.encode(&template.render(&messages, None, true, None)?, false)?)
+    }
+
+    /// Samples `samples` completions for each example, seeds from `(seed, tag, example, sample)`.
+    fn sample(&self, examples: &[&Example], samples: usize, tag: u64, temperature: f64) -> Result<Vec<(Vec<u32>, Vec<Generation>)>, RunError> {
+        let mut requests = Vec::new();
+        let mut prompts = Vec::new();
+        for (p, example) in examples.iter().enumerate() {
+            let ids = self.prompt_ids(example)?;
+            for s in 0..samples {
+                let mut state = self.config.seed ^ tag.wrapping_mul(0x9E37_79B9) ^ ((p as u64) << 20) ^ s as u64;
+                let sampling = SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: data::splitmix(&mut state) };
+                requests.push(GenerationRequest::new(ids.clone(), sampling, self.config.max_new_tokens, &self.loaded.tokenizer));
+            }
+            prompts.push(ids);
+        }
+        let capacity = prompts.iter().map(Vec::len).max().unwrap_or(1) + self.config.max_new_tokens + 1;
+        let slots = requests.len().min(64);
+        let mut engine = Engine::new(&self.loaded.model, &self.loaded.tokenizer, slots, capacity);
+        let mut generations = engine.generate(&requests)?.into_iter();
+        Ok(prompts.into_iter().map(|ids| (ids, generations.by_ref().take(samples).collect())).collect())
+    }
+
+    /// Runs steps `start..config.steps`, writing metrics and checkpoints.
+    pub fn run(&mut self, start: u64, mut progress: impl FnMut(&StepMetrics)) -> Result<Vec<StepMetrics>, RunError> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.metrics_path)
+            .map_err(|source| RunError::Io { path: self.metrics_path.clone(), source })?;
+        let mut all = Vec::new();
+        for step in start..self.config.steps {
+            let metrics = self.step(step)?;
+            let line = serde_json::to_string(&metrics).unwrap_or_default();
+            writeln!(file, "{line}").map_err(|source| RunError::Io { path: self.metrics_path.clone(), source })?;
+            progress(&metrics);
+            let last = step + 1 == self.config.steps;
+            if last || (self.config.checkpoint_every > 0 && (step + 1) % self.config.checkpoint_every == 0) {
+                let dir = self.checkpoint_dir();
+                checkpoint::save(&dir, &mut self.trainer, &self.loaded.name, serde_json::json!({"next_step": step + 1}))?;
+            }
+            all.push(metrics);
+        }
+        Ok(all)
+    }
+
+    fn step(&mut self, step: u64) -> Result<StepMetrics, RunError> {
+        let n = self.config.prompts_per_step;
+        let batch: Vec<&Example> = (0..n).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
+        let started = Instant::now();
+        let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
+        let sample_seconds = started.elapsed().as_secs_f64();
+        let mut groups = Vec::new();
+        let (mut correct, mut total) = (0usize, 0usize);
+        let mut gram_counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for (example, (prompt_ids, generations)) in batch.iter().zip(sampled) {
+            let mut members = Vec::new();
+            for generation in generations {
+                let reward = score(self.config.reward, &generation.text, &example.answer);
+                correct += (reward >= 1.0) as usize;
+                total += 1;
+                let pieces: Vec<&str> = generation.tokens.iter().map(|t| t.text.as_str()).collect();
+                let text: String = pieces.concat();
+                let planning_mask = self.grams.token_mask(&text, &spans_from_pieces(&pieces));
+                for m in self.grams.find(&text) {
+                    *gram_counts.entry(m.phrase).or_default() += 1;
+                }
+                members.push(GroupMember {
+                    completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
+                    logprobs: generation.tokens.iter().map(|t| t.logprob).collect(),
+                    reward,
+                    planning_mask,
+                });
+            }
+            groups.push(RolloutGroup { prompt_ids, temperature: self.config.temperature, members });
+        }
+        let train = self.trainer.step(&self.loaded.model, &groups)?;
+        let occurrences: usize = gram_counts.values().sum();
+        let semantic_entropy = gram_counts
+            .values()
+            .map(|&c| {
+                let p = c as f64 / occurrences.max(1) as f64;
+                -p * p.ln()
+            })
+            .sum();
+        let evaluate = (self.config.eval_every > 0 && (step + 1) % self.config.eval_every == 0) || step + 1 == self.config.steps;
+        let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
+        Ok(StepMetrics { train, accuracy: correct as f64 / total.max(1) as f64, semantic_entropy, strategic_grams: occurrences, eval_pass1, eval_pass_k, sample_seconds })
+    }
+
+    /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts.
+    pub fn evaluate(&self, step: u64) -> Result<(f64, f64), RunError> {
+        let examples: Vec<&Example> = self.eval.iter().take(self.config.eval_prompts.max(1)).collect();
+        let k = self.config.eval_samples.max(1);
+        let sampled = self.sample(&examples, k, u64::MAX - step, self.config.temperature.min(0.6).max(0.0))?;
+        let (mut pass1, mut pass_k) = (0.0, 0.0);
+        for (example, (_, generations)) in examples.iter().zip(sampled) {
+            let scores: Vec<f32> = generations.iter().map(|g| score(self.config.reward, &g.text, &example.answer)).collect();
+            pass1 += scores.iter().map(|&s| (s >= 1.0) as u32 as f64).sum::<f64>() / k as f64;
+            pass_k += scores.iter().any(|&s| s >= 1.0) as u32 as f64;
+        }
+        let n = examples.len().max(1) as f64;
+        Ok((pass1 / n, pass_k / n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_number_reward_reads_the_final_number() {
+        assert_eq!(last_number("so 3 + 4 = 7."), Some("7".into()));
+        assert_eq!(last_number("the answer is -12"), Some("-12".into()));
+        assert_eq!(last_number("1,234 apples"), Some("1234".into()));
+        assert_eq!(last_number("none"), None);
+        assert_eq!(score(RewardKind::MathLastNumber, "It is 7", "7"), 1.0);
+        assert_eq!(score(RewardKind::Math, "It is 7", "7"), 0.0);
+        assert_eq!(score(RewardKind::Math, "#### 7", "7"), 1.0);
+    }
+}
