@@ -204,6 +204,8 @@ pub struct Run {
     eval: Vec<Example>,
     grams: StrategicGrams,
     metrics_path: PathBuf,
+    /// Replaces `config.reward` when set (library users with their own verifier).
+    custom_reward: Option<Box<dyn Fn(&str, &str) -> f32>>,
 }
 
 impl Run {
@@ -230,7 +232,19 @@ impl Run {
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path })
+        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None })
+    }
+
+    /// Scores completions with `reward(completion, answer)` instead of the configured kind.
+    pub fn set_reward_fn(&mut self, reward: impl Fn(&str, &str) -> f32 + 'static) {
+        self.custom_reward = Some(Box::new(reward));
+    }
+
+    fn reward(&self, completion: &str, answer: &str) -> f32 {
+        match &self.custom_reward {
+            Some(f) => f(completion, answer),
+            None => score(self.config.reward, completion, answer),
+        }
     }
 
     /// The checkpoint directory.
@@ -317,7 +331,7 @@ impl Run {
         for (example, (prompt_ids, generations)) in batch.iter().zip(sampled) {
             let mut members = Vec::new();
             for generation in generations {
-                let reward = score(self.config.reward, &generation.text, &example.answer);
+                let reward = self.reward(&generation.text, &example.answer);
                 correct += (reward >= 1.0) as usize;
                 total += 1;
                 let pieces: Vec<&str> = generation.tokens.iter().map(|t| t.text.as_str()).collect();
@@ -356,7 +370,7 @@ impl Run {
         let sampled = self.sample(&examples, k, u64::MAX - step, self.config.temperature.min(0.6).max(0.0))?;
         let (mut pass1, mut pass_k) = (0.0, 0.0);
         for (example, (_, generations)) in examples.iter().zip(sampled) {
-            let scores: Vec<f32> = generations.iter().map(|g| score(self.config.reward, &g.text, &example.answer)).collect();
+            let scores: Vec<f32> = generations.iter().map(|g| self.reward(&g.text, &example.answer)).collect();
             pass1 += scores.iter().map(|&s| (s >= 1.0) as u32 as f64).sum::<f64>() / k as f64;
             pass_k += scores.iter().any(|&s| s >= 1.0) as u32 as f64;
         }
