@@ -1,9 +1,11 @@
 //! Helpers shared by the end-to-end tests: the default model (loaded once per test binary)
 //! and running the real `hicra` binary.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
-use std::process::Command;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use hicra_core::model::{load, LoadOptions, LoadedModel};
@@ -43,4 +45,39 @@ pub fn hicra(args: &[&str]) -> Run {
     };
     assert!(!run.stderr.contains("panicked"), "hicra panicked: {}", run.stderr);
     run
+}
+
+/// A `hicra serve` child process on a free loopback port, killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `hicra serve --device cpu --port 0 ARGS` and waits for its `listening on` line.
+pub fn start_server<S: AsRef<OsStr>>(args: &[S]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hicra"))
+        .args(["serve", "--device", "cpu", "--port", "0"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hicra serve starts");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+    let url = loop {
+        let line = lines.next().expect("server printed its address before exiting").expect("utf-8 line");
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.trim().to_string();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, url }
 }

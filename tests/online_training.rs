@@ -1,47 +1,20 @@
 //! Online training end to end: a real server with `--train` on a tiny real checkpoint, rewards
 //! posted over HTTP, an in-place step, and the next completions served by the new policy.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
 
+use std::ffi::OsString;
+use std::path::Path;
+
+use common::{start_server, Server};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start() -> Server {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
     let config = std::env::temp_dir().join(format!("hicra-online-{}.toml", std::process::id()));
     std::fs::write(&config, "[optim]\nlr = 0.05\n[lora]\nrank = 8\n").expect("write trainer config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hicra"))
-        .args(["serve", "--device", "cpu", "--port", "0", "--max-context", "128", "--train-config"])
-        .arg(&config)
-        .arg("--model")
-        .arg(fixtures.join("model.gguf"))
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hicra serve starts");
-    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-    let url = loop {
-        let line = lines.next().expect("server printed its address").expect("utf-8");
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            break addr.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, url }
+    start_server(&[OsString::from("--max-context"), "128".into(), "--train-config".into(), config.into(), "--model".into(), model.into()])
 }
 
 fn post(client: &Client, url: &str, body: Value) -> (u16, Value) {

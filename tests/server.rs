@@ -1,48 +1,16 @@
 //! The real server on loopback, driven by a Rust HTTP client (reqwest): routes, auth, errors,
 //! rollouts, n > 1, and 32 concurrent requests that must equal the same requests sent alone.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::Duration;
 
+use common::{start_server, Server};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key";
 const MODEL: &str = "smollm2-135m-instruct";
-
-/// A `hicra serve` child process, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hicra"))
-        .args(["serve", "--device", "cpu", "--port", "0", "--api-key", KEY, "--max-batch", "32", "--max-context", "512"])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("hicra serve starts");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = lines.next().expect("server printed its address before exiting").expect("utf-8 line");
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            break addr.trim().to_string();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, url }
-}
 
 fn client() -> Client {
     Client::builder().timeout(Duration::from_secs(300)).build().expect("client")
@@ -64,7 +32,7 @@ fn chat(prompt: &str, extra: Value) -> Value {
 
 #[test]
 fn serves_chat_errors_rollouts_and_concurrency() {
-    let server = start_server();
+    let server = start_server(&["--api-key", KEY, "--max-batch", "32", "--max-context", "512"]);
     let http = client();
 
     // Health and models.
