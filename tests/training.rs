@@ -151,8 +151,12 @@ fn learn(credit: CreditScheme) -> (f32, f32) {
 }
 
 #[test]
-fn reward_rises_under_grpo_and_hicra() {
-    for credit in [CreditScheme::Grpo { scale_by_std: true }, CreditScheme::default()] {
+fn reward_rises_under_grpo_hicra_and_entropy_gated_hicra() {
+    for credit in [
+        CreditScheme::Grpo { scale_by_std: true },
+        CreditScheme::default(),
+        CreditScheme::EntropyGated { alpha: 0.2, entropy_quantile: 0.3, scale_by_std: true },
+    ] {
         let (first, last) = learn(credit);
         eprintln!("{}: mean reward {first:.3} -> {last:.3}", credit.name());
         assert!(last > first + 0.25, "{}: reward {first} -> {last}", credit.name());

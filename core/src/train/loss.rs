@@ -125,7 +125,7 @@ pub fn accumulate(model: &Transformer, samples: &[TrainSample], config: &LossCon
 
 /// Float32 log-softmax rows `(tokens, vocab)` predicting each completion token, and the flat
 /// index of each completion token's row.
-fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: bool) -> (Tensor, Tensor) {
+fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor) {
     let device = model.device();
     let longest = samples.iter().map(|s| s.prompt_ids.len() + s.completion_ids.len()).max().unwrap_or(1);
     let b_sz = samples.len();
@@ -143,7 +143,7 @@ fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: b
     }
     let tokens = Tensor::from_slice(&ids).view([b_sz as i64, longest as i64]).to_device(device);
     let positions = Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0).expand([b_sz as i64, longest as i64], true);
-    let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora, training: use_lora }, None);
+    let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora, training }, None);
     let rows = Tensor::from_slice(&rows).to_device(device);
     let picked = hidden.view([(b_sz * longest) as i64, -1]).index_select(0, &rows);
     let inv_t = Tensor::from_slice(&inv_t).to_device(device).unsqueeze(1);
@@ -152,9 +152,27 @@ fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: b
     (logprobs, Tensor::from_slice(&targets).to_device(device))
 }
 
+/// Per-token entropy (nats) of the served policy over each sample's completion, without
+/// gradients: what entropy-gated credit assignment needs before the loss exists.
+pub fn token_entropies(model: &Transformer, samples: &[TrainSample], micro_batch: usize) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(micro_batch.max(1)) {
+        let (logprobs, _) = tch::no_grad(|| completion_logprobs(model, chunk, true, false));
+        let entropy = -(logprobs.exp() * &logprobs).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
+        let all = Vec::<f32>::try_from(entropy.to_device(tch::Device::Cpu)).unwrap_or_default();
+        let mut at = 0;
+        for s in chunk {
+            let end = (at + s.completion_ids.len()).min(all.len());
+            out.push(all[at..end].to_vec());
+            at = end;
+        }
+    }
+    out
+}
+
 fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
     let device = model.device();
-    let (logprobs, targets) = completion_logprobs(model, samples, true);
+    let (logprobs, targets) = completion_logprobs(model, samples, true, true);
     let new_lp = logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
     let flat = |f: &dyn Fn(&TrainSample) -> &Vec<f32>| Tensor::from_slice(&samples.iter().flat_map(|s| f(s).iter().copied()).collect::<Vec<f32>>()).to_device(device);
     let old_lp = flat(&|s| &s.old_logprobs);
@@ -171,7 +189,7 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     }
     let mut kl_sum = 0.0;
     if config.kl_coef != 0.0 {
-        let (ref_logprobs, _) = tch::no_grad(|| completion_logprobs(model, samples, false));
+        let (ref_logprobs, _) = tch::no_grad(|| completion_logprobs(model, samples, false, false));
         let ref_lp = ref_logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
         let log_ratio = ref_lp - &new_lp;
         let k3 = log_ratio.exp() - &log_ratio - 1.0;

@@ -156,7 +156,25 @@ impl Trainer {
             reward_sum += rewards.iter().map(|&r| r as f64).sum::<f64>();
             members += rewards.len();
             length_sum += group.members.iter().map(|m| m.completion_ids.len()).sum::<usize>();
-            let advantages = credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: None })?;
+            let entropies = match self.config.credit {
+                CreditScheme::EntropyGated { .. } => {
+                    let probe: Vec<TrainSample> = group
+                        .members
+                        .iter()
+                        .map(|m| TrainSample {
+                            prompt_ids: group.prompt_ids.clone(),
+                            completion_ids: m.completion_ids.clone(),
+                            old_logprobs: m.logprobs.clone(),
+                            advantages: vec![0.0; m.completion_ids.len()],
+                            temperature: group.temperature,
+                        })
+                        .collect();
+                    loss::validate(&probe, model.config().vocab_size, model.max_positions())?;
+                    Some(loss::token_entropies(model, &probe, self.config.loss.micro_batch))
+                }
+                _ => None,
+            };
+            let advantages = credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: entropies.as_deref() })?;
             if advantages.zero_variance {
                 report.zero_variance_groups += 1;
                 continue;
