@@ -158,14 +158,25 @@ pub fn token_entropies(model: &Transformer, samples: &[TrainSample], micro_batch
     let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(micro_batch.max(1)) {
         let (logprobs, _) = tch::no_grad(|| completion_logprobs(model, chunk, true, false));
-        let entropy = -(logprobs.exp() * &logprobs).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
-        let all = Vec::<f32>::try_from(entropy.to_device(tch::Device::Cpu)).unwrap_or_default();
-        let mut at = 0;
-        for s in chunk {
-            let end = (at + s.completion_ids.len()).min(all.len());
-            out.push(all[at..end].to_vec());
-            at = end;
-        }
+        out.extend(per_sample(&entropy_of(&logprobs), chunk));
+    }
+    out
+}
+
+/// Entropy of each row of log-probabilities `(tokens, vocab)` -> `(tokens,)`.
+fn entropy_of(logprobs: &Tensor) -> Tensor {
+    -(logprobs.exp() * logprobs).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)
+}
+
+/// Splits a flat per-token tensor over the samples' completions.
+fn per_sample(flat: &Tensor, samples: &[TrainSample]) -> Vec<Vec<f32>> {
+    let all = Vec::<f32>::try_from(flat.detach().to_device(tch::Device::Cpu)).unwrap_or_default();
+    let mut out = Vec::with_capacity(samples.len());
+    let mut at = 0;
+    for s in samples {
+        let end = (at + s.completion_ids.len()).min(all.len());
+        out.push(all[at..end].to_vec());
+        at = end;
     }
     out
 }
@@ -183,7 +194,7 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     let clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * &adv;
     let mut per_token = -unclipped.minimum(&clipped);
     let clipped_active = clipped.lt_tensor(&unclipped);
-    let entropy = -(logprobs.exp() * &logprobs).sum_dim_intlist([-1i64].as_slice(), false, Kind::Float);
+    let entropy = entropy_of(&logprobs);
     if config.entropy_coef != 0.0 {
         per_token = per_token - &entropy * config.entropy_coef;
     }
@@ -207,23 +218,12 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     if loss.requires_grad() {
         loss.backward();
     }
-    let split = |t: &Tensor| -> Vec<Vec<f32>> {
-        let all = Vec::<f32>::try_from(t.detach().to_device(tch::Device::Cpu)).unwrap_or_default();
-        let mut out = Vec::new();
-        let mut at = 0;
-        for s in samples {
-            let end = (at + s.completion_ids.len()).min(all.len());
-            out.push(all[at..end].to_vec());
-            at = end;
-        }
-        out
-    };
     LossStats {
         loss: f64::try_from(loss.detach()).unwrap_or(f64::NAN),
         tokens: targets.size()[0] as usize,
         clipped_tokens: i64::try_from(clipped_active.sum(Kind::Int64)).unwrap_or(0) as usize,
         kl_sum,
-        entropies: split(&entropy),
-        new_logprobs: split(&new_lp),
+        entropies: per_sample(&entropy, samples),
+        new_logprobs: per_sample(&new_lp, samples),
     }
 }
