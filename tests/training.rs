@@ -162,3 +162,26 @@ fn reward_rises_under_grpo_hicra_and_entropy_gated_hicra() {
         assert!(last > first + 0.25, "{}: reward {first} -> {last}", credit.name());
     }
 }
+
+#[test]
+fn kl_to_the_base_policy_is_zero_before_training_and_positive_after() {
+    let mut model = tiny_model();
+    let mut trainer = Trainer::new(&mut model, config(CreditScheme::default(), 2e-2)).expect("attach");
+    let samples = |model: &Transformer| -> Vec<TrainSample> {
+        sample_group(model, 4, 6, 7)
+            .into_iter()
+            .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![0.5; ids.len()], completion_ids: ids, old_logprobs: lps, temperature: 1.0 })
+            .collect()
+    };
+    let with_kl = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, ..LossConfig::default() };
+    let params: Vec<_> = trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect();
+    let before = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, 24, 4));
+    assert!(before.kl_sum.abs() < 1e-6, "zero-initialised adapters: KL {}", before.kl_sum);
+    for step in 0..3 {
+        trainer.step(&model, &[group(sample_group(&model, 8, 8, 50 + step))]).expect("step");
+    }
+    hicra_core::train::optimizer::zero_grad(&params);
+    let after = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, 24, 4));
+    assert!(after.kl_sum > 1e-6, "trained adapters: KL {}", after.kl_sum);
+    assert!(after.loss.is_finite() && after.entropies.iter().flatten().all(|h| *h >= 0.0));
+}
