@@ -13,6 +13,23 @@ for prompt in "What is the capital of France?" "Write one sentence about the sea
   echo ">>> $prompt"
   "$hicra" generate --chat --prompt "$prompt" --max-tokens 64
 done
+# Online HICRA: serve with training on, let a client ask arithmetic questions (n samples each),
+# verify the answers and post rewards; the server steps between decode steps and serves the
+# next request with the new adapters.
+echo
+echo "[demo] online HICRA session: hicra serve --train, examples/online_arithmetic/client.py"
+port="${HICRA_DEMO_PORT:-8765}"
+"$hicra" serve --port "$port" --max-batch 32 --max-context 512 \
+  --train-config examples/online_arithmetic/trainer.toml --groups-per-step 4 2> target/demo-serve.log &
+server=$!
+trap 'kill $server 2>/dev/null' EXIT
+for _ in $(seq 1 120); do
+  .deps/venv/bin/python -c "import httpx,sys; httpx.get('http://127.0.0.1:$port/health').raise_for_status()" 2>/dev/null && break
+  sleep 1
+done
+.deps/venv/bin/python examples/online_arithmetic/client.py --url "http://127.0.0.1:$port" --rounds "${HICRA_DEMO_ROUNDS:-8}"
+kill $server 2>/dev/null || true
+
 if [ -t 0 ]; then
   echo
   echo "Your turn (empty line to quit):"

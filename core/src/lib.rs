@@ -10,12 +10,14 @@
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`engine`]: KV cache, on-device sampler, batched generation, teacher-forced scoring.
 //! - [`server`]: the OpenAI-compatible HTTP API in front of the engine thread.
+//! - [`train`]: in-place LoRA training with GRPO/HICRA; [`plot`]: PNG curves of its metrics.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
 
 pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod model;
+pub mod plot;
 pub mod server;
 pub mod tokenizer;
 pub mod train;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod plot;
 mod serve;
 mod train;
 
@@ -32,6 +33,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Train LoRA adapters with GRPO/HICRA on a dataset (offline loop).
     Train(train::TrainArgs),
+    /// Draw PNG curves from a training run's metrics.jsonl.
+    Plot(plot::PlotArgs),
 }
 
 /// Where the model comes from and how it is placed.
@@ -84,5 +87,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Train(args) => train::run(args),
+        Command::Plot(args) => plot::run(args),
     }
 }
