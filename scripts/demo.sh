@@ -27,7 +27,7 @@ for _ in $(seq 1 120); do
   .deps/venv/bin/python -c "import httpx,sys; httpx.get('http://127.0.0.1:$port/health').raise_for_status()" 2>/dev/null && break
   sleep 1
 done
-.deps/venv/bin/python examples/online_arithmetic/client.py --url "http://127.0.0.1:$port" --rounds "${HICRA_DEMO_ROUNDS:-8}"
+.deps/venv/bin/python examples/online_arithmetic/client.py --url "http://127.0.0.1:$port" --rounds "${HICRA_DEMO_ROUNDS:-4}"
 kill $server 2>/dev/null || true
 
 if [ -t 0 ]; then
