@@ -2,6 +2,7 @@
 //! only place (with the binary) that uses `anyhow`.
 
 mod bench;
+mod bench_train;
 mod generate;
 mod plot;
 mod serve;
@@ -29,6 +30,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode throughput.
     Bench(bench::BenchArgs),
+    /// Measure one in-place LoRA training step.
+    BenchTrain(bench_train::BenchTrainArgs),
     /// Serve the model through an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
     /// Train LoRA adapters with GRPO/HICRA on a dataset (offline loop).
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::BenchTrain(args) => bench_train::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Train(args) => train::run(args),
         Command::Plot(args) => plot::run(args),

@@ -1,0 +1,80 @@
+//! `hicra bench-train`: time of one in-place training step (forward, backward, AdamW on LoRA)
+//! on synthetic groups, for comparison with transformers + PEFT doing the same step
+//! (`scripts/bench_train_reference.py`, run side by side by `scripts/bench_train.sh`).
+
+use std::time::Instant;
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::train::trainer::{GroupMember, RolloutGroup, Trainer, TrainerConfig};
+
+/// Arguments of `hicra bench-train`.
+#[derive(Debug, Args)]
+pub(crate) struct BenchTrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences per step (one group).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    /// Completion tokens per sequence (the trained tokens).
+    #[arg(long, default_value_t = 64)]
+    completion_tokens: usize,
+    /// LoRA rank (all seven projections, alpha = 2 x rank).
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Sequences per forward/backward pass.
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
+    /// Timed steps (after one warm-up step); the mean is reported.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+}
+
+/// Runs `hicra bench-train`.
+pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
+    let mut loaded = args.model.load()?;
+    let mut config = TrainerConfig::default();
+    config.lora.rank = args.rank;
+    config.lora.alpha = 2.0 * args.rank as f64;
+    config.loss.micro_batch = args.micro_batch;
+    let mut trainer = Trainer::new(&mut loaded.model, config)?;
+    let vocab = loaded.model.config().vocab_size as u32;
+    // Deterministic pseudo-random ids; rewards alternate so the group carries signal.
+    let id = |i: usize| ((i as u64).wrapping_mul(2_654_435_761) % (vocab as u64 - 1)) as u32 + 1;
+    let group = RolloutGroup {
+        prompt_ids: (0..args.prompt_tokens).map(id).collect(),
+        temperature: 1.0,
+        members: (0..args.batch)
+            .map(|b| GroupMember {
+                completion_ids: (0..args.completion_tokens).map(|t| id(10_000 + b * 1000 + t)).collect(),
+                logprobs: vec![-2.0; args.completion_tokens],
+                reward: (b % 2) as f32,
+                planning_mask: (0..args.completion_tokens).map(|t| t % 10 == 0).collect(),
+            })
+            .collect(),
+    };
+    trainer.step(&loaded.model, std::slice::from_ref(&group))?;
+    let started = Instant::now();
+    for _ in 0..args.steps {
+        trainer.step(&loaded.model, std::slice::from_ref(&group))?;
+    }
+    let step_s = started.elapsed().as_secs_f64() / args.steps.max(1) as f64;
+    let tokens = args.batch * args.completion_tokens;
+    let result = serde_json::json!({
+        "engine": "hicra",
+        "batch": args.batch,
+        "prompt_tokens": args.prompt_tokens,
+        "completion_tokens": args.completion_tokens,
+        "rank": args.rank,
+        "step_seconds": step_s,
+        "trained_tokens_per_s": tokens as f64 / step_s,
+        "sequence_tokens_per_s": (args.batch * (args.prompt_tokens + args.completion_tokens)) as f64 / step_s,
+        "adapter_values": trainer.parameters().iter().map(|(_, t)| t.numel()).sum::<usize>(),
+    });
+    println!("{result}");
+    Ok(())
+}

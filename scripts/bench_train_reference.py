@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""The training step `hicra bench-train` times, done with transformers + PEFT on the same
+libtorch (the PyPI torch 2.11 wheel): same model (the GGUF dequantized to f32), same LoRA
+(rank r, alpha 2r, q/k/v/o/gate/up/down), same synthetic batch (B sequences of P prompt + C
+completion tokens, ids from the same formula), same loss (token-level clipped surrogate against
+fixed sampling logprobs), AdamW, gradient clipping at 1.0. Prints one JSON line like hicra's.
+
+    .deps/venv/bin/python scripts/bench_train_reference.py --model-gguf .deps/models/smollm2-135m-instruct.gguf
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts" / "fixtures"))
+import make_parity_fixtures  # noqa: F401,E402  (side effect: torch importable without CUDA libraries)
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-gguf", default=str(ROOT / ".deps" / "models" / "smollm2-135m-instruct.gguf"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--completion-tokens", type=int, default=64)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    import os
+    torch.set_num_threads(args.threads or (os.cpu_count() or 1))
+    gguf = pathlib.Path(args.model_gguf).resolve()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    vocab = model.config.vocab_size
+    ident = lambda i: (i * 2654435761) % (vocab - 1) + 1  # noqa: E731  (same ids as hicra bench-train)
+    prompt = [ident(i) for i in range(args.prompt_tokens)]
+    rows = [prompt + [ident(10_000 + b * 1000 + t) for t in range(args.completion_tokens)] for b in range(args.batch)]
+    ids = torch.tensor(rows)
+    rewards = torch.tensor([float(b % 2) for b in range(args.batch)])
+    adv = ((rewards - rewards.mean()) / (rewards.std() + 1e-6)).unsqueeze(1).expand(-1, args.completion_tokens)
+    old = torch.full((args.batch, args.completion_tokens), -2.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+    def step():
+        logits = model(input_ids=ids).logits[:, args.prompt_tokens - 1 : -1].float()
+        new = torch.log_softmax(logits, -1).gather(-1, ids[:, args.prompt_tokens :].unsqueeze(-1)).squeeze(-1)
+        ratio = (new - old).exp()
+        loss = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv).sum() / adv.numel()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    step()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    step_s = (time.perf_counter() - started) / args.steps
+    tokens = args.batch * args.completion_tokens
+    print(json.dumps({
+        "engine": "transformers+peft", "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+        "completion_tokens": args.completion_tokens, "rank": args.rank, "step_seconds": step_s,
+        "trained_tokens_per_s": tokens / step_s,
+        "sequence_tokens_per_s": args.batch * (args.prompt_tokens + args.completion_tokens) / step_s,
+        "adapter_values": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
