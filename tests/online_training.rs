@@ -72,4 +72,8 @@ fn rewards_train_the_served_model_in_place() {
     assert_eq!(status, 400);
     let metrics = client.get(format!("{}/metrics", server.url)).send().expect("metrics").text().expect("text");
     assert!(metrics.contains("hicra_train_steps_total 2"), "{metrics}");
+    for gauge in ["hicra_train_accuracy", "hicra_train_semantic_entropy", "hicra_train_entropy_planning", "hicra_train_clip_fraction", "hicra_train_tokens_per_second"] {
+        assert!(metrics.contains(gauge), "{gauge} missing from /metrics");
+    }
+    assert!(reply["steps"][0]["semantic_entropy"].is_number(), "{reply}");
 }

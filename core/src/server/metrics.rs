@@ -59,7 +59,7 @@ pub struct ServerMetrics {
     /// Time from request arrival to the first generated token.
     pub time_to_first_token: Histogram,
     /// The last training step's report, as JSON fields.
-    last_step: Mutex<Option<crate::train::trainer::StepReport>>,
+    last_step: Mutex<Option<(crate::train::trainer::StepReport, crate::server::training::BatchStats)>>,
     /// Training steps run online.
     train_steps: AtomicU64,
 }
@@ -72,9 +72,9 @@ impl ServerMetrics {
     }
 
     /// Remembers a training step for `/metrics`.
-    pub fn record_step(&self, report: &crate::train::trainer::StepReport) {
+    pub fn record_step(&self, report: &crate::train::trainer::StepReport, batch: &crate::server::training::BatchStats) {
         self.train_steps.fetch_add(1, Ordering::Relaxed);
-        *self.last_step.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        *self.last_step.lock().unwrap_or_else(|p| p.into_inner()) = Some((report.clone(), batch.clone()));
     }
 
     /// The exposition text.
@@ -101,8 +101,12 @@ impl ServerMetrics {
         gauge(&mut out, "hicra_rollouts_stored", "Rollouts held in the store.", "gauge", rollouts.0 as f64);
         gauge(&mut out, "hicra_rollouts_evicted_total", "Rollouts evicted from the store.", "counter", rollouts.1 as f64);
         gauge(&mut out, "hicra_train_steps_total", "Online training steps run.", "counter", load(&self.train_steps));
-        if let Some(step) = self.last_step.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some((step, batch)) = self.last_step.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             for (name, help, value) in [
+                ("hicra_train_accuracy", "Share of the last step's rollouts with reward >= 1.", batch.accuracy),
+                ("hicra_train_semantic_entropy", "Entropy of the Strategic-Gram distribution in the last step's rollouts.", batch.semantic_entropy),
+                ("hicra_train_zero_variance_share", "Share of the last step's groups with equal rewards.", step.zero_variance_groups as f64 / step.groups.max(1) as f64),
+                ("hicra_train_response_length", "Mean completion length in the last step.", step.response_length),
                 ("hicra_train_policy_version", "Policy version after the last step.", step.policy_version as f64),
                 ("hicra_train_reward_mean", "Mean reward of the last step's rollouts.", step.reward_mean),
                 ("hicra_train_zero_variance_groups", "Equal-reward groups skipped in the last step.", step.zero_variance_groups as f64),

@@ -36,6 +36,20 @@ pub struct TrainingBuffer {
 struct BufferState {
     collecting: HashMap<String, Vec<Rollout>>,
     ready: Vec<RolloutGroup>,
+    /// Strategic-Gram occurrences and rewards of the completions in `ready`.
+    gram_counts: HashMap<String, usize>,
+    rewards: Vec<f32>,
+}
+
+/// What the completions of one training step looked like, beside the trainer's report.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BatchStats {
+    /// Share of completions with reward >= 1.
+    pub accuracy: f64,
+    /// Entropy of the Strategic-Gram distribution over the batch's completions.
+    pub semantic_entropy: f64,
+    /// Strategic-Gram occurrences in the batch.
+    pub strategic_grams: usize,
 }
 
 impl TrainingBuffer {
@@ -46,7 +60,7 @@ impl TrainingBuffer {
 
     /// Adds a rewarded rollout; returns whether its group completed, and the groups of a full
     /// step when one is ready.
-    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<Vec<RolloutGroup>>) {
+    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<(Vec<RolloutGroup>, BatchStats)>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let expected = if named_group { self.group_size } else { rollout.group_size };
         let key = rollout.group.clone();
@@ -57,10 +71,23 @@ impl TrainingBuffer {
             return (false, None);
         }
         let members = state.collecting.remove(&key).unwrap_or_default();
+        for member in &members {
+            for m in self.grams.find(&member.token_texts.concat()) {
+                *state.gram_counts.entry(m.phrase).or_default() += 1;
+            }
+            state.rewards.push(member.reward.unwrap_or(0.0));
+        }
         let group = self.to_group(members);
         state.ready.push(group);
         if state.ready.len() >= self.groups_per_step {
-            return (true, Some(std::mem::take(&mut state.ready)));
+            let stats = BatchStats {
+                accuracy: state.rewards.iter().filter(|&&r| r >= 1.0).count() as f64 / state.rewards.len().max(1) as f64,
+                semantic_entropy: crate::train::planning::semantic_entropy(state.gram_counts.values()),
+                strategic_grams: state.gram_counts.values().sum(),
+            };
+            state.gram_counts.clear();
+            state.rewards.clear();
+            return (true, Some((std::mem::take(&mut state.ready), stats)));
         }
         (true, None)
     }
@@ -130,10 +157,14 @@ async fn reward_many(state: AppState, entries: Vec<BatchEntry>) -> Result<Json<V
         let Some(rollout) = state.rollouts.set_reward(&entry.rollout_id, entry.reward as f32, entry.group_id) else { continue };
         let (group_done, ready) = buffer.add(rollout, named);
         completed += group_done as usize;
-        if let Some(groups) = ready {
+        if let Some((groups, batch)) = ready {
             let report = state.engine.train(groups).await.map_err(ApiError::Internal)?;
-            state.metrics.record_step(&report);
-            steps.push(report);
+            state.metrics.record_step(&report, &batch);
+            let mut entry = serde_json::to_value(&report).unwrap_or_default();
+            if let (Some(object), Ok(Value::Object(extra))) = (entry.as_object_mut(), serde_json::to_value(&batch)) {
+                object.extend(extra);
+            }
+            steps.push(entry);
         }
     }
     Ok(Json(json!({

@@ -147,6 +147,17 @@ impl StrategicGrams {
     }
 }
 
+/// Shannon entropy (nats) of the frequency distribution of Strategic Grams over a batch of
+/// generations: the paper's "semantic entropy"; rising means more diverse strategies.
+pub fn semantic_entropy<'a>(counts: impl IntoIterator<Item = &'a usize>) -> f64 {
+    let counts: Vec<f64> = counts.into_iter().map(|&c| c as f64).filter(|&c| c > 0.0).collect();
+    let total: f64 = counts.iter().sum();
+    if total == 0.0 {
+        return 0.0;
+    }
+    counts.iter().map(|c| -(c / total) * (c / total).ln()).sum()
+}
+
 /// Byte spans of each piece within the concatenation of `pieces` (for callers that decode
 /// tokens one at a time, e.g. incremental detokenisation, and match on the joined text).
 pub fn spans_from_pieces(pieces: &[&str]) -> Vec<(usize, usize)> {
@@ -308,5 +319,15 @@ mod tests {
         assert!(set.find("").is_empty());
         assert!(set.token_mask("", &[]).is_empty());
         assert!(spans_from_pieces(&[]).is_empty());
+    }
+
+    #[test]
+    fn semantic_entropy_of_sg_frequencies() {
+        assert_eq!(semantic_entropy(&[]), 0.0);
+        assert_eq!(semantic_entropy(&[5]), 0.0);
+        assert!((semantic_entropy(&[3, 3]) - std::f64::consts::LN_2).abs() < 1e-12);
+        // p = (1/4, 3/4): -(0.25 ln 0.25 + 0.75 ln 0.75)
+        let expected = -(0.25f64 * 0.25f64.ln() + 0.75 * 0.75f64.ln());
+        assert!((semantic_entropy(&[1, 3, 0]) - expected).abs() < 1e-12);
     }
 }

@@ -351,13 +351,7 @@ impl Run {
         }
         let train = self.trainer.step(&self.loaded.model, &groups)?;
         let occurrences: usize = gram_counts.values().sum();
-        let semantic_entropy = gram_counts
-            .values()
-            .map(|&c| {
-                let p = c as f64 / occurrences.max(1) as f64;
-                -p * p.ln()
-            })
-            .sum();
+        let semantic_entropy = super::planning::semantic_entropy(gram_counts.values());
         let evaluate = (self.config.eval_every > 0 && (step + 1) % self.config.eval_every == 0) || step + 1 == self.config.steps;
         let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
         Ok(StepMetrics { train, accuracy: correct as f64 / total.max(1) as f64, semantic_entropy, strategic_grams: occurrences, eval_pass1, eval_pass_k, sample_seconds })
