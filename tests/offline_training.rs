@@ -77,6 +77,22 @@ fn two_steps_resume_two_steps_equals_four_steps() {
     assert!(tensors.iter().any(|(n, _)| n == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
     let leftovers: Vec<_> = std::fs::read_dir(&straight).expect("dir").filter_map(Result::ok).map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains(".tmp-")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A fresh model with the checkpoint applied (as `--adapter` does) serves what the trained
+    // model serves.
+    let mut reloaded = load(&config(straight.clone(), 4).model, &LoadOptions::cpu()).expect("load");
+    let lora = hicra_core::model::lora::load_peft(&mut reloaded.model, &checkpoint).expect("load PEFT adapter");
+    assert_eq!(lora.rank, 4);
+    let mut trained = load(&config(straight.clone(), 4).model, &LoadOptions::cpu()).expect("load");
+    hicra_core::model::lora::attach(&mut trained.model, &lora).expect("attach");
+    hicra_core::model::lora::load_parameters(&mut trained.model, &four).expect("params");
+    let (prompt, completion) = ([5u32, 17, 99, 3], [7u32, 8, 9, 10, 11]);
+    let a = hicra_core::engine::score_completions(&reloaded.model, &[(&prompt, &completion)], 1.0, true).expect("score");
+    let b = hicra_core::engine::score_completions(&trained.model, &[(&prompt, &completion)], 1.0, true).expect("score");
+    let base = hicra_core::engine::score_completions(&trained.model, &[(&prompt, &completion)], 1.0, false).expect("score");
+    assert_eq!(a, b);
+    assert_ne!(a, base, "the adapter must change what is served");
+    eprintln!("checkpoint kept for inspection: {}\nhicra adapter logprobs {a:?}\nhicra base logprobs {base:?}", checkpoint.display());
+
     let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).expect("metrics");
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
     assert_eq!(lines.len(), 4);

@@ -56,6 +56,9 @@ pub struct ModelArgs {
     /// Context limit in tokens (prompt + completion), capped by the model's own.
     #[arg(long, default_value_t = 4096)]
     pub max_context: usize,
+    /// A PEFT LoRA adapter directory to apply (e.g. a `hicra train` checkpoint).
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -65,7 +68,11 @@ impl ModelArgs {
         let dtype = self.dtype.unwrap_or_else(|| DType::default_for(device));
         let options = LoadOptions { device, dtype, max_context: self.max_context };
         let started = std::time::Instant::now();
-        let loaded = model::load(&self.model, &options)?;
+        let mut loaded = model::load(&self.model, &options)?;
+        if let Some(dir) = &self.adapter {
+            let lora = model::lora::load_peft(&mut loaded.model, dir)?;
+            tracing::info!(adapter = %dir.display(), rank = lora.rank, "LoRA adapter applied");
+        }
         tracing::info!(model = %loaded.name, ?device, ?dtype, secs = started.elapsed().as_secs_f32(), "model loaded");
         Ok(loaded)
     }

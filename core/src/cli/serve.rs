@@ -63,6 +63,9 @@ pub(crate) struct ServeArgs {
     /// Completion length when a request sets none [default: 2048].
     #[arg(long)]
     default_max_tokens: Option<usize>,
+    /// A PEFT LoRA adapter directory to serve (not combinable with --train).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Train LoRA adapters online from rewards posted to /v1/rollouts/{id}/reward.
     #[arg(long)]
     #[serde(default)]
@@ -99,6 +102,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             rollout_capacity: self.rollout_capacity.or(file.rollout_capacity),
             default_max_tokens: self.default_max_tokens.or(file.default_max_tokens),
+            adapter: self.adapter.or(file.adapter),
             train: self.train || file.train,
             train_config: self.train_config.or(file.train_config),
             groups_per_step: self.groups_per_step.or(file.groups_per_step),
@@ -113,13 +117,17 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device: DeviceChoice = args.device.as_deref().unwrap_or("auto").parse()?;
     let dtype = args.dtype.as_deref().map(str::parse::<DType>).transpose().map_err(anyhow::Error::msg)?;
     let max_context = args.max_context.unwrap_or(2048);
-    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context };
+    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter: args.adapter.clone() };
     let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let addr: SocketAddr = format!("{host}:{}", args.port.unwrap_or(8000))
         .parse()
         .or_else(|_| format!("[{host}]:{}", args.port.unwrap_or(8000)).parse())
         .with_context(|| format!("invalid --host '{host}'"))?;
-    let training = if args.train || args.train_config.is_some() {
+    let training_requested = args.train || args.train_config.is_some();
+    if training_requested && args.adapter.is_some() {
+        anyhow::bail!("--adapter and --train cannot be combined yet: online training starts from fresh adapters");
+    }
+    let training = if training_requested {
         Some(match &args.train_config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

@@ -33,7 +33,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(steps) = args.steps {
         config.steps = steps;
     }
-    let model = ModelArgs { model: config.model.clone(), device: args.device, dtype: None, max_context: 4096 }.load()?;
+    let model = ModelArgs { model: config.model.clone(), device: args.device, dtype: None, max_context: 4096, adapter: None }.load()?;
     let steps = config.steps;
     let mut run = Run::new(config, model)?;
     let start = if args.resume { run.resume().context("--resume")? } else { 0 };

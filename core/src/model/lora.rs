@@ -128,6 +128,41 @@ pub fn parameter_count(model: &mut Transformer) -> usize {
     parameters(model).iter().map(|(_, t)| t.numel()).sum()
 }
 
+/// Attaches the adapters of a PEFT LoRA checkpoint directory (`adapter_config.json` +
+/// `adapter_model.safetensors`, as hicra's checkpoints and PEFT's `save_pretrained` write
+/// them) to `model`; returns their configuration.
+pub fn load_peft(model: &mut Transformer, dir: &std::path::Path) -> Result<LoraConfig, ModelError> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|source| ModelError::Io { path: config_path.clone(), source })?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|source| ModelError::InvalidJson { path: config_path.clone(), source })?;
+    let bad = |what: &str| ModelError::InvalidConfig(format!("{}: {what}", config_path.display()));
+    if raw.get("peft_type").and_then(|v| v.as_str()).is_some_and(|t| t != "LORA") {
+        return Err(bad("peft_type is not LORA"));
+    }
+    if raw.get("use_dora").and_then(|v| v.as_bool()) == Some(true) || raw.get("use_rslora").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(bad("DoRA and rsLoRA adapters are not supported"));
+    }
+    let rank = raw.get("r").and_then(|v| v.as_u64()).ok_or_else(|| bad("missing 'r'"))? as usize;
+    let targets = match raw.get("target_modules") {
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        Some(serde_json::Value::String(one)) => vec![one.clone()],
+        _ => return Err(bad("missing 'target_modules'")),
+    };
+    let config = LoraConfig {
+        rank,
+        alpha: raw.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(rank as f64),
+        dropout: raw.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        target_modules: targets,
+        seed: 0,
+    };
+    attach(model, &config)?;
+    let weights_path = dir.join("adapter_model.safetensors");
+    let tensors = Tensor::read_safetensors(&weights_path)
+        .map_err(|e| ModelError::Safetensors { path: weights_path.clone(), message: e.to_string() })?;
+    load_parameters(model, &tensors)?;
+    Ok(config)
+}
+
 /// Places `tensors` (PEFT names, as [`parameters`] lists them) into the model's adapters.
 pub fn load_parameters(model: &mut Transformer, tensors: &[(String, Tensor)]) -> Result<(), ModelError> {
     let ours = parameters(model);
