@@ -14,6 +14,8 @@ fn config(output_dir: PathBuf, steps: u64) -> RunConfig {
     let mut trainer = TrainerConfig::default();
     trainer.optim.lr = 1e-2;
     trainer.lora.rank = 4;
+    // Dropout draws from libtorch's generator: resume must reproduce those draws too.
+    trainer.lora.dropout = 0.1;
     RunConfig {
         model: model.to_string_lossy().into_owned(),
         steps,
@@ -46,6 +48,13 @@ fn run(config: RunConfig, resume: bool) -> Vec<(String, Tensor)> {
     run.trainer().parameters().iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect()
 }
 
+/// libtorch's random generator (LoRA init, dropout) is process-wide: tests in this binary
+/// take turns so each run's draws are its own.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn scratch(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hicra-offline-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -54,6 +63,7 @@ fn scratch(tag: &str) -> PathBuf {
 
 #[test]
 fn two_steps_resume_two_steps_equals_four_steps() {
+    let _turn = serial();
     let straight = scratch("straight");
     let four = run(config(straight.clone(), 4), false);
 
@@ -98,4 +108,23 @@ fn two_steps_resume_two_steps_equals_four_steps() {
     assert_eq!(lines.len(), 4);
     assert!(lines.iter().all(|l| l["reward_mean"].is_number() && l["semantic_entropy"].is_number() && l["clip_fraction"].is_number()));
     assert!(lines[3]["eval_pass1"].is_number() && lines[3]["eval_pass_k"].is_number());
+}
+
+#[test]
+fn resume_continues_after_steps_that_did_not_update() {
+    let _turn = serial();
+    let dir = scratch("flat");
+    let start = |steps: u64, resume: bool| {
+        let config = config(dir.clone(), steps);
+        let loaded = load(&config.model, &LoadOptions::cpu()).expect("tiny model loads");
+        let mut run = Run::new(config, loaded).expect("run set up");
+        run.set_reward_fn(|_, _| 0.0);
+        let from = if resume { run.resume().expect("resume") } else { 0 };
+        (from, run.run(from, |_| {}).expect("run"))
+    };
+    let (_, first) = start(2, false);
+    assert!(first.iter().all(|m| !m.train.updated), "equal rewards must not update");
+    let (from, second) = start(3, true);
+    assert_eq!(from, 2, "resume continues at the next loop step, not at the optimizer step");
+    assert_eq!(second.iter().map(|m| m.run_step).collect::<Vec<_>>(), vec![2]);
 }

@@ -10,6 +10,13 @@ use hicra_core::train::loss::{self, LossConfig, TrainSample};
 use hicra_core::train::optimizer::OptimConfig;
 use hicra_core::train::trainer::{GroupMember, RolloutGroup, Trainer, TrainerConfig};
 
+/// libtorch's random generator (LoRA init) is process-wide: tests take turns so each test's
+/// draws, and so its outcome, are reproducible.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn tiny_model() -> Transformer {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama");
     load_decoder(&ModelSource::HfFolder(dir), &LoadOptions::cpu()).expect("tiny llama fixture loads")
@@ -71,6 +78,7 @@ fn group(samples: Vec<(Vec<u32>, Vec<f32>)>) -> RolloutGroup {
 
 #[test]
 fn zero_initialised_lora_serves_base_logprobs_and_a_step_changes_only_the_adapters() {
+    let _turn = serial();
     let mut model = tiny_model();
     let completion: Vec<u32> = vec![7, 8, 9, 10, 11, 12];
     let before_base = score_completions(&model, &[(&PROMPT, &completion)], 1.0, false).expect("score").remove(0);
@@ -89,6 +97,7 @@ fn zero_initialised_lora_serves_base_logprobs_and_a_step_changes_only_the_adapte
 
 #[test]
 fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
+    let _turn = serial();
     let mut model = tiny_model();
     let mut trainer = Trainer::new(&mut model, config(CreditScheme::default(), 1e-2)).expect("attach");
     // Make B non-zero so the adapters matter, then check sampler and trainer agree exactly.
@@ -111,6 +120,7 @@ fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
 
 #[test]
 fn loss_gradient_matches_finite_differences() {
+    let _turn = serial();
     let mut model = tiny_model();
     let mut trainer = Trainer::new(&mut model, config(CreditScheme::Grpo { scale_by_std: false }, 1e-2)).expect("attach");
     trainer.step(&model, &[group(sample_group(&model, 8, 6, 4))]).expect("step makes B non-zero");
@@ -152,6 +162,7 @@ fn learn(credit: CreditScheme) -> (f32, f32) {
 
 #[test]
 fn reward_rises_under_grpo_hicra_and_entropy_gated_hicra() {
+    let _turn = serial();
     for credit in [
         CreditScheme::Grpo { scale_by_std: true },
         CreditScheme::default(),
@@ -165,6 +176,7 @@ fn reward_rises_under_grpo_hicra_and_entropy_gated_hicra() {
 
 #[test]
 fn kl_to_the_base_policy_is_zero_before_training_and_positive_after() {
+    let _turn = serial();
     let mut model = tiny_model();
     let mut trainer = Trainer::new(&mut model, config(CreditScheme::default(), 2e-2)).expect("attach");
     let samples = |model: &Transformer| -> Vec<TrainSample> {

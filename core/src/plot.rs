@@ -60,7 +60,9 @@ pub fn read_series(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>, Plo
         let Some(object) = value.as_object() else {
             return Err(PlotError::BadLine { path: path.to_path_buf(), line: i + 1, message: "not an object".into() });
         };
-        let step = object.get("step").and_then(|s| s.as_f64()).unwrap_or(i as f64);
+        // `run_step` counts loop steps (`step` counts optimizer updates, which skip
+        // equal-reward batches); older files have only `step`.
+        let step = object.get("run_step").or_else(|| object.get("step")).and_then(|s| s.as_f64()).unwrap_or(i as f64);
         for (key, v) in object {
             if let Some(x) = v.as_f64().filter(|x| x.is_finite()) {
                 series.entry(key.clone()).or_default().push((step, x));

@@ -142,6 +142,8 @@ pub enum RunError {
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepMetrics {
+    /// Loop step (0-based); `step` (from the trainer) counts optimizer updates.
+    pub run_step: u64,
     /// The trainer's report.
     #[serde(flatten)]
     pub train: StepReport,
@@ -252,10 +254,11 @@ impl Run {
         self.config.output_dir.join("checkpoint")
     }
 
-    /// Restores the last checkpoint; returns the step to continue from.
+    /// Restores the last checkpoint; returns the loop step to continue from (steps whose
+    /// groups all had equal rewards advance the loop but not the optimizer).
     pub fn resume(&mut self) -> Result<u64, RunError> {
         let restored = checkpoint::load(&self.checkpoint_dir(), &mut self.trainer)?;
-        Ok(restored.step)
+        Ok(restored.extra.get("next_step").and_then(|v| v.as_u64()).unwrap_or(restored.step))
     }
 
     /// The trainer (for tests and tools).
@@ -320,6 +323,9 @@ impl Run {
     }
 
     fn step(&mut self, step: u64) -> Result<StepMetrics, RunError> {
+        // libtorch's generator drives LoRA dropout; seeding it from (seed, step) makes a resumed
+        // run draw what an uninterrupted one draws, with nothing extra in the checkpoint.
+        tch::manual_seed((self.config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
         let n = self.config.prompts_per_step;
         let batch: Vec<&Example> = (0..n).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
         let started = Instant::now();
@@ -354,7 +360,7 @@ impl Run {
         let semantic_entropy = super::planning::semantic_entropy(gram_counts.values());
         let evaluate = (self.config.eval_every > 0 && (step + 1) % self.config.eval_every == 0) || step + 1 == self.config.steps;
         let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
-        Ok(StepMetrics { train, accuracy: correct as f64 / total.max(1) as f64, semantic_entropy, strategic_grams: occurrences, eval_pass1, eval_pass_k, sample_seconds })
+        Ok(StepMetrics { run_step: step, train, accuracy: correct as f64 / total.max(1) as f64, semantic_entropy, strategic_grams: occurrences, eval_pass1, eval_pass_k, sample_seconds })
     }
 
     /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts.
