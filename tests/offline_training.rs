@@ -128,3 +128,18 @@ fn resume_continues_after_steps_that_did_not_update() {
     assert_eq!(from, 2, "resume continues at the next loop step, not at the optimizer step");
     assert_eq!(second.iter().map(|m| m.run_step).collect::<Vec<_>>(), vec![2]);
 }
+
+#[test]
+fn equal_reward_groups_are_resampled_when_configured() {
+    let _turn = serial();
+    let mut config = config(scratch("resample"), 1);
+    config.resample_equal_groups = 2;
+    let loaded = load(&config.model, &LoadOptions::cpu()).expect("tiny model loads");
+    let mut run = Run::new(config, loaded).expect("run set up");
+    run.set_reward_fn(|_, _| 1.0);
+    let metrics = run.run(0, |_| {}).expect("run");
+    // Two prompts, both groups flat on every draw: each is drawn again twice, then skipped.
+    assert_eq!(metrics[0].resampled_groups, 4);
+    assert!(!metrics[0].train.updated);
+    assert_eq!(metrics[0].train.zero_variance_groups, 2);
+}

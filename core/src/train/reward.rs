@@ -92,6 +92,15 @@ pub fn math_reward(completion: &str, reference: &str) -> f32 {
     }
 }
 
+/// 1.0 if `pattern` matches anywhere in the completion, else 0.0.
+pub fn regex_reward(completion: &str, pattern: &regex::Regex) -> f32 {
+    if pattern.is_match(completion) {
+        1.0
+    } else {
+        0.0
+    }
+}
+
 /// 1.0 when the whole completion equals `expected` after trimming and collapsing every run of
 /// whitespace to one space (and folding case unless `case_sensitive`), else 0.0.
 ///

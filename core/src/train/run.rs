@@ -6,6 +6,7 @@
 //! PPO "old" policy. Sampling seeds derive from `(seed, step, prompt, sample)`, so a resumed
 //! run repeats exactly what an uninterrupted one does.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,6 +33,8 @@ pub enum RewardKind {
     MathLastNumber,
     /// The whole completion must equal the reference (whitespace-normalised).
     ExactMatch,
+    /// The completion must contain a match of `reward_pattern` (a regular expression).
+    Regex,
 }
 
 /// A training run.
@@ -70,6 +73,10 @@ pub struct RunConfig {
     pub eval_samples: usize,
     /// Scoring.
     pub reward: RewardKind,
+    /// For `reward = "regex"`: the pattern a completion must contain to score 1.
+    pub reward_pattern: Option<String>,
+    /// Draw a group again (up to this many times) when all its rewards are equal (0: skip it).
+    pub resample_equal_groups: usize,
     /// Strategic-Gram phrase file (one per line); the paper's list when absent.
     pub strategic_grams: Option<PathBuf>,
     /// Where metrics and checkpoints go.
@@ -99,6 +106,8 @@ impl Default for RunConfig {
             eval_prompts: 16,
             eval_samples: 4,
             reward: RewardKind::default(),
+            reward_pattern: None,
+            resample_equal_groups: 0,
             strategic_grams: None,
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 0,
@@ -153,6 +162,8 @@ pub struct StepMetrics {
     pub semantic_entropy: f64,
     /// Strategic-Gram occurrences in this batch.
     pub strategic_grams: usize,
+    /// Groups drawn again because their rewards were all equal.
+    pub resampled_groups: usize,
     /// Held-out pass@1 when evaluated this step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_pass1: Option<f64>,
@@ -163,8 +174,9 @@ pub struct StepMetrics {
     pub sample_seconds: f64,
 }
 
-/// Scores one completion.
-pub fn score(kind: RewardKind, completion: &str, answer: &str) -> f32 {
+/// Scores one completion with a built-in verifier. `Regex` needs the pattern `Run::new`
+/// compiles, so [`Run`] dispatches it before calling this; here it never matches.
+pub(crate) fn score(kind: RewardKind, completion: &str, answer: &str) -> f32 {
     match kind {
         RewardKind::Math => reward::math_reward(completion, answer),
         RewardKind::MathLastNumber if reward::extract_answer(completion).is_some() => reward::math_reward(completion, answer),
@@ -173,6 +185,7 @@ pub fn score(kind: RewardKind, completion: &str, answer: &str) -> f32 {
             None => 0.0,
         },
         RewardKind::ExactMatch => reward::exact_match_reward(completion, answer, true),
+        RewardKind::Regex => 0.0,
     }
 }
 
@@ -208,6 +221,8 @@ pub struct Run {
     metrics_path: PathBuf,
     /// Replaces `config.reward` when set (library users with their own verifier).
     custom_reward: Option<Box<dyn Fn(&str, &str) -> f32>>,
+    /// The compiled `reward_pattern` for `reward = "regex"`.
+    pattern: Option<regex::Regex>,
 }
 
 impl Run {
@@ -231,10 +246,15 @@ impl Run {
             }
             None => StrategicGrams::paper(),
         };
+        let pattern = match (config.reward, &config.reward_pattern) {
+            (RewardKind::Regex, Some(p)) => Some(regex::Regex::new(p).map_err(|e| RunError::Config(format!("reward_pattern: {e}")))?),
+            (RewardKind::Regex, None) => return Err(RunError::Config("reward = \"regex\" needs reward_pattern".into())),
+            _ => None,
+        };
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None })
+        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern })
     }
 
     /// Scores completions with `reward(completion, answer)` instead of the configured kind.
@@ -243,9 +263,10 @@ impl Run {
     }
 
     fn reward(&self, completion: &str, answer: &str) -> f32 {
-        match &self.custom_reward {
-            Some(f) => f(completion, answer),
-            None => score(self.config.reward, completion, answer),
+        match (&self.custom_reward, &self.pattern) {
+            (Some(f), _) => f(completion, answer),
+            (None, Some(pattern)) => reward::regex_reward(completion, pattern),
+            (None, None) => score(self.config.reward, completion, answer),
         }
     }
 
@@ -322,6 +343,26 @@ impl Run {
         Ok(all)
     }
 
+    /// Rewards and planning masks of one prompt's completions.
+    fn score_group(&self, example: &Example, generations: Vec<Generation>, grams: &mut HashMap<String, usize>) -> Vec<GroupMember> {
+        generations
+            .into_iter()
+            .map(|generation| {
+                let pieces: Vec<&str> = generation.tokens.iter().map(|t| t.text.as_str()).collect();
+                let text: String = pieces.concat();
+                for m in self.grams.find(&text) {
+                    *grams.entry(m.phrase).or_default() += 1;
+                }
+                GroupMember {
+                    reward: self.reward(&generation.text, &example.answer),
+                    planning_mask: self.grams.token_mask(&text, &spans_from_pieces(&pieces)),
+                    completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
+                    logprobs: generation.tokens.iter().map(|t| t.logprob).collect(),
+                }
+            })
+            .collect()
+    }
+
     fn step(&mut self, step: u64) -> Result<StepMetrics, RunError> {
         // libtorch's generator drives LoRA dropout; seeding it from (seed, step) makes a resumed
         // run draw what an uninterrupted one draws, with nothing extra in the checkpoint.
@@ -330,37 +371,39 @@ impl Run {
         let batch: Vec<&Example> = (0..n).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
         let started = Instant::now();
         let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
-        let sample_seconds = started.elapsed().as_secs_f64();
+        let mut grams: HashMap<String, usize> = HashMap::new();
         let mut groups = Vec::new();
-        let (mut correct, mut total) = (0usize, 0usize);
-        let mut gram_counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-        for (example, (prompt_ids, generations)) in batch.iter().zip(sampled) {
-            let mut members = Vec::new();
-            for generation in generations {
-                let reward = self.reward(&generation.text, &example.answer);
-                correct += (reward >= 1.0) as usize;
-                total += 1;
-                let pieces: Vec<&str> = generation.tokens.iter().map(|t| t.text.as_str()).collect();
-                let text: String = pieces.concat();
-                let planning_mask = self.grams.token_mask(&text, &spans_from_pieces(&pieces));
-                for m in self.grams.find(&text) {
-                    *gram_counts.entry(m.phrase).or_default() += 1;
+        let mut resampled = 0;
+        for (p, (example, (prompt_ids, generations))) in batch.iter().zip(sampled).enumerate() {
+            let mut members = self.score_group(example, generations, &mut grams);
+            // Equal rewards carry no GRPO signal: draw the group again, a bounded number of times.
+            for attempt in 1..=self.config.resample_equal_groups {
+                if members.windows(2).all(|w| w[0].reward == w[1].reward) {
+                    let tag = step ^ ((attempt as u64) << 40) ^ ((p as u64) << 48);
+                    let again = self.sample(&[*example], self.config.group_size, tag, self.config.temperature)?;
+                    let generations = again.into_iter().next().map(|(_, g)| g).unwrap_or_default();
+                    members = self.score_group(example, generations, &mut grams);
+                    resampled += 1;
                 }
-                members.push(GroupMember {
-                    completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
-                    logprobs: generation.tokens.iter().map(|t| t.logprob).collect(),
-                    reward,
-                    planning_mask,
-                });
             }
             groups.push(RolloutGroup { prompt_ids, temperature: self.config.temperature, members });
         }
+        let sample_seconds = started.elapsed().as_secs_f64();
+        let rewards: Vec<f32> = groups.iter().flat_map(|g| g.members.iter().map(|m| m.reward)).collect();
         let train = self.trainer.step(&self.loaded.model, &groups)?;
-        let occurrences: usize = gram_counts.values().sum();
-        let semantic_entropy = super::planning::semantic_entropy(gram_counts.values());
         let evaluate = (self.config.eval_every > 0 && (step + 1) % self.config.eval_every == 0) || step + 1 == self.config.steps;
         let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
-        Ok(StepMetrics { run_step: step, train, accuracy: correct as f64 / total.max(1) as f64, semantic_entropy, strategic_grams: occurrences, eval_pass1, eval_pass_k, sample_seconds })
+        Ok(StepMetrics {
+            run_step: step,
+            train,
+            accuracy: rewards.iter().filter(|&&r| r >= 1.0).count() as f64 / rewards.len().max(1) as f64,
+            semantic_entropy: super::planning::semantic_entropy(grams.values()),
+            strategic_grams: grams.values().sum(),
+            resampled_groups: resampled,
+            eval_pass1,
+            eval_pass_k,
+            sample_seconds,
+        })
     }
 
     /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts.
@@ -392,5 +435,8 @@ mod tests {
         assert_eq!(score(RewardKind::MathLastNumber, "It is 7", "7"), 1.0);
         assert_eq!(score(RewardKind::Math, "It is 7", "7"), 0.0);
         assert_eq!(score(RewardKind::Math, "#### 7", "7"), 1.0);
+        let pattern = regex::Regex::new(r"\bParis\b").expect("valid pattern");
+        assert_eq!(reward::regex_reward("It is Paris.", &pattern), 1.0);
+        assert_eq!(reward::regex_reward("Parisian", &pattern), 0.0);
     }
 }
