@@ -46,7 +46,22 @@ fn rewards_train_the_served_model_in_place() {
         assert_eq!(status, 200, "{reply}");
         assert_eq!(reply["steps"].as_array().map(Vec::len), Some(0), "group incomplete: no step yet");
     }
-    let (status, reply) = post(&client, &format!("{}/v1/rewards", server.url), json!({"rewards": [{"rollout_id": ids[3], "reward": 1.0}]}));
+    // The last reward triggers the step; requests sent meanwhile must still succeed.
+    let chat_url = format!("{}/v1/chat/completions", server.url);
+    let (status, reply) = std::thread::scope(|scope| {
+        let during: Vec<_> = (0..3)
+            .map(|i| {
+                let url = chat_url.clone();
+                scope.spawn(move || post(&Client::new(), &url, json!({"model": "model", "messages": [{"role": "user", "content": format!("q{i}")}], "max_tokens": 16})))
+            })
+            .collect();
+        let stepped = post(&client, &format!("{}/v1/rewards", server.url), json!({"rewards": [{"rollout_id": ids[3], "reward": 1.0}]}));
+        for handle in during {
+            let (status, body) = handle.join().expect("thread");
+            assert_eq!(status, 200, "a request failed while training: {body}");
+        }
+        stepped
+    });
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["steps"][0]["updated"], true, "{reply}");
     assert_eq!(reply["policy_version"], 1);
