@@ -11,6 +11,7 @@
 //! - [`engine`]: KV cache, on-device sampler, batched generation, teacher-forced scoring.
 //! - [`server`]: the OpenAI-compatible HTTP API in front of the engine thread.
 //! - [`train`]: in-place LoRA training with GRPO/HICRA; [`plot`]: PNG curves of its metrics.
+//! - [`plugins`]: loading reward plugins built against `hicra-sdk`, with guards.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
 
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod device;
 pub mod engine;
 pub mod model;
 pub mod plot;
+pub mod plugins;
 pub mod server;
 pub mod tokenizer;
 pub mod train;

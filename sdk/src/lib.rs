@@ -1,0 +1,255 @@
+//! hicra-sdk: write hicra plugins in ordinary safe Rust, load them into a running server.
+//!
+//! A plugin is a `cdylib` crate that depends on this crate only. It implements one of the
+//! plugin traits ([`RewardPlugin`] today) and exports it with one macro:
+//!
+//! ```
+//! use hicra_sdk::{export_reward_plugin, RewardItem, RewardPlugin, RewardScore};
+//!
+//! #[derive(Default)]
+//! struct Shouty;
+//!
+//! impl RewardPlugin for Shouty {
+//!     const NAME: &'static str = "shouty";
+//!     const VERSION: &'static str = "1.0.0";
+//!     fn configure(&mut self, _config: &serde_json::Value) -> Result<(), String> {
+//!         Ok(())
+//!     }
+//!     fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
+//!         items.iter().map(|item| Ok(RewardScore::new(item.completion.contains('!') as u8 as f32))).collect()
+//!     }
+//! }
+//!
+//! export_reward_plugin!(Shouty);
+//! # fn main() {}
+//! ```
+//!
+//! What crosses the boundary is plain data (`RString`, `RVec`, `f32`, JSON text), in batches.
+//! The host checks the ABI layout and this crate's version (abi_stable's checks) before any
+//! call; a panic inside a plugin is caught by the exported functions and becomes an error, so
+//! nothing unwinds across the FFI.
+//!
+//! ABI evolution rule: [`PluginMod`] is a prefix type. Fields may only be appended after the
+//! one marked `last_prefix_field`, and the marker moves only with a major version bump of
+//! this crate; a host reading an older plugin sees the appended fields as missing.
+
+#![warn(missing_docs)]
+
+pub use abi_stable;
+use abi_stable::library::RootModule;
+use abi_stable::sabi_types::VersionStrings;
+use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec, Tuple2};
+use abi_stable::{declare_root_module_statics, package_version_strings, StableAbi};
+pub use serde_json;
+
+/// The ABI revision this crate defines; the host refuses other values.
+pub const ABI_VERSION: u32 = 1;
+
+/// What a plugin does.
+#[repr(u8)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Scores completions.
+    Reward,
+    /// Marks planning tokens (reserved for a later ABI field).
+    SgDetector,
+    /// Turns rewards into per-token advantages (reserved for a later ABI field).
+    Credit,
+}
+
+/// One completion to score.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default)]
+pub struct RewardItem {
+    /// The prompt as text (chat-templated for chat requests).
+    pub prompt: RString,
+    /// The completion as returned to the client.
+    pub completion: RString,
+    /// The completion's exact token ids.
+    pub token_ids: RVec<u32>,
+    /// Metadata from the dataset row or the request, as JSON text (`{}` when none).
+    pub metadata_json: RString,
+}
+
+impl RewardItem {
+    /// The metadata parsed as JSON (`Null` if it is not valid JSON).
+    pub fn metadata(&self) -> serde_json::Value {
+        serde_json::from_str(self.metadata_json.as_str()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A plugin's verdict on one completion.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq)]
+pub struct RewardScore {
+    /// The reward; must be finite.
+    pub score: f32,
+    /// Named parts of the score, for metrics.
+    pub subscores: RVec<Tuple2<RString, f32>>,
+    /// A human-readable explanation.
+    pub message: RString,
+}
+
+impl RewardScore {
+    /// A score with no parts and no message.
+    pub fn new(score: f32) -> Self {
+        Self { score, ..Self::default() }
+    }
+}
+
+/// Name, kind and version of a plugin.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct PluginInfo {
+    /// The plugin's name.
+    pub name: RString,
+    /// What it does.
+    pub kind: PluginKind,
+    /// The plugin's own version.
+    pub version: RString,
+}
+
+/// Per-item result of a batch call.
+pub type ItemResult = RResult<RewardScore, RString>;
+
+/// The root module every plugin exports (a versioned prefix type; see the crate docs).
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginMod {
+    /// [`ABI_VERSION`] as the plugin was built.
+    pub abi_version: extern "C" fn() -> u32,
+    /// Name, kind, version.
+    pub info: extern "C" fn() -> PluginInfo,
+    /// Applies the plugin's configuration (a JSON object from the server's TOML).
+    pub configure: extern "C" fn(RStr<'_>) -> RResult<(), RString>,
+    /// Scores a batch: one result per item, or an error for the whole batch.
+    #[sabi(last_prefix_field)]
+    pub score_batch: extern "C" fn(RSlice<'_, RewardItem>) -> RResult<RVec<ItemResult>, RString>,
+}
+
+impl RootModule for PluginModRef {
+    declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "hicra_plugin";
+    const NAME: &'static str = "hicra_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+/// A reward function. Implement it, then [`export_reward_plugin!`] the type.
+pub trait RewardPlugin: Default + Send + 'static {
+    /// The plugin's name.
+    const NAME: &'static str;
+    /// The plugin's version.
+    const VERSION: &'static str;
+    /// Checks and applies its configuration; an error refuses the load.
+    fn configure(&mut self, config: &serde_json::Value) -> Result<(), String>;
+    /// One result per item, in order.
+    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>>;
+}
+
+/// Turns a caught panic's payload into a message.
+pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("plugin panicked: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("plugin panicked: {s}")
+    } else {
+        "plugin panicked".to_string()
+    }
+}
+
+/// Exports a [`RewardPlugin`] type as this library's hicra plugin.
+///
+/// Generates the `extern "C"` functions (each catching panics) and the root module.
+#[macro_export]
+macro_rules! export_reward_plugin {
+    ($plugin:ty) => {
+        mod __hicra_plugin_exports {
+            use super::*;
+            use std::sync::{Mutex, OnceLock};
+            use $crate::abi_stable::std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec};
+            use $crate::{PluginInfo, PluginKind, PluginMod, PluginModRef, RewardItem, RewardPlugin};
+
+            fn state() -> &'static Mutex<$plugin> {
+                static STATE: OnceLock<Mutex<$plugin>> = OnceLock::new();
+                STATE.get_or_init(|| Mutex::new(<$plugin as Default>::default()))
+            }
+
+            extern "C" fn abi_version() -> u32 {
+                $crate::ABI_VERSION
+            }
+
+            extern "C" fn info() -> PluginInfo {
+                PluginInfo {
+                    name: RString::from(<$plugin as RewardPlugin>::NAME),
+                    kind: PluginKind::Reward,
+                    version: RString::from(<$plugin as RewardPlugin>::VERSION),
+                }
+            }
+
+            extern "C" fn configure(config: RStr<'_>) -> RResult<(), RString> {
+                let run = || -> Result<(), String> {
+                    let value: $crate::serde_json::Value =
+                        $crate::serde_json::from_str(config.as_str()).map_err(|e| format!("plugin config is not JSON: {e}"))?;
+                    let mut plugin = state().lock().unwrap_or_else(|p| p.into_inner());
+                    plugin.configure(&value)
+                };
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    Ok(Ok(())) => ROk(()),
+                    Ok(Err(e)) => RErr(RString::from(e)),
+                    Err(payload) => RErr(RString::from($crate::panic_message(payload))),
+                }
+            }
+
+            extern "C" fn score_batch(items: RSlice<'_, RewardItem>) -> RResult<RVec<$crate::ItemResult>, RString> {
+                let run = || {
+                    let plugin = state().lock().unwrap_or_else(|p| p.into_inner());
+                    plugin
+                        .score(items.as_slice())
+                        .into_iter()
+                        .map(|r| match r {
+                            Ok(score) => ROk(score),
+                            Err(e) => RErr(RString::from(e)),
+                        })
+                        .collect::<RVec<_>>()
+                };
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    Ok(results) => ROk(results),
+                    Err(payload) => RErr(RString::from($crate::panic_message(payload))),
+                }
+            }
+
+            fn get_library() -> PluginModRef {
+                use $crate::abi_stable::prefix_type::PrefixTypeTrait;
+                PluginMod { abi_version, info, configure, score_batch }.leak_into_prefix()
+            }
+
+            // What abi_stable's `#[export_root_module]` generates, written out so that plugin
+            // crates need no direct abi_stable dependency (the attribute expands to
+            // `::abi_stable` paths). The symbol name is checked by a test in hicra-sdk.
+            #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
+            pub static LIB_HEADER: $crate::abi_stable::library::LibHeader = {
+                extern "C" fn erased_module() -> $crate::abi_stable::library::RootModuleResult {
+                    $crate::abi_stable::library::__call_root_module_loader(get_library)
+                }
+                // SAFETY: the constructor returns this library's root module type, as
+                // `#[export_root_module]` guarantees for the functions it annotates.
+                unsafe {
+                    $crate::abi_stable::library::LibHeader::from_constructor::<PluginModRef>(
+                        erased_module,
+                        $crate::abi_stable::library::CheckTypeLayout::Yes,
+                    )
+                }
+            };
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn export_macro_uses_abi_stables_symbol_name() {
+        assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, "_1as_0lib_1header_0root_bmodule_bloader");
+    }
+}

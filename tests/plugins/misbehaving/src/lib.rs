@@ -1,0 +1,40 @@
+//! A reward plugin that misbehaves on purpose, so tests can check that the host survives it.
+//! Config `{"mode": "ok" | "panic" | "hang" | "nan" | "wrong_count" | "reject"}`; `"ok"` scores
+//! every item `constant` (default 0.5).
+
+use hicra_sdk::{export_reward_plugin, serde_json::Value, RewardItem, RewardPlugin, RewardScore};
+
+/// The configured misbehaviour.
+#[derive(Default)]
+pub struct Misbehaving {
+    mode: String,
+    constant: f32,
+}
+
+impl RewardPlugin for Misbehaving {
+    const NAME: &'static str = "misbehaving";
+    const VERSION: &'static str = "0.0.1";
+
+    fn configure(&mut self, config: &Value) -> Result<(), String> {
+        self.mode = config.get("mode").and_then(Value::as_str).unwrap_or("ok").to_string();
+        self.constant = config.get("constant").and_then(Value::as_f64).unwrap_or(0.5) as f32;
+        if self.mode == "reject" {
+            return Err("configured to reject its configuration".into());
+        }
+        Ok(())
+    }
+
+    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
+        match self.mode.as_str() {
+            "panic" => panic!("deliberate panic"),
+            "hang" => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            "nan" => items.iter().map(|_| Ok(RewardScore::new(f32::NAN))).collect(),
+            "wrong_count" => vec![Ok(RewardScore::new(1.0))],
+            _ => items.iter().map(|_| Ok(RewardScore::new(self.constant))).collect(),
+        }
+    }
+}
+
+export_reward_plugin!(Misbehaving);
