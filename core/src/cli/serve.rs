@@ -66,6 +66,19 @@ pub(crate) struct ServeArgs {
     /// A PEFT LoRA adapter directory to serve (not combinable with --train).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Reward plugin libraries (repeatable); `plugin_config.<name>` in the TOML configures them.
+    #[arg(long = "plugin")]
+    #[serde(default)]
+    plugins: Vec<PathBuf>,
+    /// Per-plugin configuration tables, by plugin name (TOML file only).
+    #[arg(skip)]
+    plugin_config: Option<toml::Table>,
+    /// Time-out of one plugin call in milliseconds [default: 10000].
+    #[arg(long)]
+    plugin_timeout_ms: Option<u64>,
+    /// Bearer token for /admin routes (plugin listing and reload); none disables them.
+    #[arg(long)]
+    admin_key: Option<String>,
     /// Train LoRA adapters online from rewards posted to /v1/rollouts/{id}/reward.
     #[arg(long)]
     #[serde(default)]
@@ -103,6 +116,10 @@ impl ServeArgs {
             rollout_capacity: self.rollout_capacity.or(file.rollout_capacity),
             default_max_tokens: self.default_max_tokens.or(file.default_max_tokens),
             adapter: self.adapter.or(file.adapter),
+            plugins: if self.plugins.is_empty() { file.plugins } else { self.plugins },
+            plugin_config: self.plugin_config.or(file.plugin_config),
+            plugin_timeout_ms: self.plugin_timeout_ms.or(file.plugin_timeout_ms),
+            admin_key: self.admin_key.or(file.admin_key),
             train: self.train || file.train,
             train_config: self.train_config.or(file.train_config),
             groups_per_step: self.groups_per_step.or(file.groups_per_step),
@@ -150,16 +167,25 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         training.clone(),
     )?;
+    let plugins = if args.plugins.is_empty() {
+        None
+    } else {
+        let configs = serde_json::to_value(args.plugin_config.clone().unwrap_or_default())?;
+        let timeout = std::time::Duration::from_millis(args.plugin_timeout_ms.unwrap_or(10_000));
+        Some(Arc::new(crate::server::plugins::PluginRegistry::new(args.plugins.clone(), configs, timeout)?))
+    };
     let state = AppState {
         engine,
         rollouts: Arc::new(RolloutStore::new(args.rollout_capacity.unwrap_or(10_000))),
         metrics: Arc::new(ServerMetrics::default()),
         options: Arc::new(ServerOptions {
             api_key: args.api_key.clone(),
+            admin_key: args.admin_key.clone(),
             max_body_bytes: args.max_body_bytes.unwrap_or(8 << 20),
             default_max_tokens: args.default_max_tokens.unwrap_or(2048),
         }),
         training: training.map(|_| Arc::new(crate::server::training::TrainingBuffer::new(args.groups_per_step.unwrap_or(1), args.group_size.unwrap_or(4)))),
+        plugins,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(server::serve(state, addr))?;

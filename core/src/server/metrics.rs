@@ -62,6 +62,8 @@ pub struct ServerMetrics {
     last_step: Mutex<Option<(crate::train::trainer::StepReport, crate::server::training::BatchStats)>>,
     /// Training steps run online.
     train_steps: AtomicU64,
+    /// Items a reward plugin failed (masked, never scored 0).
+    plugin_failures: AtomicU64,
 }
 
 impl ServerMetrics {
@@ -69,6 +71,11 @@ impl ServerMetrics {
     pub fn count_request(&self, endpoint: &str, status: u16) {
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry((endpoint.to_string(), status)).or_default() += 1;
+    }
+
+    /// Counts an item a plugin failed.
+    pub fn count_plugin_failure(&self) {
+        self.plugin_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Remembers a training step for `/metrics`.
@@ -101,6 +108,7 @@ impl ServerMetrics {
         gauge(&mut out, "hicra_rollouts_stored", "Rollouts held in the store.", "gauge", rollouts.0 as f64);
         gauge(&mut out, "hicra_rollouts_evicted_total", "Rollouts evicted from the store.", "counter", rollouts.1 as f64);
         gauge(&mut out, "hicra_train_steps_total", "Online training steps run.", "counter", load(&self.train_steps));
+        gauge(&mut out, "hicra_plugin_item_failures_total", "Items a reward plugin failed (masked, not scored).", "counter", load(&self.plugin_failures));
         if let Some((step, batch)) = self.last_step.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             for (name, help, value) in [
                 ("hicra_train_accuracy", "Share of the last step's rollouts with reward >= 1.", batch.accuracy),

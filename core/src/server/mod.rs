@@ -11,6 +11,7 @@
 
 mod chat;
 mod completions;
+pub mod plugins;
 pub mod error;
 pub mod metrics;
 pub mod openai;
@@ -40,6 +41,8 @@ use rollouts::RolloutStore;
 pub struct ServerOptions {
     /// Bearer token required on `/v1/*`, if any.
     pub api_key: Option<String>,
+    /// Bearer token required on `/admin/*`; admin routes refuse everything without one.
+    pub admin_key: Option<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Completion length when a request gives none (capped by the context).
@@ -59,6 +62,8 @@ pub struct AppState {
     pub options: Arc<ServerOptions>,
     /// Reward collection, when the server trains online.
     pub training: Option<Arc<training::TrainingBuffer>>,
+    /// Reward plugins, when configured.
+    pub plugins: Option<Arc<plugins::PluginRegistry>>,
 }
 
 /// The router with every route and layer.
@@ -70,11 +75,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rollouts/{id}", get(get_rollout))
         .route("/v1/rollouts/{id}/reward", post(training::reward_one))
         .route("/v1/rewards", post(training::reward_batch))
+        .route("/v1/rollouts/{id}/score", post(plugins::score))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let admin = Router::new()
+        .route("/admin/plugins", get(plugins::list))
+        .route("/admin/plugins/reload", post(plugins::reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), plugins::require_admin_key));
     Router::new()
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/metrics", get(render_metrics))
         .merge(api)
+        .merge(admin)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
         .layer(DefaultBodyLimit::max(state.options.max_body_bytes))

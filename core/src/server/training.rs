@@ -138,9 +138,9 @@ pub(super) async fn reward_batch(State(state): State<AppState>, ApiJson(body): A
 }
 
 async fn reward_many(state: AppState, entries: Vec<BatchEntry>) -> Result<Json<Value>, ApiError> {
-    let Some(buffer) = state.training.clone() else {
+    if state.training.is_none() {
         return Err(ApiError::invalid("reward", "this server does not train: start it with --train"));
-    };
+    }
     // Validate everything before recording anything.
     for entry in &entries {
         if !entry.reward.is_finite() {
@@ -153,18 +153,10 @@ async fn reward_many(state: AppState, entries: Vec<BatchEntry>) -> Result<Json<V
     let mut completed = 0;
     let mut steps = Vec::new();
     for entry in entries {
-        let named = entry.group_id.is_some();
-        let Some(rollout) = state.rollouts.set_reward(&entry.rollout_id, entry.reward as f32, entry.group_id) else { continue };
-        let (group_done, ready) = buffer.add(rollout, named);
-        completed += group_done as usize;
-        if let Some((groups, batch)) = ready {
-            let report = state.engine.train(groups).await.map_err(ApiError::Internal)?;
-            state.metrics.record_step(&report, &batch);
-            let mut entry = serde_json::to_value(&report).unwrap_or_default();
-            if let (Some(object), Ok(Value::Object(extra))) = (entry.as_object_mut(), serde_json::to_value(&batch)) {
-                object.extend(extra);
-            }
-            steps.push(entry);
+        let outcome = record_reward(&state, &entry.rollout_id, entry.reward, entry.group_id).await?;
+        completed += outcome["group_completed"].as_bool().unwrap_or(false) as usize;
+        if let Some(more) = outcome["steps"].as_array() {
+            steps.extend(more.iter().cloned());
         }
     }
     Ok(Json(json!({
@@ -173,4 +165,29 @@ async fn reward_many(state: AppState, entries: Vec<BatchEntry>) -> Result<Json<V
         "policy_version": state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire),
         "steps": steps,
     })))
+}
+
+/// Stores a rollout's reward and, when the server trains, files it into its group and runs a
+/// step if that completes one. Returns what happened, as JSON.
+pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group: Option<String>) -> Result<Value, ApiError> {
+    if !reward.is_finite() {
+        return Err(ApiError::invalid("reward", format!("reward for '{id}' must be a finite number")));
+    }
+    let named = group.is_some();
+    let rollout = state.rollouts.set_reward(id, reward as f32, group).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
+    let Some(buffer) = state.training.clone() else {
+        return Ok(json!({"training": false}));
+    };
+    let (group_completed, ready) = buffer.add(rollout, named);
+    let mut steps = Vec::new();
+    if let Some((groups, batch)) = ready {
+        let report = state.engine.train(groups).await.map_err(ApiError::Internal)?;
+        state.metrics.record_step(&report, &batch);
+        let mut entry = serde_json::to_value(&report).unwrap_or_default();
+        if let (Some(object), Ok(Value::Object(extra))) = (entry.as_object_mut(), serde_json::to_value(&batch)) {
+            object.extend(extra);
+        }
+        steps.push(entry);
+    }
+    Ok(json!({"training": true, "group_completed": group_completed, "steps": steps}))
 }

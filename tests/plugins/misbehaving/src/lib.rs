@@ -1,6 +1,6 @@
 //! A reward plugin that misbehaves on purpose, so tests can check that the host survives it.
-//! Config `{"mode": "ok" | "panic" | "hang" | "nan" | "wrong_count" | "reject"}`; `"ok"` scores
-//! every item `constant` (default 0.5).
+//! Config `{"mode": "ok" | "length" | "panic" | "hang" | "nan" | "wrong_count" | "reject"}`;
+//! `"ok"` scores every item `constant` (default 0.5), `"length"` scores completion chars / 100.
 
 use hicra_sdk::{export_reward_plugin, serde_json::Value, RewardItem, RewardPlugin, RewardScore};
 
@@ -32,6 +32,7 @@ impl RewardPlugin for Misbehaving {
             },
             "nan" => items.iter().map(|_| Ok(RewardScore::new(f32::NAN))).collect(),
             "wrong_count" => vec![Ok(RewardScore::new(1.0))],
+            "length" => items.iter().map(|i| Ok(RewardScore::new(i.completion.chars().count() as f32 / 100.0))).collect(),
             _ => items.iter().map(|_| Ok(RewardScore::new(self.constant))).collect(),
         }
     }

@@ -1,0 +1,166 @@
+//! Reward plugins in the server: a registry swapped atomically on reload, the admin routes,
+//! and `POST /v1/rollouts/{id}/score` which rewards a rollout with a plugin.
+//!
+//! A reload loads every configured library as a new generation, smoke-tests it, and only then
+//! replaces the registry; any failure keeps the previous generation serving. Calls in flight
+//! keep the `Arc` of the generation they started with.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiJson};
+use super::AppState;
+use crate::plugins::{self, Plugin, PluginError};
+use hicra_sdk::RewardItem;
+
+/// The plugins a server was configured with and the generation now serving.
+#[derive(Debug)]
+pub struct PluginRegistry {
+    sources: Vec<PathBuf>,
+    /// Plugin name -> configuration (JSON object).
+    configs: Value,
+    current: RwLock<Arc<Vec<Plugin>>>,
+    /// Per-call time-out.
+    pub timeout: Duration,
+    /// Generations loaded so far (libraries are never unloaded; each pins its code).
+    loaded: std::sync::atomic::AtomicUsize,
+}
+
+impl PluginRegistry {
+    /// Loads every source; fails if any fails (at start-up a bad plugin is a configuration error).
+    pub fn new(sources: Vec<PathBuf>, configs: Value, timeout: Duration) -> Result<Self, PluginError> {
+        let registry = Self { sources, configs, current: RwLock::new(Arc::new(Vec::new())), timeout, loaded: Default::default() };
+        registry.reload()?;
+        Ok(registry)
+    }
+
+    /// The generation serving now.
+    pub fn current(&self) -> Arc<Vec<Plugin>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Loads a new generation of every plugin, smoke-tests it, then swaps it in.
+    pub fn reload(&self) -> Result<Arc<Vec<Plugin>>, PluginError> {
+        let mut fresh = Vec::new();
+        for source in &self.sources {
+            // The name is known only once loaded; load with `{}` first to learn it when the
+            // configuration is keyed by name.
+            let probe = plugins::load(source, &json!({}));
+            let name = probe.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+            let config = self.configs.get(&name).cloned().unwrap_or_else(|| json!({}));
+            let plugin = if config == json!({}) { probe? } else { plugins::load(source, &config)? };
+            self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let smoke = plugin.score(vec![RewardItem { metadata_json: "{}".into(), ..RewardItem::default() }], self.timeout)?;
+            if smoke.len() != 1 {
+                return Err(PluginError::Call { name: plugin.name.clone(), message: "smoke test returned the wrong count".into() });
+            }
+            fresh.push(plugin);
+        }
+        let fresh = Arc::new(fresh);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        Ok(fresh)
+    }
+
+    /// Library generations loaded since start (each stays mapped).
+    pub fn generations_loaded(&self) -> usize {
+        self.loaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Requires `Authorization: Bearer <admin key>` on admin routes (refused when no key is set).
+pub(super) async fn require_admin_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match &state.options.admin_key {
+        Some(key) if given == Some(key.as_str()) => next.run(request).await,
+        _ => ApiError::Unauthorized.into_response(),
+    }
+}
+
+fn describe(registry: &PluginRegistry, plugins: &[Plugin]) -> Value {
+    json!({
+        "plugins": plugins.iter().map(|p| json!({
+            "name": p.name, "kind": format!("{:?}", p.kind), "version": p.version,
+            "generation": p.generation, "source": p.source,
+        })).collect::<Vec<_>>(),
+        "generations_loaded": registry.generations_loaded(),
+    })
+}
+
+pub(super) async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let registry = state.plugins.as_ref().ok_or_else(|| ApiError::NotFound("no plugins configured".into()))?;
+    Ok(Json(describe(registry, &registry.current())))
+}
+
+pub(super) async fn reload(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let registry = state.plugins.clone().ok_or_else(|| ApiError::NotFound("no plugins configured".into()))?;
+    // Loading runs plugin code: keep it off the async workers.
+    let result = tokio::task::spawn_blocking(move || registry.reload().map(|fresh| (registry, fresh)))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match result {
+        Ok((registry, fresh)) => Ok(Json(describe(&registry, &fresh))),
+        Err(err) => Err(ApiError::InvalidRequest { message: format!("reload failed, previous plugins keep serving: {err}"), param: None }),
+    }
+}
+
+/// Body of `POST /v1/rollouts/{id}/score`.
+#[derive(Debug, Deserialize)]
+pub(super) struct ScoreBody {
+    /// Plugin name (the only plugin when omitted).
+    plugin: Option<String>,
+    /// Passed to the plugin as `metadata_json` (e.g. the reference answer).
+    #[serde(default)]
+    metadata: Value,
+}
+
+pub(super) async fn score(State(state): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<ScoreBody>) -> Result<Response, ApiError> {
+    let registry = state.plugins.clone().ok_or_else(|| ApiError::invalid("plugin", "no reward plugins configured (--plugin)"))?;
+    let rollout = state.rollouts.get(&id).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
+    let generation = registry.current();
+    let plugin = match &body.plugin {
+        Some(name) => generation.iter().find(|p| &p.name == name),
+        None if generation.len() == 1 => generation.first(),
+        None => None,
+    }
+    .cloned()
+    .ok_or_else(|| ApiError::invalid("plugin", format!("name one of: {}", generation.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))))?;
+    let item = RewardItem {
+        prompt: state.engine.tokenizer.decode(&rollout.prompt_token_ids, false).unwrap_or_default().into(),
+        completion: rollout.text.clone().into(),
+        token_ids: rollout.completion_token_ids.clone().into(),
+        metadata_json: if body.metadata.is_null() { "{}".to_string() } else { body.metadata.to_string() }.into(),
+    };
+    let timeout = registry.timeout;
+    let outcome = tokio::task::spawn_blocking(move || plugin.score(vec![item], timeout).map(|r| (plugin, r)))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (plugin, mut results) = outcome.map_err(|e| ApiError::InvalidRequest { message: format!("{e}; the rollout stays unrewarded"), param: Some("plugin") })?;
+    let score = match results.pop() {
+        Some(Ok(score)) => score,
+        Some(Err(message)) => {
+            state.metrics.count_plugin_failure();
+            return Err(ApiError::InvalidRequest { message: format!("plugin '{}' failed this item: {message}; the rollout stays unrewarded", plugin.name), param: Some("plugin") });
+        }
+        None => return Err(ApiError::Internal("plugin returned no result".into())),
+    };
+    let reward = super::training::record_reward(&state, &id, score.score as f64, None).await?;
+    Ok(Json(json!({
+        "rollout_id": id,
+        "plugin": plugin.name,
+        "generation": plugin.generation,
+        "score": score.score,
+        "message": score.message.as_str(),
+        "subscores": score.subscores.iter().map(|t| json!({"name": t.0.as_str(), "value": t.1})).collect::<Vec<_>>(),
+        "training": reward,
+    }))
+    .into_response())
+}

@@ -1,0 +1,99 @@
+//! Plugins in a running server: a plugin library scores rollouts that then train the model,
+//! is hot-swapped for another build at the same path without a restart, and a broken
+//! replacement leaves the previous generation serving.
+
+mod common;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use common::start_server;
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+
+fn release(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name);
+    assert!(path.exists(), "{} missing: run cargo build --release --workspace first", path.display());
+    path
+}
+
+fn call(client: &Client, method: &str, url: String, key: &str, body: Option<Value>) -> (u16, Value) {
+    let request = match method {
+        "GET" => client.get(url),
+        _ => client.post(url).json(&body.unwrap_or(json!({}))),
+    };
+    let response = request.bearer_auth(key).send().expect("request");
+    (response.status().as_u16(), response.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn plugin_rewards_train_and_hot_swap_without_restart() {
+    let dir = std::env::temp_dir().join(format!("hicra-plugins-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let plugin_file = dir.join("libreward.so");
+    std::fs::copy(release("libhicra_test_misbehaving.so"), &plugin_file).expect("copy plugin");
+    let config = dir.join("serve.toml");
+    let toml = format!("plugins = [{:?}]\nadmin_key = \"admin\"\ntrain = true\nmax_context = 128\n\n[plugin_config.misbehaving]\nmode = \"length\"\n", plugin_file);
+    std::fs::write(&config, toml).expect("config");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
+    let client = Client::new();
+    let url = |path: &str| format!("{}{path}", server.url);
+
+    let (status, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["plugins"][0]["name"], "misbehaving");
+    let (status, _) = call(&client, "GET", url("/admin/plugins"), "wrong", None);
+    assert_eq!(status, 401);
+
+    // The plugin scores the 4 choices of one request; the 4th completes the group and trains.
+    let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 12, "seed": 9})));
+    let ids: Vec<String> = body["choices"].as_array().expect("choices").iter().map(|c| c["hicra"]["rollout_id"].as_str().expect("id").to_string()).collect();
+    let mut last = Value::Null;
+    for id in &ids {
+        let (status, scored) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({})));
+        assert_eq!(status, 200, "{scored}");
+        assert_eq!(scored["plugin"], "misbehaving");
+        last = scored;
+    }
+    assert_eq!(last["training"]["steps"][0]["updated"], true, "{last}");
+
+    // Hot swap: another build at the same path, reloaded while requests keep succeeding.
+    std::fs::copy(release("libhicra_math_reward.so"), &plugin_file).expect("swap plugin");
+    let chat_url = url("/v1/chat/completions");
+    let reloaded = std::thread::scope(|scope| {
+        let during: Vec<_> = (0..3)
+            .map(|_| {
+                let chat_url = chat_url.clone();
+                scope.spawn(move || call(&Client::new(), "POST", chat_url, "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8}))))
+            })
+            .collect();
+        let reloaded = call(&client, "POST", url("/admin/plugins/reload"), "admin", None);
+        for handle in during {
+            assert_eq!(handle.join().expect("thread").0, 200);
+        }
+        reloaded
+    });
+    assert_eq!(reloaded.0, 200, "{}", reloaded.1);
+    assert_eq!(reloaded.1["plugins"][0]["name"], "math");
+    let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6})));
+    let id = body["choices"][0]["hicra"]["rollout_id"].as_str().expect("id").to_string();
+    let (status, scored) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({"metadata": {"answer": "4"}})));
+    assert_eq!(status, 200, "{scored}");
+    assert_eq!(scored["plugin"], "math");
+    // Without the answer the math plugin fails the item: masked, reported, not scored 0.
+    let (status, failed) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({})));
+    assert_eq!(status, 400, "{failed}");
+    assert!(failed["error"]["message"].as_str().unwrap_or("").contains("stays unrewarded"), "{failed}");
+
+    // A broken replacement is refused and the math plugin keeps serving.
+    std::fs::write(&plugin_file, b"not a library").expect("break plugin");
+    let (status, refused) = call(&client, "POST", url("/admin/plugins/reload"), "admin", None);
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap_or("").contains("previous plugins keep serving"));
+    let (_, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
+    assert_eq!(listed["plugins"][0]["name"], "math");
+    let metrics = client.get(url("/metrics")).send().expect("metrics").text().expect("text");
+    assert!(metrics.contains("hicra_plugin_item_failures_total 1"), "{metrics}");
+}
