@@ -35,6 +35,8 @@
 
 #![warn(missing_docs)]
 
+pub mod sandbox;
+
 pub use abi_stable;
 use abi_stable::library::RootModule;
 use abi_stable::sabi_types::VersionStrings;
