@@ -1,7 +1,8 @@
 //! hicra-sdk: write hicra plugins in ordinary safe Rust, load them into a running server.
 //!
 //! A plugin is a `cdylib` crate that depends on this crate only. It implements one of the
-//! plugin traits ([`RewardPlugin`] today) and exports it with one macro:
+//! plugin traits ([`RewardPlugin`], [`SgDetectorPlugin`], [`CreditPlugin`]) and exports it
+//! with one macro:
 //!
 //! ```
 //! use hicra_sdk::{export_reward_plugin, RewardItem, RewardPlugin, RewardScore};
@@ -53,9 +54,9 @@ pub const ABI_VERSION: u32 = 1;
 pub enum PluginKind {
     /// Scores completions.
     Reward,
-    /// Marks planning tokens (reserved for a later ABI field).
+    /// Marks planning tokens.
     SgDetector,
-    /// Turns rewards into per-token advantages (reserved for a later ABI field).
+    /// Turns rewards into per-token advantages.
     Credit,
 }
 
@@ -114,6 +115,31 @@ pub struct PluginInfo {
 /// Per-item result of a batch call.
 pub type ItemResult = RResult<RewardScore, RString>;
 
+/// One completion to mark planning tokens in.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default)]
+pub struct DetectItem {
+    /// The completion's text.
+    pub text: RString,
+    /// Byte span of each token within `text` (empty spans for special tokens).
+    pub token_spans: RVec<Tuple2<u32, u32>>,
+}
+
+/// A detector's answer for one item: 1 marks a planning token, one entry per token span.
+pub type MaskResult = RResult<RVec<u8>, RString>;
+
+/// A GRPO group for a credit scheme.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default)]
+pub struct CreditGroup {
+    /// One reward per response.
+    pub rewards: RVec<f32>,
+    /// Per response, per token: 1 for planning tokens.
+    pub planning_masks: RVec<RVec<u8>>,
+    /// Per response, per token entropy (may be empty when not computed).
+    pub entropies: RVec<RVec<f32>>,
+}
+
 /// The root module every plugin exports (a versioned prefix type; see the crate docs).
 #[repr(C)]
 #[derive(StableAbi)]
@@ -127,8 +153,12 @@ pub struct PluginMod {
     /// Applies the plugin's configuration (a JSON object from the server's TOML).
     pub configure: extern "C" fn(RStr<'_>) -> RResult<(), RString>,
     /// Scores a batch: one result per item, or an error for the whole batch.
-    #[sabi(last_prefix_field)]
     pub score_batch: extern "C" fn(RSlice<'_, RewardItem>) -> RResult<RVec<ItemResult>, RString>,
+    /// Marks planning tokens: one mask per item, or an error for the whole batch.
+    pub detect_batch: extern "C" fn(RSlice<'_, DetectItem>) -> RResult<RVec<MaskResult>, RString>,
+    /// Per-token advantages for a group: one vector per response, one value per token.
+    #[sabi(last_prefix_field)]
+    pub credit_group: extern "C" fn(&CreditGroup) -> RResult<RVec<RVec<f32>>, RString>,
 }
 
 impl RootModule for PluginModRef {
@@ -150,6 +180,73 @@ pub trait RewardPlugin: Default + Send + 'static {
     fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>>;
 }
 
+/// A Strategic-Gram (planning-token) detector. Export with [`export_sg_detector_plugin!`].
+pub trait SgDetectorPlugin: Default + Send + 'static {
+    /// The plugin's name.
+    const NAME: &'static str;
+    /// The plugin's version.
+    const VERSION: &'static str;
+    /// Checks and applies its configuration; an error refuses the load.
+    fn configure(&mut self, config: &serde_json::Value) -> Result<(), String>;
+    /// Per item, one flag per token span (true = planning token).
+    fn detect(&self, items: &[DetectItem]) -> Vec<Result<Vec<bool>, String>>;
+}
+
+/// A credit-assignment scheme. Export with [`export_credit_plugin!`].
+pub trait CreditPlugin: Default + Send + 'static {
+    /// The plugin's name.
+    const NAME: &'static str;
+    /// The plugin's version.
+    const VERSION: &'static str;
+    /// Checks and applies its configuration; an error refuses the load.
+    fn configure(&mut self, config: &serde_json::Value) -> Result<(), String>;
+    /// Per response, one advantage per token (same lengths as the planning masks).
+    fn advantages(&self, group: &CreditGroup) -> Result<Vec<Vec<f32>>, String>;
+}
+
+/// What the export macro drives; implemented by the adapters of the three plugin traits.
+#[doc(hidden)]
+pub trait AnyPlugin: Default + Send + 'static {
+    const NAME: &'static str;
+    const VERSION: &'static str;
+    const KIND: PluginKind;
+    fn configure(&mut self, config: &serde_json::Value) -> Result<(), String>;
+    fn score(&self, _items: &[RewardItem]) -> Result<Vec<Result<RewardScore, String>>, String> {
+        Err(format!("{} is not a reward plugin", Self::NAME))
+    }
+    fn detect(&self, _items: &[DetectItem]) -> Result<Vec<Result<Vec<bool>, String>>, String> {
+        Err(format!("{} is not a planning-token detector", Self::NAME))
+    }
+    fn credit(&self, _group: &CreditGroup) -> Result<Vec<Vec<f32>>, String> {
+        Err(format!("{} is not a credit scheme", Self::NAME))
+    }
+}
+
+macro_rules! adapter {
+    ($adapter:ident, $trait:ident, $kind:expr, $method:ident($arg:ty) -> $ret:ty => |$this:ident, $input:ident| $body:expr) => {
+        #[doc(hidden)]
+        #[derive(Default)]
+        pub struct $adapter<T>(pub T);
+
+        impl<T: $trait> AnyPlugin for $adapter<T> {
+            const NAME: &'static str = T::NAME;
+            const VERSION: &'static str = T::VERSION;
+            const KIND: PluginKind = $kind;
+            fn configure(&mut self, config: &serde_json::Value) -> Result<(), String> {
+                self.0.configure(config)
+            }
+            fn $method(&self, $input: $arg) -> $ret {
+                let $this = &self.0;
+                $body
+            }
+        }
+    };
+}
+
+adapter!(RewardAdapter, RewardPlugin, PluginKind::Reward, score(&[RewardItem]) -> Result<Vec<Result<RewardScore, String>>, String> => |p, items| Ok(p.score(items)));
+adapter!(DetectorAdapter, SgDetectorPlugin, PluginKind::SgDetector, detect(&[DetectItem]) -> Result<Vec<Result<Vec<bool>, String>>, String> => |p, items| Ok(p.detect(items)));
+adapter!(CreditAdapter, CreditPlugin, PluginKind::Credit, credit(&CreditGroup) -> Result<Vec<Vec<f32>>, String> => |p, group| p.advantages(group));
+
 /// Turns a caught panic's payload into a message.
 pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
@@ -162,20 +259,63 @@ pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Exports a [`RewardPlugin`] type as this library's hicra plugin.
-///
-/// Generates the `extern "C"` functions (each catching panics) and the root module.
 #[macro_export]
 macro_rules! export_reward_plugin {
     ($plugin:ty) => {
+        $crate::__export_plugin!($crate::RewardAdapter<$plugin>);
+    };
+}
+
+/// Exports a [`SgDetectorPlugin`] type as this library's hicra plugin.
+#[macro_export]
+macro_rules! export_sg_detector_plugin {
+    ($plugin:ty) => {
+        $crate::__export_plugin!($crate::DetectorAdapter<$plugin>);
+    };
+}
+
+/// Exports a [`CreditPlugin`] type as this library's hicra plugin.
+#[macro_export]
+macro_rules! export_credit_plugin {
+    ($plugin:ty) => {
+        $crate::__export_plugin!($crate::CreditAdapter<$plugin>);
+    };
+}
+
+/// The exported functions (each catching panics) and the root module, for any plugin kind.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_plugin {
+    ($adapter:ty) => {
         mod __hicra_plugin_exports {
             use super::*;
             use std::sync::{Mutex, OnceLock};
             use $crate::abi_stable::std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec};
-            use $crate::{PluginInfo, PluginKind, PluginMod, PluginModRef, RewardItem, RewardPlugin};
+            use $crate::{AnyPlugin, CreditGroup, DetectItem, PluginInfo, PluginMod, PluginModRef, RewardItem};
 
-            fn state() -> &'static Mutex<$plugin> {
-                static STATE: OnceLock<Mutex<$plugin>> = OnceLock::new();
-                STATE.get_or_init(|| Mutex::new(<$plugin as Default>::default()))
+            fn state() -> &'static Mutex<$adapter> {
+                static STATE: OnceLock<Mutex<$adapter>> = OnceLock::new();
+                STATE.get_or_init(|| Mutex::new(<$adapter as Default>::default()))
+            }
+
+            /// Runs `f` on the plugin, turning panics and errors into `RErr`.
+            fn guarded<T>(f: impl FnOnce(&mut $adapter) -> Result<T, String>) -> RResult<T, RString> {
+                let run = || {
+                    let mut plugin = state().lock().unwrap_or_else(|p| p.into_inner());
+                    f(&mut plugin)
+                };
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    Ok(Ok(value)) => ROk(value),
+                    Ok(Err(e)) => RErr(RString::from(e)),
+                    Err(payload) => RErr(RString::from($crate::panic_message(payload))),
+                }
+            }
+
+            fn per_item<T, U>(results: Vec<Result<T, String>>, convert: impl Fn(T) -> U) -> RVec<RResult<U, RString>> {
+                results.into_iter().map(|r| match r {
+                    Ok(v) => ROk(convert(v)),
+                    Err(e) => RErr(RString::from(e)),
+                }).collect()
             }
 
             extern "C" fn abi_version() -> u32 {
@@ -184,47 +324,35 @@ macro_rules! export_reward_plugin {
 
             extern "C" fn info() -> PluginInfo {
                 PluginInfo {
-                    name: RString::from(<$plugin as RewardPlugin>::NAME),
-                    kind: PluginKind::Reward,
-                    version: RString::from(<$plugin as RewardPlugin>::VERSION),
+                    name: RString::from(<$adapter as AnyPlugin>::NAME),
+                    kind: <$adapter as AnyPlugin>::KIND,
+                    version: RString::from(<$adapter as AnyPlugin>::VERSION),
                 }
             }
 
             extern "C" fn configure(config: RStr<'_>) -> RResult<(), RString> {
-                let run = || -> Result<(), String> {
+                guarded(|plugin| {
                     let value: $crate::serde_json::Value =
                         $crate::serde_json::from_str(config.as_str()).map_err(|e| format!("plugin config is not JSON: {e}"))?;
-                    let mut plugin = state().lock().unwrap_or_else(|p| p.into_inner());
                     plugin.configure(&value)
-                };
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-                    Ok(Ok(())) => ROk(()),
-                    Ok(Err(e)) => RErr(RString::from(e)),
-                    Err(payload) => RErr(RString::from($crate::panic_message(payload))),
-                }
+                })
             }
 
             extern "C" fn score_batch(items: RSlice<'_, RewardItem>) -> RResult<RVec<$crate::ItemResult>, RString> {
-                let run = || {
-                    let plugin = state().lock().unwrap_or_else(|p| p.into_inner());
-                    plugin
-                        .score(items.as_slice())
-                        .into_iter()
-                        .map(|r| match r {
-                            Ok(score) => ROk(score),
-                            Err(e) => RErr(RString::from(e)),
-                        })
-                        .collect::<RVec<_>>()
-                };
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-                    Ok(results) => ROk(results),
-                    Err(payload) => RErr(RString::from($crate::panic_message(payload))),
-                }
+                guarded(|plugin| plugin.score(items.as_slice()).map(|r| per_item(r, |s| s)))
+            }
+
+            extern "C" fn detect_batch(items: RSlice<'_, DetectItem>) -> RResult<RVec<$crate::MaskResult>, RString> {
+                guarded(|plugin| plugin.detect(items.as_slice()).map(|r| per_item(r, |mask| mask.into_iter().map(u8::from).collect())))
+            }
+
+            extern "C" fn credit_group(group: &CreditGroup) -> RResult<RVec<RVec<f32>>, RString> {
+                guarded(|plugin| plugin.credit(group).map(|rows| rows.into_iter().map(RVec::from).collect()))
             }
 
             fn get_library() -> PluginModRef {
                 use $crate::abi_stable::prefix_type::PrefixTypeTrait;
-                PluginMod { abi_version, info, configure, score_batch }.leak_into_prefix()
+                PluginMod { abi_version, info, configure, score_batch, detect_batch, credit_group }.leak_into_prefix()
             }
 
             // What abi_stable's `#[export_root_module]` generates, written out so that plugin

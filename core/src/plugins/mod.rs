@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use abi_stable::library::lib_header_from_path;
 use abi_stable::std_types::{RResult, RStr};
-use hicra_sdk::{PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION};
+use abi_stable::std_types::{RString, RVec};
+use hicra_sdk::{CreditGroup, DetectItem, PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION};
 
 /// Why a plugin could not be loaded or called.
 #[derive(Debug, thiserror::Error)]
@@ -112,30 +113,40 @@ impl Plugin {
         PluginError::Call { name: self.name.clone(), message: message.into() }
     }
 
-    /// Scores `items` within `timeout`. The outer error fails the whole batch; inner errors
-    /// fail single items (to be masked out of training, not scored 0).
-    pub fn score(&self, items: Vec<RewardItem>, timeout: Duration) -> Result<Vec<Result<RewardScore, String>>, PluginError> {
-        if self.kind != PluginKind::Reward {
-            return Err(self.fail(format!("is a {:?} plugin, not a reward", self.kind)));
+    /// Runs `call` on its own thread and waits at most `timeout`. A plugin that hangs keeps
+    /// its thread; the host moves on.
+    fn guarded<T: Send + 'static>(&self, kind: PluginKind, timeout: Duration, call: impl FnOnce() -> RResult<T, RString> + Send + 'static) -> Result<T, PluginError> {
+        if self.kind != kind {
+            return Err(self.fail(format!("is a {:?} plugin, not {kind:?}", self.kind)));
         }
-        let count = items.len();
-        let call = self.module.score_batch();
         let (send, receive) = std::sync::mpsc::channel();
-        // A plugin that hangs keeps its thread; the host moves on after the time-out.
         std::thread::Builder::new()
             .name(format!("plugin-{}", self.name))
             .spawn(move || {
-                let _ = send.send(call(items.as_slice().into()));
+                let _ = send.send(call());
             })
             .map_err(|e| self.fail(format!("cannot start a call thread: {e}")))?;
-        let results = match receive.recv_timeout(timeout) {
-            Ok(RResult::ROk(results)) => results,
-            Ok(RResult::RErr(message)) => return Err(self.fail(message.to_string())),
-            Err(_) => return Err(self.fail(format!("timed out after {} ms", timeout.as_millis()))),
-        };
+        match receive.recv_timeout(timeout) {
+            Ok(RResult::ROk(value)) => Ok(value),
+            Ok(RResult::RErr(message)) => Err(self.fail(message.to_string())),
+            Err(_) => Err(self.fail(format!("timed out after {} ms", timeout.as_millis()))),
+        }
+    }
+
+    fn check_count<T>(&self, results: &RVec<T>, count: usize) -> Result<(), PluginError> {
         if results.len() != count {
             return Err(self.fail(format!("returned {} results for {count} items", results.len())));
         }
+        Ok(())
+    }
+
+    /// Scores `items` within `timeout`. The outer error fails the whole batch; inner errors
+    /// fail single items (to be masked out of training, not scored 0).
+    pub fn score(&self, items: Vec<RewardItem>, timeout: Duration) -> Result<Vec<Result<RewardScore, String>>, PluginError> {
+        let count = items.len();
+        let call = self.module.score_batch();
+        let results = self.guarded(PluginKind::Reward, timeout, move || call(items.as_slice().into()))?;
+        self.check_count(&results, count)?;
         Ok(results
             .into_iter()
             .map(|r| match r {
@@ -144,6 +155,39 @@ impl Plugin {
                 RResult::RErr(message) => Err(message.to_string()),
             })
             .collect())
+    }
+
+    /// Planning masks for `items`; a mask whose length differs from the item's token spans
+    /// fails that item.
+    pub fn detect(&self, items: Vec<DetectItem>, timeout: Duration) -> Result<Vec<Result<Vec<bool>, String>>, PluginError> {
+        let lengths: Vec<usize> = items.iter().map(|i| i.token_spans.len()).collect();
+        let call = self.module.detect_batch();
+        let results = self.guarded(PluginKind::SgDetector, timeout, move || call(items.as_slice().into()))?;
+        self.check_count(&results, lengths.len())?;
+        Ok(results
+            .into_iter()
+            .zip(lengths)
+            .map(|(r, n)| match r {
+                RResult::ROk(mask) if mask.len() == n => Ok(mask.iter().map(|&b| b != 0).collect()),
+                RResult::ROk(mask) => Err(format!("mask of {} entries for {n} tokens", mask.len())),
+                RResult::RErr(message) => Err(message.to_string()),
+            })
+            .collect())
+    }
+
+    /// Per-token advantages for `group`; the group fails as a whole if any row has the wrong
+    /// length or a non-finite value.
+    pub fn credit(&self, group: CreditGroup, timeout: Duration) -> Result<Vec<Vec<f32>>, PluginError> {
+        let lengths: Vec<usize> = group.planning_masks.iter().map(|m| m.len()).collect();
+        let call = self.module.credit_group();
+        let rows = self.guarded(PluginKind::Credit, timeout, move || call(&group))?;
+        self.check_count(&rows, lengths.len())?;
+        for (i, (row, n)) in rows.iter().zip(&lengths).enumerate() {
+            if row.len() != *n || row.iter().any(|v| !v.is_finite()) {
+                return Err(self.fail(format!("response {i}: {} advantages for {n} tokens or a non-finite value", row.len())));
+            }
+        }
+        Ok(rows.into_iter().map(|row| row.into_vec()).collect())
     }
 }
 
@@ -203,5 +247,32 @@ mod tests {
         // The host is unharmed: a well-behaved generation of the same library still works.
         let ok = with("ok").score(items(), second).expect("batch");
         assert!(ok.iter().all(|r| r.as_ref().map(|s| s.score).ok() == Some(0.5)));
+    }
+
+    #[test]
+    fn detector_and_credit_plugins_are_called_and_validated() {
+        let second = Duration::from_secs(5);
+        let detector = load(&built_plugin("hicra_example_phrase_detector"), &serde_json::json!({"phrases": ["let me check"]})).expect("loads");
+        assert_eq!(detector.kind, PluginKind::SgDetector);
+        let text = "Hmm, let me check: 2+2=4";
+        // Tokens: "Hmm," " let" " me" " check" ":" " 2+2=4"
+        let spans: Vec<(u32, u32)> = vec![(0, 4), (4, 8), (8, 11), (11, 17), (17, 18), (18, 24)];
+        let item = DetectItem { text: text.into(), token_spans: spans.into_iter().map(|(a, b)| abi_stable::std_types::Tuple2(a, b)).collect() };
+        let masks = detector.detect(vec![item], second).expect("batch");
+        assert_eq!(masks[0].as_ref().ok(), Some(&vec![false, true, true, true, false, false]));
+        // A detector is not a reward.
+        assert!(detector.score(vec![RewardItem::default()], second).is_err());
+
+        let credit = load(&built_plugin("hicra_example_credit_variant"), &serde_json::json!({"up": 0.5, "down": 0.25})).expect("loads");
+        let group = CreditGroup {
+            rewards: vec![1.0, 0.0].into(),
+            planning_masks: vec![RVec::from(vec![1u8, 0]), RVec::from(vec![1u8, 0, 0])].into(),
+            entropies: RVec::new(),
+        };
+        // mean 0.5: A = +0.5 -> planning 0.75; A = -0.5 -> planning -0.375.
+        let rows = credit.credit(group, second).expect("advantages");
+        assert_eq!(rows, vec![vec![0.75, 0.5], vec![-0.375, -0.5, -0.5]]);
+        let mismatched = CreditGroup { rewards: vec![1.0].into(), planning_masks: RVec::new(), entropies: RVec::new() };
+        assert!(credit.credit(mismatched, second).is_err());
     }
 }

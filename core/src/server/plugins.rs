@@ -20,7 +20,8 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiJson};
 use super::AppState;
 use crate::plugins::{self, Plugin, PluginError};
-use hicra_sdk::RewardItem;
+use abi_stable::std_types::RVec;
+use hicra_sdk::{CreditGroup, DetectItem, PluginKind, RewardItem};
 
 /// The plugins a server was configured with and the generation now serving.
 #[derive(Debug)]
@@ -59,10 +60,7 @@ impl PluginRegistry {
             let config = self.configs.get(&name).cloned().unwrap_or_else(|| json!({}));
             let plugin = if config == json!({}) { probe? } else { plugins::load(source, &config)? };
             self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let smoke = plugin.score(vec![RewardItem { metadata_json: "{}".into(), ..RewardItem::default() }], self.timeout)?;
-            if smoke.len() != 1 {
-                return Err(PluginError::Call { name: plugin.name.clone(), message: "smoke test returned the wrong count".into() });
-            }
+            smoke_test(&plugin, self.timeout)?;
             fresh.push(plugin);
         }
         let fresh = Arc::new(fresh);
@@ -73,6 +71,19 @@ impl PluginRegistry {
     /// Library generations loaded since start (each stays mapped).
     pub fn generations_loaded(&self) -> usize {
         self.loaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One harmless call of the plugin's kind: a library that cannot answer it is not swapped in.
+/// Per-item failures are fine here (a reward may need metadata the probe lacks).
+fn smoke_test(plugin: &Plugin, timeout: Duration) -> Result<(), PluginError> {
+    match plugin.kind {
+        PluginKind::Reward => plugin.score(vec![RewardItem { metadata_json: "{}".into(), ..RewardItem::default() }], timeout).map(drop),
+        PluginKind::SgDetector => plugin.detect(vec![DetectItem::default()], timeout).map(drop),
+        PluginKind::Credit => {
+            let group = CreditGroup { rewards: vec![1.0, 0.0].into(), planning_masks: vec![RVec::from(vec![1u8]), RVec::from(vec![0u8])].into(), entropies: RVec::new() };
+            plugin.credit(group, timeout).map(drop)
+        }
     }
 }
 
