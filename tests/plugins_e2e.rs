@@ -97,3 +97,29 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
     let metrics = client.get(url("/metrics")).send().expect("metrics").text().expect("text");
     assert!(metrics.contains("hicra_plugin_item_failures_total 1"), "{metrics}");
 }
+
+#[test]
+fn detector_and_credit_plugins_drive_online_training() {
+    let dir = std::env::temp_dir().join(format!("hicra-plugins-credit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("serve.toml");
+    let toml = format!(
+        "plugins = [{:?}, {:?}]\ntrain = true\nmax_context = 128\nsg_plugin = \"phrases\"\ncredit_plugin = \"hicra_variant\"\n\n[plugin_config.phrases]\nphrases = [\"let me check\"]\n\n[plugin_config.hicra_variant]\nup = 0.5\ndown = 0.1\n",
+        release("libhicra_example_phrase_detector.so"),
+        release("libhicra_example_credit_variant.so")
+    );
+    std::fs::write(&config, toml).expect("config");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
+    let client = Client::new();
+    let (_, body) = call(&client, "POST", format!("{}/v1/chat/completions", server.url), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 8, "seed": 4})));
+    let rewards: Vec<Value> = body["choices"].as_array().expect("choices").iter().enumerate().map(|(i, c)| json!({"rollout_id": c["hicra"]["rollout_id"], "reward": (i % 2) as f64})).collect();
+    let (status, reply) = call(&client, "POST", format!("{}/v1/rewards", server.url), "", Some(json!({"rewards": rewards})));
+    assert_eq!(status, 200, "{reply}");
+    let step = &reply["steps"][0];
+    assert_eq!(step["updated"], true, "{reply}");
+    assert_eq!(step["plugins"]["sg_detector"], "phrases");
+    assert_eq!(step["plugins"]["credit"], "hicra_variant");
+    assert_eq!(step["plugins"]["dropped_groups"], 0);
+}

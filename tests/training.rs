@@ -73,6 +73,7 @@ fn group(samples: Vec<(Vec<u32>, Vec<f32>)>) -> RolloutGroup {
                 logprobs,
             })
             .collect(),
+        advantages: None,
     }
 }
 

@@ -56,6 +56,7 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
                 planning_mask: (0..args.completion_tokens).map(|t| t % 10 == 0).collect(),
             })
             .collect(),
+        advantages: None,
     };
     trainer.step(&loaded.model, std::slice::from_ref(&group))?;
     let started = Instant::now();

@@ -76,6 +76,12 @@ pub(crate) struct ServeArgs {
     /// Time-out of one plugin call in milliseconds [default: 10000].
     #[arg(long)]
     plugin_timeout_ms: Option<u64>,
+    /// Name of a loaded planning-token detector plugin for online training.
+    #[arg(long)]
+    sg_plugin: Option<String>,
+    /// Name of a loaded credit plugin for online training.
+    #[arg(long)]
+    credit_plugin: Option<String>,
     /// Bearer token for /admin routes (plugin listing and reload); none disables them.
     #[arg(long)]
     admin_key: Option<String>,
@@ -120,6 +126,8 @@ impl ServeArgs {
             plugin_config: self.plugin_config.or(file.plugin_config),
             plugin_timeout_ms: self.plugin_timeout_ms.or(file.plugin_timeout_ms),
             admin_key: self.admin_key.or(file.admin_key),
+            sg_plugin: self.sg_plugin.or(file.sg_plugin),
+            credit_plugin: self.credit_plugin.or(file.credit_plugin),
             train: self.train || file.train,
             train_config: self.train_config.or(file.train_config),
             groups_per_step: self.groups_per_step.or(file.groups_per_step),
@@ -174,6 +182,15 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         let timeout = std::time::Duration::from_millis(args.plugin_timeout_ms.unwrap_or(10_000));
         Some(Arc::new(crate::server::plugins::PluginRegistry::new(args.plugins.clone(), configs, timeout)?))
     };
+    for (flag, name, kind) in [("--sg-plugin", &args.sg_plugin, hicra_sdk::PluginKind::SgDetector), ("--credit-plugin", &args.credit_plugin, hicra_sdk::PluginKind::Credit)] {
+        let Some(name) = name else { continue };
+        let loaded = plugins.as_ref().map(|r| r.current()).unwrap_or_default();
+        match loaded.iter().find(|p| &p.name == name) {
+            Some(p) if p.kind == kind => {}
+            Some(p) => anyhow::bail!("{flag} {name}: that plugin is a {:?} plugin, not {kind:?}", p.kind),
+            None => anyhow::bail!("{flag} {name}: no loaded plugin has that name (load it with --plugin)"),
+        }
+    }
     let state = AppState {
         engine,
         rollouts: Arc::new(RolloutStore::new(args.rollout_capacity.unwrap_or(10_000))),
@@ -184,7 +201,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_body_bytes: args.max_body_bytes.unwrap_or(8 << 20),
             default_max_tokens: args.default_max_tokens.unwrap_or(2048),
         }),
-        training: training.map(|_| Arc::new(crate::server::training::TrainingBuffer::new(args.groups_per_step.unwrap_or(1), args.group_size.unwrap_or(4)))),
+        training: training.map(|_| {
+            let mut buffer = crate::server::training::TrainingBuffer::new(args.groups_per_step.unwrap_or(1), args.group_size.unwrap_or(4));
+            buffer.sg_plugin = args.sg_plugin.clone();
+            buffer.credit_plugin = args.credit_plugin.clone();
+            Arc::new(buffer)
+        }),
         plugins,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -79,6 +79,14 @@ static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// Loads a plugin library and applies `config` (a JSON object).
 pub fn load(path: &Path, config: &serde_json::Value) -> Result<Plugin, PluginError> {
+    let plugin = open(path)?;
+    plugin.configure(config)?;
+    Ok(plugin)
+}
+
+/// Loads a new generation of a plugin library without configuring it (its name is known
+/// only once it is loaded, and configurations are keyed by name).
+pub fn open(path: &Path) -> Result<Plugin, PluginError> {
     let err = |message: String| PluginError::Load { path: path.to_path_buf(), message };
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
     let copies = std::env::temp_dir().join(format!("hicra-plugins-{}", std::process::id()));
@@ -93,22 +101,19 @@ pub fn load(path: &Path, config: &serde_json::Value) -> Result<Plugin, PluginErr
         return Err(err(format!("plugin ABI version {abi}, this host speaks {ABI_VERSION}")));
     }
     let info = (module.info())();
-    let plugin = Plugin {
-        name: info.name.to_string(),
-        kind: info.kind,
-        version: info.version.to_string(),
-        source: path.to_path_buf(),
-        generation,
-        module,
-    };
-    let text = config.to_string();
-    if let RResult::RErr(message) = (module.configure())(RStr::from(text.as_str())) {
-        return Err(PluginError::Config { name: plugin.name, message: message.to_string() });
-    }
-    Ok(plugin)
+    Ok(Plugin { name: info.name.to_string(), kind: info.kind, version: info.version.to_string(), source: path.to_path_buf(), generation, module })
 }
 
 impl Plugin {
+    /// Applies a configuration (a JSON object); the plugin validates it.
+    pub fn configure(&self, config: &serde_json::Value) -> Result<(), PluginError> {
+        let text = config.to_string();
+        match (self.module.configure())(RStr::from(text.as_str())) {
+            RResult::ROk(()) => Ok(()),
+            RResult::RErr(message) => Err(PluginError::Config { name: self.name.clone(), message: message.to_string() }),
+        }
+    }
+
     fn fail(&self, message: impl Into<String>) -> PluginError {
         PluginError::Call { name: self.name.clone(), message: message.into() }
     }

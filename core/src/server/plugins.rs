@@ -53,12 +53,8 @@ impl PluginRegistry {
     pub fn reload(&self) -> Result<Arc<Vec<Plugin>>, PluginError> {
         let mut fresh = Vec::new();
         for source in &self.sources {
-            // The name is known only once loaded; load with `{}` first to learn it when the
-            // configuration is keyed by name.
-            let probe = plugins::load(source, &json!({}));
-            let name = probe.as_ref().map(|p| p.name.clone()).unwrap_or_default();
-            let config = self.configs.get(&name).cloned().unwrap_or_else(|| json!({}));
-            let plugin = if config == json!({}) { probe? } else { plugins::load(source, &config)? };
+            let plugin = plugins::open(source)?;
+            plugin.configure(self.configs.get(&plugin.name).unwrap_or(&json!({})))?;
             self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             smoke_test(&plugin, self.timeout)?;
             fresh.push(plugin);

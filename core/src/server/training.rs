@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiJson};
 use super::rollouts::Rollout;
 use super::AppState;
+use super::plugins::PluginRegistry;
+use abi_stable::std_types::{RVec, Tuple2};
+use hicra_sdk::{CreditGroup, DetectItem};
 use crate::train::planning::{spans_from_pieces, StrategicGrams};
 use crate::train::trainer::{GroupMember, RolloutGroup};
 
@@ -28,6 +31,10 @@ pub struct TrainingBuffer {
     pub groups_per_step: usize,
     /// Members of a client-named group.
     pub group_size: usize,
+    /// A loaded planning-token detector plugin to use instead of the paper's list.
+    pub sg_plugin: Option<String>,
+    /// A loaded credit plugin to compute advantages instead of the trainer's scheme.
+    pub credit_plugin: Option<String>,
     grams: StrategicGrams,
     state: Mutex<BufferState>,
 }
@@ -35,7 +42,7 @@ pub struct TrainingBuffer {
 #[derive(Debug, Default)]
 struct BufferState {
     collecting: HashMap<String, Vec<Rollout>>,
-    ready: Vec<RolloutGroup>,
+    ready: Vec<Vec<Rollout>>,
     /// Strategic-Gram occurrences and rewards of the completions in `ready`.
     gram_counts: HashMap<String, usize>,
     rewards: Vec<f32>,
@@ -55,12 +62,19 @@ pub struct BatchStats {
 impl TrainingBuffer {
     /// A buffer stepping every `groups_per_step` complete groups.
     pub fn new(groups_per_step: usize, group_size: usize) -> Self {
-        Self { groups_per_step: groups_per_step.max(1), group_size: group_size.max(2), grams: StrategicGrams::paper(), state: Mutex::new(BufferState::default()) }
+        Self {
+            groups_per_step: groups_per_step.max(1),
+            group_size: group_size.max(2),
+            sg_plugin: None,
+            credit_plugin: None,
+            grams: StrategicGrams::paper(),
+            state: Mutex::new(BufferState::default()),
+        }
     }
 
     /// Adds a rewarded rollout; returns whether its group completed, and the groups of a full
     /// step when one is ready.
-    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<(Vec<RolloutGroup>, BatchStats)>) {
+    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<(Vec<Vec<Rollout>>, BatchStats)>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let expected = if named_group { self.group_size } else { rollout.group_size };
         let key = rollout.group.clone();
@@ -77,8 +91,7 @@ impl TrainingBuffer {
             }
             state.rewards.push(member.reward.unwrap_or(0.0));
         }
-        let group = self.to_group(members);
-        state.ready.push(group);
+        state.ready.push(members);
         if state.ready.len() >= self.groups_per_step {
             let stats = BatchStats {
                 accuracy: state.rewards.iter().filter(|&&r| r >= 1.0).count() as f64 / state.rewards.len().max(1) as f64,
@@ -92,18 +105,72 @@ impl TrainingBuffer {
         (true, None)
     }
 
-    fn to_group(&self, members: Vec<Rollout>) -> RolloutGroup {
-        let prompt_ids = members.first().map(|m| m.prompt_token_ids.clone()).unwrap_or_default();
-        let temperature = members.first().map(|m| m.temperature).unwrap_or(1.0);
-        let members = members
-            .into_iter()
-            .map(|m| {
-                let pieces: Vec<&str> = m.token_texts.iter().map(String::as_str).collect();
-                let planning_mask = self.grams.token_mask(&pieces.concat(), &spans_from_pieces(&pieces));
-                GroupMember { completion_ids: m.completion_token_ids, logprobs: m.logprobs, reward: m.reward.unwrap_or(0.0), planning_mask }
-            })
-            .collect();
-        RolloutGroup { prompt_ids, temperature, members }
+    /// Turns complete groups into training groups: planning masks from the detector plugin
+    /// (or the paper's list), advantages from the credit plugin (or, later, the trainer's
+    /// scheme). Items a detector fails are masked out of their group; a group the credit
+    /// plugin fails is dropped. Blocking: plugin calls run here.
+    fn build_groups(&self, raw: Vec<Vec<Rollout>>, plugins: Option<&PluginRegistry>) -> (Vec<RolloutGroup>, Value) {
+        let generation = plugins.map(|p| p.current()).unwrap_or_default();
+        let timeout = plugins.map(|p| p.timeout).unwrap_or_default();
+        let find = |name: &Option<String>| name.as_ref().and_then(|n| generation.iter().find(|p| &p.name == n).cloned());
+        let (detector, credit) = (find(&self.sg_plugin), find(&self.credit_plugin));
+        let (mut masked_items, mut dropped_groups) = (0usize, 0usize);
+        let mut groups = Vec::new();
+        for members in raw {
+            let prompt_ids = members.first().map(|m| m.prompt_token_ids.clone()).unwrap_or_default();
+            let temperature = members.first().map(|m| m.temperature).unwrap_or(1.0);
+            let spans: Vec<Vec<(usize, usize)>> = members.iter().map(|m| spans_from_pieces(&m.token_texts.iter().map(String::as_str).collect::<Vec<_>>())).collect();
+            let masks: Vec<Option<Vec<bool>>> = match &detector {
+                Some(plugin) => {
+                    let items = members
+                        .iter()
+                        .zip(&spans)
+                        .map(|(m, sp)| DetectItem { text: m.token_texts.concat().into(), token_spans: sp.iter().map(|&(a, b)| Tuple2(a as u32, b as u32)).collect() })
+                        .collect();
+                    match plugin.detect(items, timeout) {
+                        Ok(results) => results.into_iter().map(Result::ok).collect(),
+                        Err(_) => vec![None; members.len()],
+                    }
+                }
+                None => members.iter().zip(&spans).map(|(m, sp)| Some(self.grams.token_mask(&m.token_texts.concat(), sp))).collect(),
+            };
+            let mut kept = Vec::new();
+            for (m, mask) in members.into_iter().zip(masks) {
+                match mask {
+                    Some(planning_mask) => kept.push(GroupMember { completion_ids: m.completion_token_ids, logprobs: m.logprobs, reward: m.reward.unwrap_or(0.0), planning_mask }),
+                    None => masked_items += 1,
+                }
+            }
+            if kept.len() < 2 {
+                dropped_groups += 1;
+                continue;
+            }
+            let advantages = match &credit {
+                Some(plugin) => {
+                    let group = CreditGroup {
+                        rewards: kept.iter().map(|m| m.reward).collect(),
+                        planning_masks: kept.iter().map(|m| m.planning_mask.iter().map(|&b| b as u8).collect()).collect(),
+                        entropies: RVec::new(),
+                    };
+                    match plugin.credit(group, timeout) {
+                        Ok(rows) => Some(rows),
+                        Err(_) => {
+                            dropped_groups += 1;
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            groups.push(RolloutGroup { prompt_ids, temperature, members: kept, advantages });
+        }
+        let report = json!({
+            "sg_detector": detector.as_ref().map(|p| p.name.clone()).unwrap_or_else(|| "strategic_grams (built-in)".into()),
+            "credit": credit.as_ref().map(|p| p.name.clone()).unwrap_or_else(|| "trainer".into()),
+            "masked_items": masked_items,
+            "dropped_groups": dropped_groups,
+        });
+        (groups, report)
     }
 }
 
@@ -180,12 +247,18 @@ pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group
     };
     let (group_completed, ready) = buffer.add(rollout, named);
     let mut steps = Vec::new();
-    if let Some((groups, batch)) = ready {
+    if let Some((raw, batch)) = ready {
+        let registry = state.plugins.clone();
+        let builder = buffer.clone();
+        let (groups, plugin_report) = tokio::task::spawn_blocking(move || builder.build_groups(raw, registry.as_deref()))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let report = state.engine.train(groups).await.map_err(ApiError::Internal)?;
         state.metrics.record_step(&report, &batch);
         let mut entry = serde_json::to_value(&report).unwrap_or_default();
         if let (Some(object), Ok(Value::Object(extra))) = (entry.as_object_mut(), serde_json::to_value(&batch)) {
             object.extend(extra);
+            object.insert("plugins".into(), plugin_report);
         }
         steps.push(entry);
     }

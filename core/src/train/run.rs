@@ -386,7 +386,7 @@ impl Run {
                     resampled += 1;
                 }
             }
-            groups.push(RolloutGroup { prompt_ids, temperature: self.config.temperature, members });
+            groups.push(RolloutGroup { prompt_ids, temperature: self.config.temperature, members, advantages: None });
         }
         let sample_seconds = started.elapsed().as_secs_f64();
         let rewards: Vec<f32> = groups.iter().flat_map(|g| g.members.iter().map(|m| m.reward)).collect();

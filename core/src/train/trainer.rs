@@ -53,6 +53,9 @@ pub struct RolloutGroup {
     pub temperature: f64,
     /// The completions.
     pub members: Vec<GroupMember>,
+    /// Per-token advantages computed outside the trainer (a credit plugin); when `None` the
+    /// configured scheme computes them.
+    pub advantages: Option<Vec<Vec<f32>>>,
 }
 
 /// What a step did, for logs and metrics.
@@ -94,6 +97,23 @@ pub struct StepReport {
     pub step_seconds: f64,
     /// Trained tokens per second.
     pub tokens_per_s: f64,
+}
+
+/// Checks advantages given from outside against the group's shape.
+fn precomputed(given: &[Vec<f32>], rewards: &[f32], planning: &[Vec<bool>]) -> Result<credit::GroupAdvantages, TrainError> {
+    if given.len() != planning.len() {
+        return Err(TrainError::InvalidSample { index: 0, reason: format!("{} advantage rows for {} responses", given.len(), planning.len()) });
+    }
+    for (i, (row, mask)) in given.iter().zip(planning).enumerate() {
+        if row.len() != mask.len() || row.iter().any(|a| !a.is_finite()) {
+            return Err(TrainError::InvalidSample { index: i, reason: format!("{} advantages for {} tokens or a non-finite value", row.len(), mask.len()) });
+        }
+    }
+    Ok(credit::GroupAdvantages {
+        per_token: given.to_vec(),
+        sequence: given.iter().map(|row| row.first().copied().unwrap_or(0.0)).collect(),
+        zero_variance: rewards.windows(2).all(|w| w[0] == w[1]),
+    })
 }
 
 /// Adapter tensors, optimizer state and the policy version of one served model.
@@ -157,7 +177,7 @@ impl Trainer {
             members += rewards.len();
             length_sum += group.members.iter().map(|m| m.completion_ids.len()).sum::<usize>();
             let entropies = match self.config.credit {
-                CreditScheme::EntropyGated { .. } => {
+                CreditScheme::EntropyGated { .. } if group.advantages.is_none() => {
                     let probe: Vec<TrainSample> = group
                         .members
                         .iter()
@@ -174,7 +194,10 @@ impl Trainer {
                 }
                 _ => None,
             };
-            let advantages = credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: entropies.as_deref() })?;
+            let advantages = match &group.advantages {
+                Some(given) => precomputed(given, &rewards, &planning)?,
+                None => credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: entropies.as_deref() })?,
+            };
             if advantages.zero_variance {
                 report.zero_variance_groups += 1;
                 continue;
