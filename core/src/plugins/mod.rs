@@ -280,4 +280,31 @@ mod tests {
         let mismatched = CreditGroup { rewards: vec![1.0].into(), planning_masks: RVec::new(), entropies: RVec::new() };
         assert!(credit.credit(mismatched, second).is_err());
     }
+
+    #[test]
+    fn built_in_detector_and_credit_plugins_match_the_host_built_ins() {
+        use crate::train::credit::{assign, CreditScheme, GroupInput};
+        use crate::train::planning::{spans_from_pieces, StrategicGrams};
+        let second = Duration::from_secs(5);
+        let pieces = ["Wait", ",", " let", "'s", " try", " a", " different", " approach", ":", " 3", "+", "4"];
+        let text: String = pieces.concat();
+        let spans = spans_from_pieces(&pieces);
+        let detector = load(&built_plugin("hicra_strategic_grams"), &serde_json::json!({})).expect("loads");
+        let item = DetectItem { text: text.as_str().into(), token_spans: spans.iter().map(|&(a, b)| abi_stable::std_types::Tuple2(a as u32, b as u32)).collect() };
+        let mask = detector.detect(vec![item], second).expect("batch").remove(0).expect("item");
+        assert_eq!(mask, StrategicGrams::paper().token_mask(&text, &spans));
+        assert!(mask.iter().any(|&m| m) && !mask[9], "{mask:?}");
+
+        let schemes = load(&built_plugin("hicra_credit_schemes"), &serde_json::json!({"scheme": "hicra", "alpha": 0.3})).expect("loads");
+        let rewards = [1.0f32, 0.0, 0.0, 1.0];
+        let masks: Vec<Vec<bool>> = vec![vec![true, false], vec![false, true, true], vec![false], vec![true]];
+        let group = CreditGroup {
+            rewards: rewards.to_vec().into(),
+            planning_masks: masks.iter().map(|m| m.iter().map(|&b| b as u8).collect()).collect(),
+            entropies: RVec::new(),
+        };
+        let ours = assign(&CreditScheme::Hicra { alpha: 0.3, scale_by_std: true }, &GroupInput { rewards: &rewards, planning_masks: &masks, entropies: None }).expect("assign");
+        assert_eq!(schemes.credit(group, second).expect("advantages"), ours.per_token);
+        assert!(matches!(load(&built_plugin("hicra_credit_schemes"), &serde_json::json!({"scheme": "magic"})), Err(PluginError::Config { .. })));
+    }
 }
