@@ -143,3 +143,24 @@ fn equal_reward_groups_are_resampled_when_configured() {
     assert!(!metrics[0].train.updated);
     assert_eq!(metrics[0].train.zero_variance_groups, 2);
 }
+
+#[test]
+fn a_reward_plugin_scores_the_offline_loop_and_its_failures_are_masked() {
+    let _turn = serial();
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhicra_test_misbehaving.so");
+    assert!(plugin.exists(), "{} missing: run cargo build --release --workspace first", plugin.display());
+    let run_with = |mode: &str| {
+        let mut config = config(scratch(mode), 1);
+        config.reward_plugin = Some(plugin.clone());
+        config.reward_plugin_config = Some(toml::from_str(&format!("mode = \"{mode}\"")).expect("toml"));
+        let loaded = load(&config.model, &LoadOptions::cpu()).expect("tiny model loads");
+        Run::new(config, loaded).expect("run set up").run(0, |_| {}).expect("run").remove(0)
+    };
+    // Completion length varies, so rewards do: the step trains on the plugin's scores.
+    let scored = run_with("length");
+    assert!(scored.train.updated && scored.masked_items == 0, "{scored:?}");
+    // NaN scores are item failures: masked out, counted, nothing trained, nothing scored 0.
+    let failed = run_with("nan");
+    assert_eq!(failed.masked_items, 8);
+    assert!(!failed.train.updated && failed.train.groups == 0, "{failed:?}");
+}

@@ -77,6 +77,11 @@ pub struct RunConfig {
     pub reward_pattern: Option<String>,
     /// Draw a group again (up to this many times) when all its rewards are equal (0: skip it).
     pub resample_equal_groups: usize,
+    /// A reward plugin library scoring completions instead of `reward` (the example's answer
+    /// goes to it as `metadata.answer`); items it fails are masked out of their group.
+    pub reward_plugin: Option<PathBuf>,
+    /// Configuration passed to the reward plugin.
+    pub reward_plugin_config: Option<toml::Table>,
     /// Strategic-Gram phrase file (one per line); the paper's list when absent.
     pub strategic_grams: Option<PathBuf>,
     /// Where metrics and checkpoints go.
@@ -108,6 +113,8 @@ impl Default for RunConfig {
             reward: RewardKind::default(),
             reward_pattern: None,
             resample_equal_groups: 0,
+            reward_plugin: None,
+            reward_plugin_config: None,
             strategic_grams: None,
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 0,
@@ -164,6 +171,8 @@ pub struct StepMetrics {
     pub strategic_grams: usize,
     /// Groups drawn again because their rewards were all equal.
     pub resampled_groups: usize,
+    /// Completions a reward plugin failed, left out of training.
+    pub masked_items: usize,
     /// Held-out pass@1 when evaluated this step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_pass1: Option<f64>,
@@ -223,6 +232,8 @@ pub struct Run {
     custom_reward: Option<Box<dyn Fn(&str, &str) -> f32>>,
     /// The compiled `reward_pattern` for `reward = "regex"`.
     pattern: Option<regex::Regex>,
+    /// The loaded `reward_plugin`.
+    plugin: Option<crate::plugins::Plugin>,
 }
 
 impl Run {
@@ -251,10 +262,17 @@ impl Run {
             (RewardKind::Regex, None) => return Err(RunError::Config("reward = \"regex\" needs reward_pattern".into())),
             _ => None,
         };
+        let plugin = match &config.reward_plugin {
+            Some(path) => {
+                let plugin_config = serde_json::to_value(config.reward_plugin_config.clone().unwrap_or_default()).unwrap_or_default();
+                Some(crate::plugins::load(path, &plugin_config).map_err(|e| RunError::Config(e.to_string()))?)
+            }
+            None => None,
+        };
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern })
+        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin })
     }
 
     /// Scores completions with `reward(completion, answer)` instead of the configured kind.
@@ -344,23 +362,58 @@ impl Run {
     }
 
     /// Rewards and planning masks of one prompt's completions.
-    fn score_group(&self, example: &Example, generations: Vec<Generation>, grams: &mut HashMap<String, usize>) -> Vec<GroupMember> {
-        generations
+    /// Rewards from the plugin, one per generation; `None` marks an item the plugin failed
+    /// (masked out, never scored 0). A whole-batch failure masks every item.
+    fn plugin_rewards(&self, plugin: &crate::plugins::Plugin, example: &Example, prompt: &str, generations: &[Generation]) -> Vec<Option<f32>> {
+        let metadata = serde_json::json!({"answer": example.answer}).to_string();
+        let items = generations
+            .iter()
+            .map(|g| hicra_sdk::RewardItem {
+                prompt: prompt.into(),
+                completion: g.text.as_str().into(),
+                token_ids: g.tokens.iter().map(|t| t.id).collect(),
+                metadata_json: metadata.as_str().into(),
+            })
+            .collect();
+        match plugin.score(items, std::time::Duration::from_secs(30)) {
+            Ok(results) => results.into_iter().map(|r| r.ok().map(|s| s.score)).collect(),
+            Err(err) => {
+                tracing::warn!(%err, "reward plugin failed a batch; its items are masked");
+                vec![None; generations.len()]
+            }
+        }
+    }
+
+    /// Rewards and planning masks of one prompt's completions; the second value counts items
+    /// a reward plugin failed (left out of the group).
+    fn score_group(&self, example: &Example, prompt_ids: &[u32], generations: Vec<Generation>, grams: &mut HashMap<String, usize>) -> (Vec<GroupMember>, usize) {
+        let rewards: Vec<Option<f32>> = match &self.plugin {
+            Some(plugin) => {
+                let prompt = self.loaded.tokenizer.decode(prompt_ids, false).unwrap_or_default();
+                self.plugin_rewards(plugin, example, &prompt, &generations)
+            }
+            None => generations.iter().map(|g| Some(self.reward(&g.text, &example.answer))).collect(),
+        };
+        let masked = rewards.iter().filter(|r| r.is_none()).count();
+        let members = generations
             .into_iter()
-            .map(|generation| {
+            .zip(rewards)
+            .filter_map(|(generation, reward)| {
+                let reward = reward?;
                 let pieces: Vec<&str> = generation.tokens.iter().map(|t| t.text.as_str()).collect();
                 let text: String = pieces.concat();
                 for m in self.grams.find(&text) {
                     *grams.entry(m.phrase).or_default() += 1;
                 }
-                GroupMember {
-                    reward: self.reward(&generation.text, &example.answer),
+                Some(GroupMember {
+                    reward,
                     planning_mask: self.grams.token_mask(&text, &spans_from_pieces(&pieces)),
                     completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
                     logprobs: generation.tokens.iter().map(|t| t.logprob).collect(),
-                }
+                })
             })
-            .collect()
+            .collect();
+        (members, masked)
     }
 
     fn step(&mut self, step: u64) -> Result<StepMetrics, RunError> {
@@ -373,20 +426,25 @@ impl Run {
         let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
         let mut grams: HashMap<String, usize> = HashMap::new();
         let mut groups = Vec::new();
-        let mut resampled = 0;
+        let (mut resampled, mut masked_items) = (0, 0);
         for (p, (example, (prompt_ids, generations))) in batch.iter().zip(sampled).enumerate() {
-            let mut members = self.score_group(example, generations, &mut grams);
+            let (mut members, masked) = self.score_group(example, &prompt_ids, generations, &mut grams);
+            masked_items += masked;
             // Equal rewards carry no GRPO signal: draw the group again, a bounded number of times.
             for attempt in 1..=self.config.resample_equal_groups {
                 if members.windows(2).all(|w| w[0].reward == w[1].reward) {
                     let tag = step ^ ((attempt as u64) << 40) ^ ((p as u64) << 48);
                     let again = self.sample(&[*example], self.config.group_size, tag, self.config.temperature)?;
                     let generations = again.into_iter().next().map(|(_, g)| g).unwrap_or_default();
-                    members = self.score_group(example, generations, &mut grams);
+                    let (again, masked) = self.score_group(example, &prompt_ids, generations, &mut grams);
+                    members = again;
+                    masked_items += masked;
                     resampled += 1;
                 }
             }
-            groups.push(RolloutGroup { prompt_ids, temperature: self.config.temperature, members, advantages: None });
+            if members.len() >= 2 {
+                groups.push(RolloutGroup { prompt_ids, temperature: self.config.temperature, members, advantages: None });
+            }
         }
         let sample_seconds = started.elapsed().as_secs_f64();
         let rewards: Vec<f32> = groups.iter().flat_map(|g| g.members.iter().map(|m| m.reward)).collect();
@@ -400,6 +458,7 @@ impl Run {
             semantic_entropy: super::planning::semantic_entropy(grams.values()),
             strategic_grams: grams.values().sum(),
             resampled_groups: resampled,
+            masked_items,
             eval_pass1,
             eval_pass_k,
             sample_seconds,
