@@ -161,28 +161,7 @@ impl<'m> Engine<'m> {
 
     /// Checks a request against the model before it takes a slot.
     pub fn validate(&self, request: &GenerationRequest) -> Result<(), EngineError> {
-        let vocab = self.model.config().vocab_size;
-        let limit = self.cache.capacity();
-        if request.prompt_ids.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if request.prompt_ids.len() >= limit {
-            return Err(EngineError::PromptTooLong { prompt_tokens: request.prompt_ids.len(), max_context: limit });
-        }
-        if let Some(&id) = request.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(EngineError::TokenOutOfRange { id, vocab_size: vocab });
-        }
-        let s = &request.sampling;
-        if !(s.temperature.is_finite() && s.temperature >= 0.0) {
-            return Err(EngineError::InvalidParameter(format!("temperature must be >= 0, got {}", s.temperature)));
-        }
-        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            return Err(EngineError::InvalidParameter(format!("top_p must be in (0, 1], got {}", s.top_p)));
-        }
-        if request.top_logprobs > vocab {
-            return Err(EngineError::InvalidParameter(format!("top_logprobs {} exceeds the vocabulary", request.top_logprobs)));
-        }
-        Ok(())
+        validate_request(request, self.model.config().vocab_size, self.cache.capacity())
     }
 
     /// Puts requests into free slots and prefills them in one batch; returns each one's first
@@ -381,6 +360,32 @@ impl<'m> Engine<'m> {
             })
             .1
     }
+}
+
+/// The checks a request must pass before it takes a slot: a non-empty prompt shorter than
+/// `max_context` (one position must remain to generate), ids inside the vocabulary, sane
+/// sampling parameters. Shared by the engine and by the scheduler's early refusal.
+pub fn validate_request(request: &GenerationRequest, vocab_size: usize, max_context: usize) -> Result<(), EngineError> {
+    if request.prompt_ids.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if request.prompt_ids.len() >= max_context {
+        return Err(EngineError::PromptTooLong { prompt_tokens: request.prompt_ids.len(), max_context });
+    }
+    if let Some(&id) = request.prompt_ids.iter().find(|&&id| id as usize >= vocab_size) {
+        return Err(EngineError::TokenOutOfRange { id, vocab_size });
+    }
+    let s = &request.sampling;
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return Err(EngineError::InvalidParameter(format!("temperature must be >= 0, got {}", s.temperature)));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(EngineError::InvalidParameter(format!("top_p must be in (0, 1], got {}", s.top_p)));
+    }
+    if request.top_logprobs > vocab_size {
+        return Err(EngineError::InvalidParameter(format!("top_logprobs {} exceeds the vocabulary", request.top_logprobs)));
+    }
+    Ok(())
 }
 
 /// Drops libtorch to one intra-op thread while a small CPU decode step runs on

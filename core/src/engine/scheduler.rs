@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::generate::{Engine, FinishReason, GeneratedToken, GenerationRequest, TokenEvent};
+use super::generate::{validate_request, Engine, FinishReason, GeneratedToken, GenerationRequest, TokenEvent};
 use super::EngineError;
 use crate::model::LoadedModel;
 use crate::train::trainer::{RolloutGroup, StepReport, Trainer, TrainerConfig};
@@ -170,8 +170,9 @@ impl EngineHandle {
         if requests.len() > self.config.max_batch {
             return Err(SubmitError::TooManyChoices { n: requests.len(), max_batch: self.config.max_batch });
         }
+        // The engine's own checks, made before queueing so errors are immediate.
         for request in &requests {
-            validate(request, &self.info)?;
+            validate_request(request, self.info.vocab_size, self.info.max_context)?;
         }
         let waiting = self.stats.queued_sequences.load(Ordering::Relaxed);
         let waiting_tokens = self.stats.queued_tokens.load(Ordering::Relaxed);
@@ -203,20 +204,6 @@ impl EngineHandle {
         self.commands.send(Command::Train(groups, reply)).map_err(|_| "the engine has stopped".to_string())?;
         answer.await.map_err(|_| "the engine dropped the training step".to_string())?
     }
-}
-
-/// The checks [`Engine::validate`] makes, done before queueing so errors are immediate.
-fn validate(request: &GenerationRequest, info: &ModelInfo) -> Result<(), EngineError> {
-    if request.prompt_ids.is_empty() {
-        return Err(EngineError::EmptyPrompt);
-    }
-    if request.prompt_ids.len() >= info.max_context {
-        return Err(EngineError::PromptTooLong { prompt_tokens: request.prompt_ids.len(), max_context: info.max_context });
-    }
-    if let Some(&id) = request.prompt_ids.iter().find(|&&id| id as usize >= info.vocab_size) {
-        return Err(EngineError::TokenOutOfRange { id, vocab_size: info.vocab_size });
-    }
-    Ok(())
 }
 
 /// Starts the engine thread, which takes ownership of the model. With `training`, LoRA

@@ -62,7 +62,7 @@ pub(super) async fn chat_completions(State(state): State<AppState>, ApiJson(requ
     let tools = request.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
     let text = template.render(&request.messages, tools, true, None)?;
     let prompt_ids = tokenizer.encode(&text, false)?;
-    let engine_requests = requests::engine_requests(&plan, &prompt_ids, &state)?;
+    let engine_requests = requests::engine_requests(&plan, &prompt_ids, &state);
     let events = state.engine.submit(engine_requests)?;
     let job = ChatJob {
         id: format!("chatcmpl-{}", state.rollouts.next_id()),

@@ -28,7 +28,7 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
     // Submit every prompt before waiting, so they batch together in the engine.
     let mut submissions = Vec::with_capacity(prompts.len());
     for ids in &prompts {
-        let engine_requests = requests::engine_requests(&plan, ids, &state)?;
+        let engine_requests = requests::engine_requests(&plan, ids, &state);
         submissions.push(state.engine.submit(engine_requests)?);
     }
     let id = format!("cmpl-{}", state.rollouts.next_id());

@@ -92,18 +92,12 @@ fn choice_seed(seed: u64, index: usize) -> u64 {
 }
 
 /// One engine request per choice.
-pub(crate) fn engine_requests(plan: &Plan, prompt_ids: &[u32], state: &AppState) -> Result<Vec<GenerationRequest>, ApiError> {
-    let info = &state.engine.info;
-    if prompt_ids.len() >= info.max_context {
-        return Err(ApiError::invalid(
-            "messages",
-            format!("prompt has {} tokens but the context limit is {} (at least one position must remain for generation)", prompt_ids.len(), info.max_context),
-        ));
-    }
-    let room = info.max_context - prompt_ids.len();
+pub(crate) fn engine_requests(plan: &Plan, prompt_ids: &[u32], state: &AppState) -> Vec<GenerationRequest> {
+    // A prompt over the context leaves no room; `submit` refuses it with the limit named.
+    let room = state.engine.info.max_context.saturating_sub(prompt_ids.len()).max(1);
     let max_new_tokens = plan.max_tokens.unwrap_or(state.options.default_max_tokens).min(room);
     let tokenizer = &state.engine.tokenizer;
-    Ok((0..plan.n)
+    (0..plan.n)
         .map(|i| GenerationRequest {
             prompt_ids: prompt_ids.to_vec(),
             sampling: SamplingParams { seed: choice_seed(plan.sampling.seed, i), ..plan.sampling.clone() },
@@ -112,7 +106,7 @@ pub(crate) fn engine_requests(plan: &Plan, prompt_ids: &[u32], state: &AppState)
             stop_strings: plan.stop.clone(),
             top_logprobs: plan.top_logprobs,
         })
-        .collect())
+        .collect()
 }
 
 /// A finished choice.
