@@ -71,11 +71,13 @@ pub fn start_server<S: AsRef<OsStr>>(args: &[S]) -> Server {
         .spawn()
         .expect("hicra serve starts");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+    let mut printed = Vec::new();
     let url = loop {
-        let line = lines.next().expect("server printed its address before exiting").expect("utf-8 line");
+        let Some(Ok(line)) = lines.next() else { panic!("server exited before listening:\n{}", printed.join("\n")) };
         if let Some(addr) = line.strip_prefix("listening on ") {
             break addr.trim().to_string();
         }
+        printed.push(line);
     };
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});

@@ -164,3 +164,33 @@ fn a_reward_plugin_scores_the_offline_loop_and_its_failures_are_masked() {
     assert_eq!(failed.masked_items, 8);
     assert!(!failed.train.updated && failed.train.groups == 0, "{failed:?}");
 }
+
+#[test]
+fn detector_and_credit_plugins_shape_the_offline_loop() {
+    let _turn = serial();
+    let built = |name: &str| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(format!("lib{name}.so"));
+        assert!(path.exists(), "{} missing: run cargo build --release --workspace first", path.display());
+        path
+    };
+    let mut config = config(scratch("step-plugins"), 1);
+    config.sg_plugin = Some(built("hicra_example_phrase_detector"));
+    config.sg_plugin_config = Some(toml::from_str("phrases = [\"let me check\"]").expect("toml"));
+    // The entropy-gated scheme fails without per-token entropies: a group it accepts proves the
+    // sampler's entropies reached the plugin.
+    config.credit_plugin = Some(built("hicra_credit_schemes"));
+    config.credit_plugin_config = Some(toml::from_str("scheme = \"entropy_gated\"").expect("toml"));
+    let loaded = load(&config.model, &LoadOptions::cpu()).expect("tiny model loads");
+    let mut run = Run::new(config.clone(), loaded).expect("run set up");
+    run.set_reward_fn(letters);
+    let metrics = run.run(0, |_| {}).expect("run").remove(0);
+    assert!(metrics.train.updated, "{metrics:?}");
+    assert_eq!((metrics.masked_items, metrics.dropped_groups, metrics.train.groups), (0, 0, 2), "{metrics:?}");
+
+    // A plugin named in the wrong setting is refused before anything runs.
+    config.credit_plugin = config.sg_plugin.clone();
+    config.credit_plugin_config = config.sg_plugin_config.clone();
+    let loaded = load(&config.model, &LoadOptions::cpu()).expect("tiny model loads");
+    let err = Run::new(config, loaded).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("expected Credit"), "{err}");
+}

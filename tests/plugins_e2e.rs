@@ -100,26 +100,34 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
 
 #[test]
 fn detector_and_credit_plugins_drive_online_training() {
-    let dir = std::env::temp_dir().join(format!("hicra-plugins-credit-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("serve.toml");
-    let toml = format!(
-        "plugins = [{:?}, {:?}]\ntrain = true\nmax_context = 128\nsg_plugin = \"phrases\"\ncredit_plugin = \"hicra_variant\"\n\n[plugin_config.phrases]\nphrases = [\"let me check\"]\n\n[plugin_config.hicra_variant]\nup = 0.5\ndown = 0.1\n",
-        release("libhicra_example_phrase_detector.so"),
-        release("libhicra_example_credit_variant.so")
-    );
-    std::fs::write(&config, toml).expect("config");
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
-    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
-    let client = Client::new();
-    let (_, body) = call(&client, "POST", format!("{}/v1/chat/completions", server.url), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 8, "seed": 4})));
-    let rewards: Vec<Value> = body["choices"].as_array().expect("choices").iter().enumerate().map(|(i, c)| json!({"rollout_id": c["hicra"]["rollout_id"], "reward": (i % 2) as f64})).collect();
-    let (status, reply) = call(&client, "POST", format!("{}/v1/rewards", server.url), "", Some(json!({"rewards": rewards})));
-    assert_eq!(status, 200, "{reply}");
-    let step = &reply["steps"][0];
-    assert_eq!(step["updated"], true, "{reply}");
-    assert_eq!(step["plugins"]["sg_detector"], "phrases");
-    assert_eq!(step["plugins"]["credit"], "hicra_variant");
-    assert_eq!(step["plugins"]["dropped_groups"], 0);
+    // The example variant, and the built-in entropy-gated scheme, which fails without per-token
+    // entropies: its step proves the entropies recorded while sampling reach the plugin.
+    let credits = [
+        ("libhicra_example_credit_variant.so", "hicra_variant", "up = 0.5\ndown = 0.1"),
+        ("libhicra_credit_schemes.so", "credit_schemes", "scheme = \"entropy_gated\""),
+    ];
+    for (library, name, credit_config) in credits {
+        let dir = std::env::temp_dir().join(format!("hicra-plugins-credit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("serve.toml");
+        let toml = format!(
+            "plugins = [{:?}, {:?}]\ntrain = true\nmax_context = 128\nsg_plugin = \"phrases\"\ncredit_plugin = \"{name}\"\n\n[plugin_config.phrases]\nphrases = [\"let me check\"]\n\n[plugin_config.{name}]\n{credit_config}\n",
+            release("libhicra_example_phrase_detector.so"),
+            release(library)
+        );
+        std::fs::write(&config, toml).expect("config");
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+        let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
+        let client = Client::new();
+        let (_, body) = call(&client, "POST", format!("{}/v1/chat/completions", server.url), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 8, "seed": 4})));
+        let rewards: Vec<Value> = body["choices"].as_array().expect("choices").iter().enumerate().map(|(i, c)| json!({"rollout_id": c["hicra"]["rollout_id"], "reward": (i % 2) as f64})).collect();
+        let (status, reply) = call(&client, "POST", format!("{}/v1/rewards", server.url), "", Some(json!({"rewards": rewards})));
+        assert_eq!(status, 200, "{reply}");
+        let step = &reply["steps"][0];
+        assert_eq!(step["updated"], true, "{name}: {reply}");
+        assert_eq!(step["plugins"]["sg_detector"], "phrases");
+        assert_eq!(step["plugins"]["credit"], name);
+        assert_eq!(step["plugins"]["dropped_groups"], 0, "{name}: {reply}");
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use hicra_core::engine::{score_completions, Engine, GenerationRequest, SamplingParams};
+use hicra_core::engine::{score_completions, Engine, Generation, GenerationRequest, SamplingParams};
 use hicra_core::model::{load_decoder, LoadOptions, ModelSource, Transformer};
 use hicra_core::train::credit::CreditScheme;
 use hicra_core::train::loss::{self, LossConfig, TrainSample};
@@ -34,7 +34,7 @@ fn config(credit: CreditScheme, lr: f64) -> TrainerConfig {
 const PROMPT: [u32; 5] = [5, 17, 99, 3, 42];
 
 /// Samples `g` completions of `len` tokens of PROMPT with the model as it is now.
-fn sample_group(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<(Vec<u32>, Vec<f32>)> {
+fn generate(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<Generation> {
     let requests: Vec<GenerationRequest> = (0..g)
         .map(|i| GenerationRequest {
             prompt_ids: PROMPT.to_vec(),
@@ -45,13 +45,12 @@ fn sample_group(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<(Ve
             top_logprobs: 0,
         })
         .collect();
-    let mut engine = Engine::without_tokenizer(model, g, 64);
-    engine
-        .generate(&requests)
-        .expect("generate")
-        .into_iter()
-        .map(|gen| (gen.tokens.iter().map(|t| t.id).collect(), gen.tokens.iter().map(|t| t.logprob).collect()))
-        .collect()
+    Engine::without_tokenizer(model, g, 64).generate(&requests).expect("generate")
+}
+
+/// (completion ids, sampling logprobs) of `generate`.
+fn sample_group(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<(Vec<u32>, Vec<f32>)> {
+    generate(model, g, len, seed).into_iter().map(|gen| (gen.tokens.iter().map(|t| t.id).collect(), gen.tokens.iter().map(|t| t.logprob).collect())).collect()
 }
 
 /// The synthetic task: the share of completion tokens in the lower half of the vocabulary.
@@ -71,6 +70,7 @@ fn group(samples: Vec<(Vec<u32>, Vec<f32>)>) -> RolloutGroup {
                 planning_mask: (0..ids.len()).map(|i| i < 2).collect(),
                 completion_ids: ids,
                 logprobs,
+                entropies: Vec::new(),
             })
             .collect(),
         advantages: None,
@@ -112,6 +112,12 @@ fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
     let gap = stats.new_logprobs.iter().flatten().zip(samples.iter().flat_map(|s| &s.old_logprobs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(gap < 1e-4, "sampler and trainer logprobs differ by {gap}");
     assert_eq!(stats.clipped_tokens, 0);
+    // The entropies recorded while sampling are the trainer's own measure of them.
+    let recorded: Vec<f32> = generate(&model, 4, 8, 3).iter().flat_map(|g| g.tokens.iter().map(|t| t.entropy)).collect();
+    let measured: Vec<f32> = loss::token_entropies(&model, &samples, 4).into_iter().flatten().collect();
+    assert_eq!(recorded.len(), measured.len());
+    let gap = recorded.iter().zip(&measured).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(gap < 1e-4 && recorded.iter().all(|h| *h > 0.0), "recorded and measured entropies differ by {gap}");
     hicra_core::train::optimizer::zero_grad(&trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
 
     let equal: Vec<(Vec<u32>, Vec<f32>)> = fresh.iter().map(|(ids, lps)| (vec![7u32; ids.len()], lps.clone())).collect();

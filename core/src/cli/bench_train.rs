@@ -54,6 +54,7 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
                 logprobs: vec![-2.0; args.completion_tokens],
                 reward: (b % 2) as f32,
                 planning_mask: (0..args.completion_tokens).map(|t| t % 10 == 0).collect(),
+                entropies: Vec::new(),
             })
             .collect(),
         advantages: None,

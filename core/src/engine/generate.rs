@@ -60,6 +60,9 @@ pub struct GeneratedToken {
     /// Natural-log probability under the distribution sampled from (temperature applied,
     /// before top-k/top-p truncation).
     pub logprob: f32,
+    /// Entropy (nats) of the distribution this token was drawn from (same distribution as
+    /// `logprob`).
+    pub entropy: f32,
     /// The most likely alternatives `(id, logprob)`, best first, if asked for.
     pub top_logprobs: Vec<(u32, f32)>,
 }
@@ -314,7 +317,7 @@ impl<'m> Engine<'m> {
         let steps = Tensor::from_slice(&steps).view([-1, 1]).to_device(device);
         let top_k = slots.iter().filter_map(|&s| self.slots[s].as_ref()).map(|q| q.request.top_logprobs).max().unwrap_or(0);
         let sampled = self.sampling_for(slots).sample(&logits, &steps, top_k);
-        let (ids, logprobs, top) = read_back(&sampled)?;
+        let StepReadBack { ids, logprobs, entropies, top } = read_back(&sampled)?;
         let mut events = Vec::with_capacity(slots.len());
         for (row, &slot) in slots.iter().enumerate() {
             let Some(seq) = self.slots[slot].as_mut() else { continue };
@@ -334,7 +337,7 @@ impl<'m> Engine<'m> {
             let final_text = finished.map(|_| std::mem::take(&mut seq.text));
             events.push(TokenEvent {
                 sequence_id: seq.id,
-                token: GeneratedToken { id, text, logprob: logprobs[row], top_logprobs },
+                token: GeneratedToken { id, text, logprob: logprobs[row], entropy: entropies[row], top_logprobs },
                 finished,
                 final_text,
             });
@@ -423,12 +426,20 @@ fn selection_for(slots: &[usize], device: Device) -> SlotSelection {
     }
 }
 
-type TopLogprobs = Option<(Vec<f32>, Vec<i64>)>;
+/// One step's results on the host.
+struct StepReadBack {
+    ids: Vec<i64>,
+    logprobs: Vec<f32>,
+    entropies: Vec<f32>,
+    /// Flattened `(b, k)` values and ids of the best alternatives, when asked for.
+    top: Option<(Vec<f32>, Vec<i64>)>,
+}
 
 /// Copies the step's results to the host: the one synchronisation per step.
-fn read_back(sampled: &Sampled) -> Result<(Vec<i64>, Vec<f32>, TopLogprobs), EngineError> {
+fn read_back(sampled: &Sampled) -> Result<StepReadBack, EngineError> {
     let ids = Vec::<i64>::try_from(sampled.tokens.to_device(Device::Cpu))?;
     let logprobs = Vec::<f32>::try_from(sampled.logprobs.to_device(Device::Cpu))?;
+    let entropies = Vec::<f32>::try_from(sampled.entropies.to_device(Device::Cpu))?;
     let top = match &sampled.top {
         Some((values, indices)) => Some((
             Vec::<f32>::try_from(values.to_device(Device::Cpu).reshape([-1]))?,
@@ -436,7 +447,7 @@ fn read_back(sampled: &Sampled) -> Result<(Vec<i64>, Vec<f32>, TopLogprobs), Eng
         )),
         None => None,
     };
-    Ok((ids, logprobs, top))
+    Ok(StepReadBack { ids, logprobs, entropies, top })
 }
 
 /// The text the newest token adds, holding back incomplete UTF-8 (TGI's/vLLM's scheme:

@@ -72,6 +72,9 @@ pub struct Sampled {
     pub tokens: Tensor,
     /// `(b,)` float: logprob of each chosen token.
     pub logprobs: Tensor,
+    /// `(b,)` float: entropy (nats) of each row's sampling distribution (temperature applied,
+    /// before truncation), the per-token entropy HICRA's analyses and gated credit use.
+    pub entropies: Tensor,
     /// `(b, k)` values and ids of the k best alternatives, when asked for.
     pub top: Option<(Tensor, Tensor)>,
 }
@@ -108,7 +111,8 @@ impl BatchSampling {
         };
         let logprobs = logprobs_all.gather(1, &tokens.unsqueeze(1), false).squeeze_dim(1);
         let top = (top_logprobs > 0).then(|| logprobs_all.topk(top_logprobs as i64, -1, true, true));
-        Sampled { tokens, logprobs, top }
+        let entropies = -(logprobs_all.exp() * &logprobs_all).sum_dim_intlist(-1, false, Kind::Float);
+        Sampled { tokens, logprobs, entropies, top }
     }
 
     /// Sets scores outside each row's top-k / top-p set to -inf.

@@ -9,6 +9,8 @@
 //! Every call is guarded: it runs on its own thread with a time-out, and its output is checked
 //! (one finite score per item). A failing item is reported as failed, never as a reward of 0.
 
+pub mod step;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

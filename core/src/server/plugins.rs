@@ -77,7 +77,11 @@ fn smoke_test(plugin: &Plugin, timeout: Duration) -> Result<(), PluginError> {
         PluginKind::Reward => plugin.score(vec![RewardItem { metadata_json: "{}".into(), ..RewardItem::default() }], timeout).map(drop),
         PluginKind::SgDetector => plugin.detect(vec![DetectItem::default()], timeout).map(drop),
         PluginKind::Credit => {
-            let group = CreditGroup { rewards: vec![1.0, 0.0].into(), planning_masks: vec![RVec::from(vec![1u8]), RVec::from(vec![0u8])].into(), entropies: RVec::new() };
+            let group = CreditGroup {
+                rewards: vec![1.0, 0.0].into(),
+                planning_masks: vec![RVec::from(vec![1u8]), RVec::from(vec![0u8])].into(),
+                entropies: vec![RVec::from(vec![0.5f32]), RVec::from(vec![0.5f32])].into(),
+            };
             plugin.credit(group, timeout).map(drop)
         }
     }

@@ -171,6 +171,7 @@ pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, choice:
         prompt_token_ids: ctx.prompt_ids.to_vec(),
         completion_token_ids: completion.clone(),
         logprobs: choice.tokens.iter().map(|t| t.logprob).collect(),
+        entropies: choice.tokens.iter().map(|t| t.entropy).collect(),
         token_texts: choice.tokens.iter().map(|t| t.text.clone()).collect(),
         finish_reason: finish_reason.to_string(),
         text: choice.text.clone(),

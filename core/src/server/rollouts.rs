@@ -25,6 +25,8 @@ pub struct Rollout {
     pub completion_token_ids: Vec<u32>,
     /// Sampling logprob of each completion token.
     pub logprobs: Vec<f32>,
+    /// Entropy (nats) of the sampling distribution at each completion token.
+    pub entropies: Vec<f32>,
     /// The text each completion token added (for planning-token masks).
     #[serde(skip)]
     pub token_texts: Vec<String>,
@@ -129,6 +131,7 @@ mod tests {
             prompt_token_ids: vec![1],
             completion_token_ids: vec![2],
             logprobs: vec![-0.5],
+            entropies: vec![1.0],
             token_texts: vec!["x".into()],
             finish_reason: "stop".into(),
             text: String::new(),

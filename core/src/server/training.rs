@@ -19,10 +19,9 @@ use super::error::{ApiError, ApiJson};
 use super::rollouts::Rollout;
 use super::AppState;
 use super::plugins::PluginRegistry;
-use abi_stable::std_types::{RVec, Tuple2};
-use hicra_sdk::{CreditGroup, DetectItem};
-use crate::train::planning::{spans_from_pieces, StrategicGrams};
-use crate::train::trainer::{GroupMember, RolloutGroup};
+use crate::plugins::step::{ScoredCompletion, StepPluginReport, StepPlugins};
+use crate::train::planning::StrategicGrams;
+use crate::train::trainer::RolloutGroup;
 
 /// Complete groups waiting for a step, and groups still collecting rewards.
 #[derive(Debug)]
@@ -107,69 +106,26 @@ impl TrainingBuffer {
 
     /// Turns complete groups into training groups: planning masks from the detector plugin
     /// (or the paper's list), advantages from the credit plugin (or, later, the trainer's
-    /// scheme). Items a detector fails are masked out of their group; a group the credit
-    /// plugin fails is dropped. Blocking: plugin calls run here.
-    fn build_groups(&self, raw: Vec<Vec<Rollout>>, plugins: Option<&PluginRegistry>) -> (Vec<RolloutGroup>, Value) {
+    /// scheme). Blocking: plugin calls run here.
+    fn build_groups(&self, raw: Vec<Vec<Rollout>>, plugins: Option<&PluginRegistry>) -> (Vec<RolloutGroup>, StepPluginReport) {
         let generation = plugins.map(|p| p.current()).unwrap_or_default();
-        let timeout = plugins.map(|p| p.timeout).unwrap_or_default();
         let find = |name: &Option<String>| name.as_ref().and_then(|n| generation.iter().find(|p| &p.name == n).cloned());
-        let (detector, credit) = (find(&self.sg_plugin), find(&self.credit_plugin));
-        let (mut masked_items, mut dropped_groups) = (0usize, 0usize);
+        let step_plugins = StepPlugins {
+            detector: find(&self.sg_plugin),
+            credit: find(&self.credit_plugin),
+            timeout: plugins.map(|p| p.timeout).unwrap_or(StepPlugins::built_in().timeout),
+        };
+        let mut report = step_plugins.report();
         let mut groups = Vec::new();
         for members in raw {
             let prompt_ids = members.first().map(|m| m.prompt_token_ids.clone()).unwrap_or_default();
             let temperature = members.first().map(|m| m.temperature).unwrap_or(1.0);
-            let spans: Vec<Vec<(usize, usize)>> = members.iter().map(|m| spans_from_pieces(&m.token_texts.iter().map(String::as_str).collect::<Vec<_>>())).collect();
-            let masks: Vec<Option<Vec<bool>>> = match &detector {
-                Some(plugin) => {
-                    let items = members
-                        .iter()
-                        .zip(&spans)
-                        .map(|(m, sp)| DetectItem { text: m.token_texts.concat().into(), token_spans: sp.iter().map(|&(a, b)| Tuple2(a as u32, b as u32)).collect() })
-                        .collect();
-                    match plugin.detect(items, timeout) {
-                        Ok(results) => results.into_iter().map(Result::ok).collect(),
-                        Err(_) => vec![None; members.len()],
-                    }
-                }
-                None => members.iter().zip(&spans).map(|(m, sp)| Some(self.grams.token_mask(&m.token_texts.concat(), sp))).collect(),
-            };
-            let mut kept = Vec::new();
-            for (m, mask) in members.into_iter().zip(masks) {
-                match mask {
-                    Some(planning_mask) => kept.push(GroupMember { completion_ids: m.completion_token_ids, logprobs: m.logprobs, reward: m.reward.unwrap_or(0.0), planning_mask }),
-                    None => masked_items += 1,
-                }
-            }
-            if kept.len() < 2 {
-                dropped_groups += 1;
-                continue;
-            }
-            let advantages = match &credit {
-                Some(plugin) => {
-                    let group = CreditGroup {
-                        rewards: kept.iter().map(|m| m.reward).collect(),
-                        planning_masks: kept.iter().map(|m| m.planning_mask.iter().map(|&b| b as u8).collect()).collect(),
-                        entropies: RVec::new(),
-                    };
-                    match plugin.credit(group, timeout) {
-                        Ok(rows) => Some(rows),
-                        Err(_) => {
-                            dropped_groups += 1;
-                            continue;
-                        }
-                    }
-                }
-                None => None,
-            };
-            groups.push(RolloutGroup { prompt_ids, temperature, members: kept, advantages });
+            let completions = members
+                .into_iter()
+                .map(|m| ScoredCompletion { pieces: m.token_texts, completion_ids: m.completion_token_ids, logprobs: m.logprobs, entropies: m.entropies, reward: m.reward.unwrap_or(0.0) })
+                .collect();
+            groups.extend(step_plugins.build_group(prompt_ids, temperature, completions, &self.grams, &mut report));
         }
-        let report = json!({
-            "sg_detector": detector.as_ref().map(|p| p.name.clone()).unwrap_or_else(|| "strategic_grams (built-in)".into()),
-            "credit": credit.as_ref().map(|p| p.name.clone()).unwrap_or_else(|| "trainer".into()),
-            "masked_items": masked_items,
-            "dropped_groups": dropped_groups,
-        });
         (groups, report)
     }
 }
@@ -258,7 +214,7 @@ pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group
         let mut entry = serde_json::to_value(&report).unwrap_or_default();
         if let (Some(object), Ok(Value::Object(extra))) = (entry.as_object_mut(), serde_json::to_value(&batch)) {
             object.extend(extra);
-            object.insert("plugins".into(), plugin_report);
+            object.insert("plugins".into(), serde_json::to_value(&plugin_report).unwrap_or_default());
         }
         steps.push(entry);
     }

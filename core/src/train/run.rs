@@ -15,10 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
 use super::data::{self, DataConfig, Example};
-use super::planning::{spans_from_pieces, StrategicGrams};
+use super::planning::StrategicGrams;
 use super::reward;
-use super::trainer::{GroupMember, RolloutGroup, StepReport, Trainer, TrainerConfig};
+use super::trainer::{StepReport, Trainer, TrainerConfig};
 use crate::engine::{Engine, Generation, GenerationRequest, SamplingParams};
+use crate::plugins::step::{ScoredCompletion, StepPlugins};
+use hicra_sdk::PluginKind;
 use crate::model::LoadedModel;
 use crate::tokenizer::chat::ChatMessage;
 
@@ -82,6 +84,16 @@ pub struct RunConfig {
     pub reward_plugin: Option<PathBuf>,
     /// Configuration passed to the reward plugin.
     pub reward_plugin_config: Option<toml::Table>,
+    /// A Strategic-Gram detector plugin marking planning tokens instead of `strategic_grams`;
+    /// completions it fails are masked out of their group.
+    pub sg_plugin: Option<PathBuf>,
+    /// Configuration passed to the detector plugin.
+    pub sg_plugin_config: Option<toml::Table>,
+    /// A credit plugin computing per-token advantages instead of `trainer.credit`; groups it
+    /// fails are dropped from the step.
+    pub credit_plugin: Option<PathBuf>,
+    /// Configuration passed to the credit plugin.
+    pub credit_plugin_config: Option<toml::Table>,
     /// Strategic-Gram phrase file (one per line); the paper's list when absent.
     pub strategic_grams: Option<PathBuf>,
     /// Where metrics and checkpoints go.
@@ -115,6 +127,10 @@ impl Default for RunConfig {
             resample_equal_groups: 0,
             reward_plugin: None,
             reward_plugin_config: None,
+            sg_plugin: None,
+            sg_plugin_config: None,
+            credit_plugin: None,
+            credit_plugin_config: None,
             strategic_grams: None,
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 0,
@@ -171,8 +187,11 @@ pub struct StepMetrics {
     pub strategic_grams: usize,
     /// Groups drawn again because their rewards were all equal.
     pub resampled_groups: usize,
-    /// Completions a reward plugin failed, left out of training.
+    /// Completions a reward or detector plugin failed, left out of training.
     pub masked_items: usize,
+    /// Groups left out of training: a credit plugin failed them, or fewer than 2 completions
+    /// remained after masking.
+    pub dropped_groups: usize,
     /// Held-out pass@1 when evaluated this step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_pass1: Option<f64>,
@@ -234,6 +253,20 @@ pub struct Run {
     pattern: Option<regex::Regex>,
     /// The loaded `reward_plugin`.
     plugin: Option<crate::plugins::Plugin>,
+    /// The loaded `sg_plugin` and `credit_plugin`.
+    step_plugins: StepPlugins,
+}
+
+/// Loads the plugin library at `path` (if any) with its configuration, refusing one of
+/// another kind than the setting it was named in.
+fn load_plugin(path: &Option<PathBuf>, config: &Option<toml::Table>, kind: PluginKind) -> Result<Option<crate::plugins::Plugin>, RunError> {
+    let Some(path) = path else { return Ok(None) };
+    let config = serde_json::to_value(config.clone().unwrap_or_default()).map_err(|e| RunError::Config(format!("{}: {e}", path.display())))?;
+    let plugin = crate::plugins::load(path, &config).map_err(|e| RunError::Config(e.to_string()))?;
+    if plugin.kind != kind {
+        return Err(RunError::Config(format!("{}: plugin '{}' is a {:?} plugin, expected {kind:?}", path.display(), plugin.name, plugin.kind)));
+    }
+    Ok(Some(plugin))
 }
 
 impl Run {
@@ -262,17 +295,16 @@ impl Run {
             (RewardKind::Regex, None) => return Err(RunError::Config("reward = \"regex\" needs reward_pattern".into())),
             _ => None,
         };
-        let plugin = match &config.reward_plugin {
-            Some(path) => {
-                let plugin_config = serde_json::to_value(config.reward_plugin_config.clone().unwrap_or_default()).unwrap_or_default();
-                Some(crate::plugins::load(path, &plugin_config).map_err(|e| RunError::Config(e.to_string()))?)
-            }
-            None => None,
+        let plugin = load_plugin(&config.reward_plugin, &config.reward_plugin_config, PluginKind::Reward)?;
+        let step_plugins = StepPlugins {
+            detector: load_plugin(&config.sg_plugin, &config.sg_plugin_config, PluginKind::SgDetector)?,
+            credit: load_plugin(&config.credit_plugin, &config.credit_plugin_config, PluginKind::Credit)?,
+            ..StepPlugins::built_in()
         };
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin })
+        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins })
     }
 
     /// Scores completions with `reward(completion, answer)` instead of the configured kind.
@@ -384,9 +416,9 @@ impl Run {
         }
     }
 
-    /// Rewards and planning masks of one prompt's completions; the second value counts items
-    /// a reward plugin failed (left out of the group).
-    fn score_group(&self, example: &Example, prompt_ids: &[u32], generations: Vec<Generation>, grams: &mut HashMap<String, usize>) -> (Vec<GroupMember>, usize) {
+    /// Rewards of one prompt's completions; the second value counts items a reward plugin
+    /// failed (left out of the group). Strategic-Gram occurrences are tallied into `grams`.
+    fn score_group(&self, example: &Example, prompt_ids: &[u32], generations: Vec<Generation>, grams: &mut HashMap<String, usize>) -> (Vec<ScoredCompletion>, usize) {
         let rewards: Vec<Option<f32>> = match &self.plugin {
             Some(plugin) => {
                 let prompt = self.loaded.tokenizer.decode(prompt_ids, false).unwrap_or_default();
@@ -395,25 +427,25 @@ impl Run {
             None => generations.iter().map(|g| Some(self.reward(&g.text, &example.answer))).collect(),
         };
         let masked = rewards.iter().filter(|r| r.is_none()).count();
-        let members = generations
+        let completions = generations
             .into_iter()
             .zip(rewards)
             .filter_map(|(generation, reward)| {
                 let reward = reward?;
-                let pieces: Vec<&str> = generation.tokens.iter().map(|t| t.text.as_str()).collect();
-                let text: String = pieces.concat();
-                for m in self.grams.find(&text) {
+                let pieces: Vec<String> = generation.tokens.iter().map(|t| t.text.clone()).collect();
+                for m in self.grams.find(&pieces.concat()) {
                     *grams.entry(m.phrase).or_default() += 1;
                 }
-                Some(GroupMember {
-                    reward,
-                    planning_mask: self.grams.token_mask(&text, &spans_from_pieces(&pieces)),
+                Some(ScoredCompletion {
+                    pieces,
                     completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
                     logprobs: generation.tokens.iter().map(|t| t.logprob).collect(),
+                    entropies: generation.tokens.iter().map(|t| t.entropy).collect(),
+                    reward,
                 })
             })
             .collect();
-        (members, masked)
+        (completions, masked)
     }
 
     fn step(&mut self, step: u64) -> Result<StepMetrics, RunError> {
@@ -427,6 +459,7 @@ impl Run {
         let mut grams: HashMap<String, usize> = HashMap::new();
         let mut groups = Vec::new();
         let (mut resampled, mut masked_items) = (0, 0);
+        let mut plugin_report = self.step_plugins.report();
         for (p, (example, (prompt_ids, generations))) in batch.iter().zip(sampled).enumerate() {
             let (mut members, masked) = self.score_group(example, &prompt_ids, generations, &mut grams);
             masked_items += masked;
@@ -442,9 +475,7 @@ impl Run {
                     resampled += 1;
                 }
             }
-            if members.len() >= 2 {
-                groups.push(RolloutGroup { prompt_ids, temperature: self.config.temperature, members, advantages: None });
-            }
+            groups.extend(self.step_plugins.build_group(prompt_ids, self.config.temperature, members, &self.grams, &mut plugin_report));
         }
         let sample_seconds = started.elapsed().as_secs_f64();
         let rewards: Vec<f32> = groups.iter().flat_map(|g| g.members.iter().map(|m| m.reward)).collect();
@@ -458,7 +489,8 @@ impl Run {
             semantic_entropy: super::planning::semantic_entropy(grams.values()),
             strategic_grams: grams.values().sum(),
             resampled_groups: resampled,
-            masked_items,
+            masked_items: masked_items + plugin_report.masked_items,
+            dropped_groups: plugin_report.dropped_groups,
             eval_pass1,
             eval_pass_k,
             sample_seconds,

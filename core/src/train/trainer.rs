@@ -42,6 +42,9 @@ pub struct GroupMember {
     pub reward: f32,
     /// Planning-token mask over the completion tokens.
     pub planning_mask: Vec<bool>,
+    /// Entropy of the sampling distribution at each completion token, as recorded when the
+    /// tokens were drawn; empty when unknown (the entropy-gated scheme then measures it).
+    pub entropies: Vec<f32>,
 }
 
 /// Completions of one prompt, sampled from the same policy, with their rewards.
@@ -176,7 +179,10 @@ impl Trainer {
             reward_sum += rewards.iter().map(|&r| r as f64).sum::<f64>();
             members += rewards.len();
             length_sum += group.members.iter().map(|m| m.completion_ids.len()).sum::<usize>();
+            let recorded = group.members.iter().all(|m| m.entropies.len() == m.completion_ids.len());
             let entropies = match self.config.credit {
+                CreditScheme::EntropyGated { .. } if group.advantages.is_none() && recorded => Some(group.members.iter().map(|m| m.entropies.clone()).collect()),
+                // Not recorded at sampling time: measure them with a no-grad pass.
                 CreditScheme::EntropyGated { .. } if group.advantages.is_none() => {
                     let probe: Vec<TrainSample> = group
                         .members
