@@ -423,7 +423,7 @@ mod tests {
         // Planning on the positive one: 1.2 * 0.707106 = 0.848528.
         assert_eq!(CreditScheme::default(), CreditScheme::Hicra { alpha: 0.2, scale_by_std: true });
         let out = run(CreditScheme::default(), &[1., 0.], &[vec![true], vec![true]]);
-        assert!(close(out.sequence[0], 0.707_106));
+        assert!(close(out.sequence[0], std::f32::consts::FRAC_1_SQRT_2));
         assert!(close(out.per_token[0][0], 0.848_528));
         assert!(close(out.per_token[1][0], -0.565_685)); // 0.8 * -0.707106
     }
