@@ -45,6 +45,9 @@ use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec, Tuple2};
 use abi_stable::{declare_root_module_statics, package_version_strings, StableAbi};
 pub use serde_json;
 
+/// The version of this crate a plugin or host was built with (abi_stable compares it too).
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// The ABI revision this crate defines; the host refuses other values.
 pub const ABI_VERSION: u32 = 1;
 
@@ -181,6 +184,37 @@ pub trait RewardPlugin: Default + Send + 'static {
 }
 
 /// A Strategic-Gram (planning-token) detector. Export with [`export_sg_detector_plugin!`].
+///
+/// A detector that marks every token of the word "wait" as planning:
+///
+/// ```
+/// use hicra_sdk::{export_sg_detector_plugin, DetectItem, SgDetectorPlugin};
+///
+/// #[derive(Default)]
+/// struct Waits;
+///
+/// impl SgDetectorPlugin for Waits {
+///     const NAME: &'static str = "waits";
+///     const VERSION: &'static str = "0.1.0";
+///     fn configure(&mut self, _config: &serde_json::Value) -> Result<(), String> {
+///         Ok(())
+///     }
+///     fn detect(&self, items: &[DetectItem]) -> Vec<Result<Vec<bool>, String>> {
+///         items
+///             .iter()
+///             .map(|item| {
+///                 let text = item.text.as_str().to_ascii_lowercase();
+///                 let hits: Vec<usize> = text.match_indices("wait").map(|(at, _)| at).collect();
+///                 // A token is planning when its byte span overlaps a hit.
+///                 Ok(item.token_spans.iter().map(|span| hits.iter().any(|&at| (span.0 as usize) < at + 4 && at < span.1 as usize)).collect())
+///             })
+///             .collect()
+///     }
+/// }
+///
+/// export_sg_detector_plugin!(Waits);
+/// # fn main() {}
+/// ```
 pub trait SgDetectorPlugin: Default + Send + 'static {
     /// The plugin's name.
     const NAME: &'static str;
@@ -193,6 +227,38 @@ pub trait SgDetectorPlugin: Default + Send + 'static {
 }
 
 /// A credit-assignment scheme. Export with [`export_credit_plugin!`].
+///
+/// Plain GRPO (reward minus the group mean, on every token), with planning tokens doubled:
+///
+/// ```
+/// use hicra_sdk::{export_credit_plugin, CreditGroup, CreditPlugin};
+///
+/// #[derive(Default)]
+/// struct DoublePlanning;
+///
+/// impl CreditPlugin for DoublePlanning {
+///     const NAME: &'static str = "double_planning";
+///     const VERSION: &'static str = "0.1.0";
+///     fn configure(&mut self, _config: &serde_json::Value) -> Result<(), String> {
+///         Ok(())
+///     }
+///     fn advantages(&self, group: &CreditGroup) -> Result<Vec<Vec<f32>>, String> {
+///         if group.rewards.len() != group.planning_masks.len() {
+///             return Err("one planning mask per reward expected".into());
+///         }
+///         let mean = group.rewards.iter().sum::<f32>() / group.rewards.len().max(1) as f32;
+///         Ok(group
+///             .rewards
+///             .iter()
+///             .zip(group.planning_masks.iter())
+///             .map(|(reward, mask)| mask.iter().map(|&planning| (reward - mean) * if planning == 1 { 2.0 } else { 1.0 }).collect())
+///             .collect())
+///     }
+/// }
+///
+/// export_credit_plugin!(DoublePlanning);
+/// # fn main() {}
+/// ```
 pub trait CreditPlugin: Default + Send + 'static {
     /// The plugin's name.
     const NAME: &'static str;

@@ -73,6 +73,13 @@ pub(crate) struct ServeArgs {
     /// Per-plugin configuration tables, by plugin name (TOML file only).
     #[arg(skip)]
     plugin_config: Option<toml::Table>,
+    /// A folder of plugin libraries, all loaded (listed again at every reload).
+    #[arg(long)]
+    plugin_dir: Option<PathBuf>,
+    /// Reload plugins by themselves when a library file or the folder changes.
+    #[arg(long)]
+    #[serde(default)]
+    watch_plugins: bool,
     /// Time-out of one plugin call in milliseconds [default: 10000].
     #[arg(long)]
     plugin_timeout_ms: Option<u64>,
@@ -124,6 +131,8 @@ impl ServeArgs {
             adapter: self.adapter.or(file.adapter),
             plugins: if self.plugins.is_empty() { file.plugins } else { self.plugins },
             plugin_config: self.plugin_config.or(file.plugin_config),
+            plugin_dir: self.plugin_dir.or(file.plugin_dir),
+            watch_plugins: self.watch_plugins || file.watch_plugins,
             plugin_timeout_ms: self.plugin_timeout_ms.or(file.plugin_timeout_ms),
             admin_key: self.admin_key.or(file.admin_key),
             sg_plugin: self.sg_plugin.or(file.sg_plugin),
@@ -175,12 +184,16 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         training.clone(),
     )?;
-    let plugins = if args.plugins.is_empty() {
+    let plugins = if args.plugins.is_empty() && args.plugin_dir.is_none() {
         None
     } else {
         let configs = serde_json::to_value(args.plugin_config.clone().unwrap_or_default())?;
         let timeout = std::time::Duration::from_millis(args.plugin_timeout_ms.unwrap_or(10_000));
-        Some(Arc::new(crate::server::plugins::PluginRegistry::new(args.plugins.clone(), configs, timeout)?))
+        let registry = Arc::new(crate::server::plugins::PluginRegistry::new(args.plugins.clone(), args.plugin_dir.clone(), configs, timeout)?);
+        if args.watch_plugins {
+            registry.watch(std::time::Duration::from_secs(1))?;
+        }
+        Some(registry)
     };
     for (flag, name, kind) in [("--sg-plugin", &args.sg_plugin, hicra_sdk::PluginKind::SgDetector), ("--credit-plugin", &args.credit_plugin, hicra_sdk::PluginKind::Credit)] {
         let Some(name) = name else { continue };

@@ -79,6 +79,50 @@ impl std::fmt::Debug for Plugin {
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// Where this process keeps the uniquely named copies it loads (one per generation).
+fn copies_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("hicra-plugins-{}", std::process::id()))
+}
+
+/// Bytes of address space mapped from plugin copies: the memory that generations, never
+/// unloaded, pin. Read from `/proc/self/maps`; `None` where that file does not exist.
+pub fn pinned_bytes() -> Option<u64> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let copies = copies_dir();
+    let copies = copies.to_string_lossy();
+    let mut total = 0u64;
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(path)) = (fields.next(), fields.nth(4)) else { continue };
+        if !path.starts_with(copies.as_ref()) {
+            continue;
+        }
+        if let Some((start, end)) = range.split_once('-') {
+            if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                total += end.saturating_sub(start);
+            }
+        }
+    }
+    Some(total)
+}
+
+/// The plugin libraries in `dir` (files ending in the platform's library extension), sorted
+/// by name so load order is stable.
+pub fn libraries_in(dir: &Path) -> Result<Vec<PathBuf>, PluginError> {
+    let err = |message: String| PluginError::Load { path: dir.to_path_buf(), message };
+    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot list the plugin folder: {e}")))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| err(format!("cannot list the plugin folder: {e}")))?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == std::env::consts::DLL_EXTENSION) {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Loads a plugin library and applies `config` (a JSON object).
 pub fn load(path: &Path, config: &serde_json::Value) -> Result<Plugin, PluginError> {
     let plugin = open(path)?;
@@ -91,19 +135,68 @@ pub fn load(path: &Path, config: &serde_json::Value) -> Result<Plugin, PluginErr
 pub fn open(path: &Path) -> Result<Plugin, PluginError> {
     let err = |message: String| PluginError::Load { path: path.to_path_buf(), message };
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
-    let copies = std::env::temp_dir().join(format!("hicra-plugins-{}", std::process::id()));
+    let copies = copies_dir();
     std::fs::create_dir_all(&copies).map_err(|e| err(format!("cannot create {}: {e}", copies.display())))?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into());
     let copy = copies.join(format!("{stem}.gen{generation}.so"));
     std::fs::copy(path, &copy).map_err(|e| err(format!("cannot copy to {}: {e}", copy.display())))?;
     let header = lib_header_from_path(&copy).map_err(|e| err(format!("not a hicra plugin: {e}")))?;
-    let module = header.init_root_module::<PluginModRef>().map_err(|e| err(format!("incompatible plugin: {e}")))?;
+    let module = header.init_root_module::<PluginModRef>().map_err(|e| {
+        let built_with = header.version_strings().version;
+        err(format!("incompatible plugin: built against hicra-sdk {built_with}, this server uses {}: {}", hicra_sdk::SDK_VERSION, summarize_incompatibility(&e)))
+    })?;
     let abi = (module.abi_version())();
     if abi != ABI_VERSION {
         return Err(err(format!("plugin ABI version {abi}, this host speaks {ABI_VERSION}")));
     }
     let info = (module.info())();
     Ok(Plugin { name: info.name.to_string(), kind: info.kind, version: info.version.to_string(), source: path.to_path_buf(), generation, module })
+}
+
+/// The differences abi_stable found, one short phrase each, instead of its full layout dump
+/// (thousands of lines): `WHAT (expected A, found B) in TYPE, TYPE`.
+fn summarize_incompatibility(error: &abi_stable::library::LibraryError) -> String {
+    let text = error.to_string();
+    // (what, expected, found) -> the types it was found in, in order of appearance.
+    let mut differences: Vec<((String, String, String), Vec<String>)> = Vec::new();
+    let mut current_type = String::new();
+    let mut lines = text.lines().map(str::trim).peekable();
+    while let Some(line) = lines.next() {
+        if line == "Layout of expected type:" {
+            // The type's name is the first `type:` line of its layout.
+            current_type = lines.by_ref().find_map(|l| l.strip_prefix("type:").map(str::to_string)).unwrap_or_default();
+        } else if let Some(what) = line.strip_prefix("Error:") {
+            lines.next_if(|l| *l == "Expected:");
+            let expected = section(&mut lines);
+            lines.next_if(|l| *l == "Found:");
+            let found = section(&mut lines);
+            let key = (what.to_string(), expected, found);
+            match differences.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, types)) if !types.contains(&current_type) => types.push(current_type.clone()),
+                Some(_) => {}
+                None => differences.push((key, vec![current_type.clone()])),
+            }
+        }
+    }
+    if differences.is_empty() {
+        return text.lines().take(8).collect::<Vec<_>>().join(" ");
+    }
+    const SHOWN: usize = 3;
+    let mut phrases: Vec<String> = differences.iter().take(SHOWN).map(|((what, expected, found), types)| format!("{what} (expected {expected}, found {found}) in {}", types.join(", "))).collect();
+    if differences.len() > SHOWN {
+        phrases.push(format!("{} more differences", differences.len() - SHOWN));
+    }
+    phrases.join("; ")
+}
+
+/// The lines of one section of abi_stable's report, up to the next heading or a blank line.
+fn section<'a>(lines: &mut std::iter::Peekable<impl Iterator<Item = &'a str>>) -> String {
+    let is_value = |l: &&str| !l.is_empty() && *l != "Found:" && !l.starts_with("Error:") && !l.contains("error(s)");
+    let mut values = Vec::new();
+    while let Some(line) = lines.next_if(is_value) {
+        values.push(line);
+    }
+    values.join(" ")
 }
 
 impl Plugin {

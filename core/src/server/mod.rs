@@ -148,7 +148,10 @@ async fn get_rollout(State(state): State<AppState>, Path(id): Path<String>) -> R
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let text = state.metrics.render(&state.engine.stats, state.rollouts.counts());
+    let mut text = state.metrics.render(&state.engine.stats, state.rollouts.counts());
+    if let Some(registry) = &state.plugins {
+        text.push_str(&registry.render_metrics());
+    }
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

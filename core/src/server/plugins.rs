@@ -26,7 +26,10 @@ use hicra_sdk::{CreditGroup, DetectItem, PluginKind, RewardItem};
 /// The plugins a server was configured with and the generation now serving.
 #[derive(Debug)]
 pub struct PluginRegistry {
+    /// Libraries named one by one.
     sources: Vec<PathBuf>,
+    /// A folder whose libraries are loaded too (listed anew at every reload).
+    folder: Option<PathBuf>,
     /// Plugin name -> configuration (JSON object).
     configs: Value,
     current: RwLock<Arc<Vec<Plugin>>>,
@@ -37,11 +40,21 @@ pub struct PluginRegistry {
 }
 
 impl PluginRegistry {
-    /// Loads every source; fails if any fails (at start-up a bad plugin is a configuration error).
-    pub fn new(sources: Vec<PathBuf>, configs: Value, timeout: Duration) -> Result<Self, PluginError> {
-        let registry = Self { sources, configs, current: RwLock::new(Arc::new(Vec::new())), timeout, loaded: Default::default() };
+    /// Loads every source and the folder's libraries; fails if any fails (at start-up a bad
+    /// plugin is a configuration error).
+    pub fn new(sources: Vec<PathBuf>, folder: Option<PathBuf>, configs: Value, timeout: Duration) -> Result<Self, PluginError> {
+        let registry = Self { sources, folder, configs, current: RwLock::new(Arc::new(Vec::new())), timeout, loaded: Default::default() };
         registry.reload()?;
         Ok(registry)
+    }
+
+    /// The named libraries, then the folder's.
+    fn all_sources(&self) -> Result<Vec<PathBuf>, PluginError> {
+        let mut all = self.sources.clone();
+        if let Some(folder) = &self.folder {
+            all.extend(plugins::libraries_in(folder)?);
+        }
+        Ok(all)
     }
 
     /// The generation serving now.
@@ -51,9 +64,12 @@ impl PluginRegistry {
 
     /// Loads a new generation of every plugin, smoke-tests it, then swaps it in.
     pub fn reload(&self) -> Result<Arc<Vec<Plugin>>, PluginError> {
-        let mut fresh = Vec::new();
-        for source in &self.sources {
+        let mut fresh: Vec<Plugin> = Vec::new();
+        for source in &self.all_sources()? {
             let plugin = plugins::open(source)?;
+            if let Some(other) = fresh.iter().find(|p| p.name == plugin.name) {
+                return Err(PluginError::Load { path: source.clone(), message: format!("another library ({}) is also named '{}'", other.source.display(), plugin.name) });
+            }
             plugin.configure(self.configs.get(&plugin.name).unwrap_or(&json!({})))?;
             self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             smoke_test(&plugin, self.timeout)?;
@@ -67,6 +83,54 @@ impl PluginRegistry {
     /// Library generations loaded since start (each stays mapped).
     pub fn generations_loaded(&self) -> usize {
         self.loaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Prometheus lines for the generations held and the memory they pin.
+    pub fn render_metrics(&self) -> String {
+        let mut out = format!(
+            "# HELP hicra_plugin_generations_loaded Plugin library generations loaded since start (never unloaded).\n# TYPE hicra_plugin_generations_loaded gauge\nhicra_plugin_generations_loaded {}\n",
+            self.generations_loaded()
+        );
+        if let Some(bytes) = plugins::pinned_bytes() {
+            out.push_str(&format!("# HELP hicra_plugin_pinned_bytes Address space mapped from loaded plugin libraries.\n# TYPE hicra_plugin_pinned_bytes gauge\nhicra_plugin_pinned_bytes {bytes}\n"));
+        }
+        out
+    }
+
+    /// Size and modification time of every source, to notice a changed or added library.
+    fn fingerprint(&self) -> Vec<(PathBuf, Option<(u64, std::time::SystemTime)>)> {
+        let sources = self.all_sources().unwrap_or_else(|_| self.sources.clone());
+        sources
+            .into_iter()
+            .map(|path| {
+                let stamp = std::fs::metadata(&path).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+                (path, stamp)
+            })
+            .collect()
+    }
+
+    /// Polls the sources every `interval` and reloads when they changed and then stayed
+    /// unchanged for one more poll (a library still being written is not loaded). A failed
+    /// reload keeps the serving generation and waits for the next change. The thread ends
+    /// when the registry is dropped.
+    pub fn watch(self: &Arc<Self>, interval: Duration) -> std::io::Result<()> {
+        let registry = Arc::downgrade(self);
+        let mut loaded = self.fingerprint();
+        let mut previous = loaded.clone();
+        std::thread::Builder::new().name("plugin-watch".into()).spawn(move || loop {
+            std::thread::sleep(interval);
+            let Some(registry) = registry.upgrade() else { return };
+            let now = registry.fingerprint();
+            if now != loaded && now == previous {
+                match registry.reload() {
+                    Ok(fresh) => tracing::info!(plugins = fresh.len(), "plugins changed on disk: reloaded"),
+                    Err(err) => tracing::warn!(%err, "plugins changed on disk but the reload failed; the previous plugins keep serving"),
+                }
+                loaded = now.clone();
+            }
+            previous = now;
+        })?;
+        Ok(())
     }
 }
 
@@ -103,6 +167,7 @@ fn describe(registry: &PluginRegistry, plugins: &[Plugin]) -> Value {
             "generation": p.generation, "source": p.source,
         })).collect::<Vec<_>>(),
         "generations_loaded": registry.generations_loaded(),
+        "pinned_bytes": plugins::pinned_bytes(),
     })
 }
 
