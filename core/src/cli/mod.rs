@@ -6,6 +6,7 @@ mod bench_train;
 mod generate;
 mod plot;
 mod serve;
+mod sg;
 mod train;
 
 use clap::{Args, Parser, Subcommand};
@@ -38,6 +39,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Draw PNG curves from a training run's metrics.jsonl.
     Plot(plot::PlotArgs),
+    /// Strategic Grams: mine them from a corpus of correct solutions.
+    #[command(subcommand)]
+    Sg(sg::SgCommand),
 }
 
 /// Where the model comes from and how it is placed.
@@ -99,5 +103,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Train(args) => train::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Sg(command) => sg::run(command),
     }
 }

@@ -4,10 +4,12 @@
 //! - [`config`]: `config.json` / GGUF metadata -> [`ModelConfig`].
 //! - [`weights`] and [`gguf_model`]: tensors under Hugging Face names, on the target device.
 //! - [`transformer`]: the Llama / Qwen2 / Qwen3 decoder; [`linear`]: LoRA-ready layers.
+//! - [`bert`]: a BERT encoder and sentence embedder (all-MiniLM-L6-v2, for Strategic-Gram mining).
 //!
 //! [`load`] ties these together and returns a [`LoadedModel`]: the decoder plus its tokenizer.
 //! Every failure is a [`ModelError`] that names the file, tensor or limit involved.
 
+pub mod bert;
 pub mod config;
 pub mod cpu_gemv;
 pub mod gguf;

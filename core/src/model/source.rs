@@ -93,14 +93,27 @@ fn model_dirs() -> Vec<PathBuf> {
     if let Some(dir) = std::env::var_os("HICRA_MODELS") {
         dirs.push(PathBuf::from(dir));
     }
-    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/models"));
+    dirs.extend(deps_dirs().into_iter().map(|d| d.join("models")));
+    dirs
+}
+
+/// Where `scripts/setup.sh` may have installed things: the `.deps` folder of the workspace
+/// this binary was built from, then the one two levels above the binary
+/// (`target/release/hicra` -> `<workspace>/.deps`).
+fn deps_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps")];
     if let Ok(exe) = std::env::current_exe() {
-        // target/release/hicra -> <workspace>/.deps/models
         if let Some(workspace) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
-            dirs.push(workspace.join(".deps/models"));
+            dirs.push(workspace.join(".deps"));
         }
     }
     dirs
+}
+
+/// The first `.deps` folder that exists (the source tree's when none does).
+pub fn deps_dir() -> PathBuf {
+    let dirs = deps_dirs();
+    dirs.iter().find(|d| d.is_dir()).cloned().unwrap_or_else(|| dirs[0].clone())
 }
 
 fn hub_cache_dir() -> PathBuf {

@@ -56,6 +56,16 @@ impl Weights {
         }
     }
 
+    /// Renames `PREFIX.name` to `name` for every tensor that has the prefix.
+    pub fn strip_prefix(&mut self, prefix: &str) {
+        let prefixed: Vec<String> = self.tensors.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        for name in prefixed {
+            if let Some(entry) = self.tensors.remove(&name) {
+                self.tensors.insert(name[prefix.len()..].to_string(), entry);
+            }
+        }
+    }
+
     /// Names not consumed yet, for a warning after the model is built.
     pub fn remaining(&self) -> Vec<String> {
         let mut names: Vec<String> = self.tensors.keys().cloned().collect();
@@ -112,6 +122,9 @@ pub fn load_safetensors(files: &[PathBuf], kind: Kind, device: Device) -> Result
                 Dtype::F32 => Kind::Float,
                 Dtype::F16 => Kind::Half,
                 Dtype::BF16 => Kind::BFloat16,
+                // Integer buffers saved beside the weights (BERT's `position_ids`) are not
+                // parameters; a model that needed one would report it missing.
+                Dtype::I64 | Dtype::I32 if name.ends_with("_ids") => continue,
                 other => {
                     return Err(ModelError::UnsupportedDtype { path: path.clone(), tensor: name, dtype: format!("{other:?}") })
                 }

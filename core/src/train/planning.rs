@@ -55,6 +55,11 @@ impl StrategicGrams {
         Self::from_phrases(PAPER_LIST.lines())
     }
 
+    /// The paper's phrases as written in the list.
+    pub fn paper_phrases() -> Vec<String> {
+        PAPER_LIST.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "#" && !l.starts_with("# ")).map(str::to_string).collect()
+    }
+
     /// Builds a set from phrases, one per item.
     ///
     /// Blank items and comments are skipped. A comment is a line that is `#` alone or starts
@@ -178,7 +183,7 @@ fn is_apostrophe(c: char) -> bool {
 
 /// Calls `emit(start, end, normalised_word)` for each word of `text` (rules in the module doc).
 /// One buffer is reused for all words, so tokenising a text allocates only as it grows.
-fn for_each_word(text: &str, mut emit: impl FnMut(usize, usize, &str)) {
+pub(crate) fn for_each_word(text: &str, mut emit: impl FnMut(usize, usize, &str)) {
     let mut buf = String::new();
     // Start and end (byte offsets) of the word being built, if any.
     let mut current: Option<(usize, usize)> = None;
