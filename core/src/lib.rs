@@ -14,6 +14,7 @@
 //! - [`plugins`]: loading reward plugins built against `hicra-sdk`, with guards.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
 
+pub mod analysis;
 pub mod cli;
 pub mod device;
 pub mod engine;

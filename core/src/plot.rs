@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Metrics drawn by default, when present in the file.
 pub const DEFAULT_SERIES: &[&str] = &[
-    "reward_mean", "accuracy", "eval_pass1", "eval_pass_k", "response_length", "entropy_planning", "entropy_execution",
+    "reward_mean", "accuracy", "pass_at_k", "eval_pass1", "eval_pass_k", "response_length", "entropy_planning", "entropy_execution", "conditional_entropy",
     "semantic_entropy", "planning_share", "clip_fraction", "kl", "grad_norm", "loss", "step_seconds", "tokens_per_s",
 ];
 
@@ -80,7 +80,7 @@ pub fn plot_file(metrics: &Path, out_dir: &Path, names: &[&str]) -> Result<Vec<P
     for name in names {
         let Some(points) = series.get(*name).filter(|p| !p.is_empty()) else { continue };
         let path = out_dir.join(format!("{name}.png"));
-        write_png(&path, &chart(name, points))?;
+        write_png(&path, &chart(name, &[(*name, points.clone())]))?;
         written.push(path);
     }
     Ok(written)
@@ -142,10 +142,15 @@ fn label(v: f64) -> String {
     if v != 0.0 && (v.abs() >= 1e4 || v.abs() < 1e-2) { format!("{v:.2e}") } else { format!("{v:.3}") }
 }
 
-fn chart(name: &str, points: &[(f64, f64)]) -> Canvas {
+/// Line colours, one per series.
+const COLOURS: [[u8; 3]; 4] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189]];
+
+/// A line chart of one or more named series, with a legend when there are several.
+fn chart(title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Canvas {
     let mut canvas = Canvas::new();
-    let (x_min, x_max) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.0), hi.max(p.0)));
-    let (mut y_min, mut y_max) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let all = || series.iter().flat_map(|(_, points)| points.iter());
+    let (x_min, x_max) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.0), hi.max(p.0)));
+    let (mut y_min, mut y_max) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     if y_max - y_min < 1e-12 {
         y_min -= 0.5;
         y_max += 0.5;
@@ -165,20 +170,34 @@ fn chart(name: &str, points: &[(f64, f64)]) -> Canvas {
     }
     canvas.line((left, top), (left, bottom), [0, 0, 0]);
     canvas.line((left, bottom), (right, bottom), [0, 0, 0]);
-    canvas.text(left, 10, name);
+    canvas.text(left, 10, title);
     canvas.text(left, bottom + 12, &format!("step {x_min:.0}"));
     let end = format!("step {x_max:.0}");
     canvas.text(right - 8 * end.len() as i64, bottom + 12, &end);
-    for pair in points.windows(2) {
-        canvas.line(to_px(pair[0]), to_px(pair[1]), [31, 119, 180]);
-    }
-    for &p in points {
-        let (x, y) = to_px(p);
-        for (dx, dy) in [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)] {
-            canvas.set(x + dx, y + dy, [31, 119, 180]);
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        for pair in points.windows(2) {
+            canvas.line(to_px(pair[0]), to_px(pair[1]), colour);
+        }
+        for &p in points {
+            let (x, y) = to_px(p);
+            for (dx, dy) in [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)] {
+                canvas.set(x + dx, y + dy, colour);
+            }
+        }
+        if series.len() > 1 {
+            // Legend: a short line in the series' colour, then its name, under the title.
+            let y = top + 6 + 12 * i as i64;
+            canvas.line((right - 200, y + 3), (right - 184, y + 3), colour);
+            canvas.text(right - 178, y, name);
         }
     }
     canvas
+}
+
+/// Draws `series` (name, (step, value) points) as one PNG chart at `path`.
+pub fn write_chart(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(), PlotError> {
+    write_png(path, &chart(title, series))
 }
 
 fn write_png(path: &Path, canvas: &Canvas) -> Result<(), PlotError> {

@@ -1,6 +1,7 @@
 //! The `hicra` subcommands. Each is a small function that calls library modules; this is the
 //! only place (with the binary) that uses `anyhow`.
 
+mod analyze;
 mod bench;
 mod bench_train;
 mod generate;
@@ -39,6 +40,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Draw PNG curves from a training run's metrics.jsonl.
     Plot(plot::PlotArgs),
+    /// The paper's analyses of a training run's rollouts: JSON summary and PNG charts.
+    Analyze(analyze::AnalyzeArgs),
     /// Strategic Grams: mine them from a corpus of correct solutions.
     #[command(subcommand)]
     Sg(sg::SgCommand),
@@ -104,5 +107,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Sg(command) => sg::run(command),
+        Command::Analyze(args) => analyze::run(args),
     }
 }

@@ -105,6 +105,9 @@ pub(crate) struct ServeArgs {
     /// Members of a client-named reward group [default: 4].
     #[arg(long)]
     group_size: Option<usize>,
+    /// Append every training step's rollouts to this JSON-lines file (read by `hicra analyze`).
+    #[arg(long)]
+    rollout_log: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -141,6 +144,7 @@ impl ServeArgs {
             train_config: self.train_config.or(file.train_config),
             groups_per_step: self.groups_per_step.or(file.groups_per_step),
             group_size: self.group_size.or(file.group_size),
+            rollout_log: self.rollout_log.or(file.rollout_log),
         })
     }
 }
@@ -218,6 +222,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             let mut buffer = crate::server::training::TrainingBuffer::new(args.groups_per_step.unwrap_or(1), args.group_size.unwrap_or(4));
             buffer.sg_plugin = args.sg_plugin.clone();
             buffer.credit_plugin = args.credit_plugin.clone();
+            buffer.rollout_log = args.rollout_log.clone();
             Arc::new(buffer)
         }),
         plugins,

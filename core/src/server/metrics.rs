@@ -59,7 +59,7 @@ pub struct ServerMetrics {
     /// Time from request arrival to the first generated token.
     pub time_to_first_token: Histogram,
     /// The last training step's report, as JSON fields.
-    last_step: Mutex<Option<(crate::train::trainer::StepReport, crate::server::training::BatchStats)>>,
+    last_step: Mutex<Option<(crate::train::trainer::StepReport, crate::analysis::StepAnalysis)>>,
     /// Training steps run online.
     train_steps: AtomicU64,
     /// Items a reward plugin failed (masked, never scored 0).
@@ -79,7 +79,7 @@ impl ServerMetrics {
     }
 
     /// Remembers a training step for `/metrics`.
-    pub fn record_step(&self, report: &crate::train::trainer::StepReport, batch: &crate::server::training::BatchStats) {
+    pub fn record_step(&self, report: &crate::train::trainer::StepReport, batch: &crate::analysis::StepAnalysis) {
         self.train_steps.fetch_add(1, Ordering::Relaxed);
         *self.last_step.lock().unwrap_or_else(|p| p.into_inner()) = Some((report.clone(), batch.clone()));
     }
@@ -112,7 +112,13 @@ impl ServerMetrics {
         if let Some((step, batch)) = self.last_step.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             for (name, help, value) in [
                 ("hicra_train_accuracy", "Share of the last step's rollouts with reward >= 1.", batch.accuracy),
+                ("hicra_train_pass_at_k", "Share of the last step's groups with a rollout of reward >= 1.", batch.pass_at_k),
                 ("hicra_train_semantic_entropy", "Entropy of the Strategic-Gram distribution in the last step's rollouts.", batch.semantic_entropy),
+                ("hicra_train_conditional_entropy", "Entropy of the n-gram after a Strategic Gram given the Strategic Gram, last step.", batch.conditional_entropy.unwrap_or(f64::NAN)),
+                ("hicra_train_sampled_entropy_planning", "Mean sampling entropy of planning tokens in the last step's rollouts.", batch.sampled_entropy_planning.unwrap_or(f64::NAN)),
+                ("hicra_train_sampled_entropy_execution", "Mean sampling entropy of execution tokens in the last step's rollouts.", batch.sampled_entropy_execution.unwrap_or(f64::NAN)),
+                ("hicra_train_perplexity_planning", "Sampling perplexity of planning tokens in the last step's rollouts.", batch.perplexity_planning.unwrap_or(f64::NAN)),
+                ("hicra_train_perplexity_execution", "Sampling perplexity of execution tokens in the last step's rollouts.", batch.perplexity_execution.unwrap_or(f64::NAN)),
                 ("hicra_train_zero_variance_share", "Share of the last step's groups with equal rewards.", step.zero_variance_groups as f64 / step.groups.max(1) as f64),
                 ("hicra_train_response_length", "Mean completion length in the last step.", step.response_length),
                 ("hicra_train_policy_version", "Policy version after the last step.", step.policy_version as f64),

@@ -19,6 +19,7 @@ use super::error::{ApiError, ApiJson};
 use super::rollouts::Rollout;
 use super::AppState;
 use super::plugins::PluginRegistry;
+use crate::analysis::{analyze_step, RolloutRecord, StepAnalysis};
 use crate::plugins::step::{ScoredCompletion, StepPluginReport, StepPlugins};
 use crate::train::planning::StrategicGrams;
 use crate::train::trainer::RolloutGroup;
@@ -34,6 +35,8 @@ pub struct TrainingBuffer {
     pub sg_plugin: Option<String>,
     /// A loaded credit plugin to compute advantages instead of the trainer's scheme.
     pub credit_plugin: Option<String>,
+    /// Appends each step's rollouts here (JSON lines for `hicra analyze`), when set.
+    pub rollout_log: Option<std::path::PathBuf>,
     grams: StrategicGrams,
     state: Mutex<BufferState>,
 }
@@ -42,20 +45,6 @@ pub struct TrainingBuffer {
 struct BufferState {
     collecting: HashMap<String, Vec<Rollout>>,
     ready: Vec<Vec<Rollout>>,
-    /// Strategic-Gram occurrences and rewards of the completions in `ready`.
-    gram_counts: HashMap<String, usize>,
-    rewards: Vec<f32>,
-}
-
-/// What the completions of one training step looked like, beside the trainer's report.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct BatchStats {
-    /// Share of completions with reward >= 1.
-    pub accuracy: f64,
-    /// Entropy of the Strategic-Gram distribution over the batch's completions.
-    pub semantic_entropy: f64,
-    /// Strategic-Gram occurrences in the batch.
-    pub strategic_grams: usize,
 }
 
 impl TrainingBuffer {
@@ -66,6 +55,7 @@ impl TrainingBuffer {
             group_size: group_size.max(2),
             sg_plugin: None,
             credit_plugin: None,
+            rollout_log: None,
             grams: StrategicGrams::paper(),
             state: Mutex::new(BufferState::default()),
         }
@@ -73,7 +63,7 @@ impl TrainingBuffer {
 
     /// Adds a rewarded rollout; returns whether its group completed, and the groups of a full
     /// step when one is ready.
-    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<(Vec<Vec<Rollout>>, BatchStats)>) {
+    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<Vec<Vec<Rollout>>>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let expected = if named_group { self.group_size } else { rollout.group_size };
         let key = rollout.group.clone();
@@ -84,24 +74,39 @@ impl TrainingBuffer {
             return (false, None);
         }
         let members = state.collecting.remove(&key).unwrap_or_default();
-        for member in &members {
-            for m in self.grams.find(&member.token_texts.concat()) {
-                *state.gram_counts.entry(m.phrase).or_default() += 1;
-            }
-            state.rewards.push(member.reward.unwrap_or(0.0));
-        }
         state.ready.push(members);
         if state.ready.len() >= self.groups_per_step {
-            let stats = BatchStats {
-                accuracy: state.rewards.iter().filter(|&&r| r >= 1.0).count() as f64 / state.rewards.len().max(1) as f64,
-                semantic_entropy: crate::train::planning::semantic_entropy(state.gram_counts.values()),
-                strategic_grams: state.gram_counts.values().sum(),
-            };
-            state.gram_counts.clear();
-            state.rewards.clear();
-            return (true, Some((std::mem::take(&mut state.ready), stats)));
+            return (true, Some(std::mem::take(&mut state.ready)));
         }
         (true, None)
+    }
+
+    /// The step's rollouts as analysis records (step = the policy version that sampled them).
+    fn records(raw: &[Vec<Rollout>]) -> Vec<RolloutRecord> {
+        raw.iter()
+            .flatten()
+            .map(|r| RolloutRecord {
+                step: r.policy_version,
+                group: r.group.clone(),
+                reward: r.reward.unwrap_or(0.0),
+                pieces: r.token_texts.clone(),
+                logprobs: r.logprobs.clone(),
+                entropies: r.entropies.clone(),
+            })
+            .collect()
+    }
+
+    /// Analyses the step's rollouts and appends them to the rollout log. Blocking.
+    fn analyze_and_log(&self, raw: &[Vec<Rollout>]) -> StepAnalysis {
+        let records = Self::records(raw);
+        if let Some(path) = &self.rollout_log {
+            let lines: String = records.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
+            let written = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
+            if let Err(err) = written {
+                tracing::warn!(path = %path.display(), %err, "could not append to the rollout log");
+            }
+        }
+        analyze_step(&records, &self.grams)
     }
 
     /// Turns complete groups into training groups: planning masks from the detector plugin
@@ -203,12 +208,16 @@ pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group
     };
     let (group_completed, ready) = buffer.add(rollout, named);
     let mut steps = Vec::new();
-    if let Some((raw, batch)) = ready {
+    if let Some(raw) = ready {
         let registry = state.plugins.clone();
         let builder = buffer.clone();
-        let (groups, plugin_report) = tokio::task::spawn_blocking(move || builder.build_groups(raw, registry.as_deref()))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (groups, plugin_report, batch) = tokio::task::spawn_blocking(move || {
+            let batch = builder.analyze_and_log(&raw);
+            let (groups, report) = builder.build_groups(raw, registry.as_deref());
+            (groups, report, batch)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
         let report = state.engine.train(groups).await.map_err(ApiError::Internal)?;
         state.metrics.record_step(&report, &batch);
         let mut entry = serde_json::to_value(&report).unwrap_or_default();

@@ -6,7 +6,6 @@
 //! PPO "old" policy. Sampling seeds derive from `(seed, step, prompt, sample)`, so a resumed
 //! run repeats exactly what an uninterrupted one does.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,6 +18,7 @@ use super::planning::StrategicGrams;
 use super::reward;
 use super::trainer::{StepReport, Trainer, TrainerConfig};
 use crate::engine::{Engine, Generation, GenerationRequest, SamplingParams};
+use crate::analysis::{analyze_step, RolloutRecord, StepAnalysis};
 use crate::plugins::step::{ScoredCompletion, StepPlugins};
 use hicra_sdk::PluginKind;
 use crate::model::LoadedModel;
@@ -100,6 +100,9 @@ pub struct RunConfig {
     pub output_dir: PathBuf,
     /// Checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Append every rewarded rollout to `rollouts.jsonl` in the output folder (`hicra analyze`
+    /// reads it).
+    pub log_rollouts: bool,
     /// The trainer (LoRA, loss, optimizer, credit scheme).
     pub trainer: TrainerConfig,
 }
@@ -134,6 +137,7 @@ impl Default for RunConfig {
             strategic_grams: None,
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 0,
+            log_rollouts: true,
             trainer: TrainerConfig::default(),
         }
     }
@@ -179,12 +183,10 @@ pub struct StepMetrics {
     /// The trainer's report.
     #[serde(flatten)]
     pub train: StepReport,
-    /// Share of completions with reward 1.
-    pub accuracy: f64,
-    /// Shannon entropy (nats) of the Strategic-Gram frequency distribution in this batch.
-    pub semantic_entropy: f64,
-    /// Strategic-Gram occurrences in this batch.
-    pub strategic_grams: usize,
+    /// The paper's analyses of this step's rollouts (accuracy, pass@k, planning vs execution
+    /// entropy and perplexity, semantic and conditional entropy), as `hicra analyze` computes them.
+    #[serde(flatten)]
+    pub analysis: StepAnalysis,
     /// Groups drawn again because their rewards were all equal.
     pub resampled_groups: usize,
     /// Completions a reward or detector plugin failed, left out of training.
@@ -377,9 +379,18 @@ impl Run {
             .append(true)
             .open(&self.metrics_path)
             .map_err(|source| RunError::Io { path: self.metrics_path.clone(), source })?;
+        let rollouts_path = self.config.output_dir.join("rollouts.jsonl");
+        let mut rollout_log = match self.config.log_rollouts {
+            true => Some(std::fs::OpenOptions::new().create(true).append(true).open(&rollouts_path).map_err(|source| RunError::Io { path: rollouts_path.clone(), source })?),
+            false => None,
+        };
         let mut all = Vec::new();
         for step in start..self.config.steps {
-            let metrics = self.step(step)?;
+            let (metrics, rollouts) = self.step(step)?;
+            if let Some(log) = rollout_log.as_mut() {
+                let lines: String = rollouts.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
+                log.write_all(lines.as_bytes()).map_err(|source| RunError::Io { path: rollouts_path.clone(), source })?;
+            }
             let line = serde_json::to_string(&metrics).unwrap_or_default();
             writeln!(file, "{line}").map_err(|source| RunError::Io { path: self.metrics_path.clone(), source })?;
             progress(&metrics);
@@ -417,8 +428,8 @@ impl Run {
     }
 
     /// Rewards of one prompt's completions; the second value counts items a reward plugin
-    /// failed (left out of the group). Strategic-Gram occurrences are tallied into `grams`.
-    fn score_group(&self, example: &Example, prompt_ids: &[u32], generations: Vec<Generation>, grams: &mut HashMap<String, usize>) -> (Vec<ScoredCompletion>, usize) {
+    /// failed (left out of the group).
+    fn score_group(&self, example: &Example, prompt_ids: &[u32], generations: Vec<Generation>) -> (Vec<ScoredCompletion>, usize) {
         let rewards: Vec<Option<f32>> = match &self.plugin {
             Some(plugin) => {
                 let prompt = self.loaded.tokenizer.decode(prompt_ids, false).unwrap_or_default();
@@ -433,9 +444,6 @@ impl Run {
             .filter_map(|(generation, reward)| {
                 let reward = reward?;
                 let pieces: Vec<String> = generation.tokens.iter().map(|t| t.text.clone()).collect();
-                for m in self.grams.find(&pieces.concat()) {
-                    *grams.entry(m.phrase).or_default() += 1;
-                }
                 Some(ScoredCompletion {
                     pieces,
                     completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
@@ -448,7 +456,8 @@ impl Run {
         (completions, masked)
     }
 
-    fn step(&mut self, step: u64) -> Result<StepMetrics, RunError> {
+    /// One loop step: sample, score, train; returns its metrics and its rewarded rollouts.
+    fn step(&mut self, step: u64) -> Result<(StepMetrics, Vec<RolloutRecord>), RunError> {
         // libtorch's generator drives LoRA dropout; seeding it from (seed, step) makes a resumed
         // run draw what an uninterrupted one draws, with nothing extra in the checkpoint.
         tch::manual_seed((self.config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
@@ -456,12 +465,12 @@ impl Run {
         let batch: Vec<&Example> = (0..n).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
         let started = Instant::now();
         let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
-        let mut grams: HashMap<String, usize> = HashMap::new();
         let mut groups = Vec::new();
+        let mut rollouts = Vec::new();
         let (mut resampled, mut masked_items) = (0, 0);
         let mut plugin_report = self.step_plugins.report();
         for (p, (example, (prompt_ids, generations))) in batch.iter().zip(sampled).enumerate() {
-            let (mut members, masked) = self.score_group(example, &prompt_ids, generations, &mut grams);
+            let (mut members, masked) = self.score_group(example, &prompt_ids, generations);
             masked_items += masked;
             // Equal rewards carry no GRPO signal: draw the group again, a bounded number of times.
             for attempt in 1..=self.config.resample_equal_groups {
@@ -469,32 +478,38 @@ impl Run {
                     let tag = step ^ ((attempt as u64) << 40) ^ ((p as u64) << 48);
                     let again = self.sample(&[*example], self.config.group_size, tag, self.config.temperature)?;
                     let generations = again.into_iter().next().map(|(_, g)| g).unwrap_or_default();
-                    let (again, masked) = self.score_group(example, &prompt_ids, generations, &mut grams);
+                    let (again, masked) = self.score_group(example, &prompt_ids, generations);
                     members = again;
                     masked_items += masked;
                     resampled += 1;
                 }
             }
+            rollouts.extend(members.iter().map(|m| RolloutRecord {
+                step,
+                group: format!("{step}-{p}"),
+                reward: m.reward,
+                pieces: m.pieces.clone(),
+                logprobs: m.logprobs.clone(),
+                entropies: m.entropies.clone(),
+            }));
             groups.extend(self.step_plugins.build_group(prompt_ids, self.config.temperature, members, &self.grams, &mut plugin_report));
         }
         let sample_seconds = started.elapsed().as_secs_f64();
-        let rewards: Vec<f32> = groups.iter().flat_map(|g| g.members.iter().map(|m| m.reward)).collect();
         let train = self.trainer.step(&self.loaded.model, &groups)?;
         let evaluate = (self.config.eval_every > 0 && (step + 1) % self.config.eval_every == 0) || step + 1 == self.config.steps;
         let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
-        Ok(StepMetrics {
+        let metrics = StepMetrics {
             run_step: step,
             train,
-            accuracy: rewards.iter().filter(|&&r| r >= 1.0).count() as f64 / rewards.len().max(1) as f64,
-            semantic_entropy: super::planning::semantic_entropy(grams.values()),
-            strategic_grams: grams.values().sum(),
+            analysis: analyze_step(&rollouts, &self.grams),
             resampled_groups: resampled,
             masked_items: masked_items + plugin_report.masked_items,
             dropped_groups: plugin_report.dropped_groups,
             eval_pass1,
             eval_pass_k,
             sample_seconds,
-        })
+        };
+        Ok((metrics, rollouts))
     }
 
     /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts.
