@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job, for now: set up, build, and chat with the default model
-# (SmolLM2-135M-Instruct) on CPU or CUDA.
+# The main job: set up, build, chat with the default model (SmolLM2-135M-Instruct) on CPU or
+# CUDA, train it online with HICRA while serving, and analyse the session.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -19,8 +19,10 @@ done
 echo
 echo "[demo] online HICRA session: hicra serve --train, examples/online_arithmetic/client.py"
 port="${HICRA_DEMO_PORT:-8765}"
+rm -f target/demo-rollouts.jsonl
 "$hicra" serve --port "$port" --max-batch 32 --max-context 512 \
-  --train-config examples/online_arithmetic/trainer.toml --groups-per-step 4 2> target/demo-serve.log &
+  --train-config examples/online_arithmetic/trainer.toml --groups-per-step 4 \
+  --rollout-log target/demo-rollouts.jsonl 2> target/demo-serve.log &
 server=$!
 trap 'kill $server 2>/dev/null' EXIT
 for _ in $(seq 1 120); do
@@ -29,6 +31,10 @@ for _ in $(seq 1 120); do
 done
 .deps/venv/bin/python examples/online_arithmetic/client.py --url "http://127.0.0.1:$port" --rounds "${HICRA_DEMO_ROUNDS:-4}"
 kill $server 2>/dev/null || true
+# The paper's analyses of the session (entropy, perplexity, semantic entropy, accuracy per step).
+echo
+echo "[demo] hicra analyze target/demo-rollouts.jsonl -> target/demo-analysis/"
+"$hicra" analyze target/demo-rollouts.jsonl --out target/demo-analysis
 
 if [ -t 0 ]; then
   echo

@@ -68,6 +68,8 @@ fn the_offline_loop_logs_rollouts_and_the_replayed_analysis_equals_the_live_one(
     let steps = summary["steps"].as_array().expect("steps");
     assert_eq!(steps.len(), 2);
     assert_eq!(steps[0]["relative_perplexity_execution"], 1.0);
+    // The last step evaluated on held-out prompts: metrics.jsonl's evaluation joins it.
+    assert!(steps[1]["eval_pass1"].is_number() && steps[1]["eval_pass_k"].is_number(), "{}", steps[1]);
     let live = read_jsonl(&dir.join("metrics.jsonl"));
     for (replayed, live) in steps.iter().zip(&live) {
         for key in ["rollouts", "accuracy", "pass_at_k", "sampled_length", "sampled_entropy_execution", "perplexity_execution", "semantic_entropy", "strategic_grams"] {

@@ -176,6 +176,26 @@ fn mining_recovers_planted_strategies_and_rejects_execution_and_rare_phrases() {
     });
     assert!(merged, "no cluster merged paraphrases\n{report:#}");
 
+    // k-means instead: the same seed gives the same clusters.
+    let kmeans = |out: &str| -> Value {
+        let path = dir.join(out);
+        let output = Command::new(env!("CARGO_BIN_EXE_hicra"))
+            .args(["sg", "mine"])
+            .arg(&corpus)
+            .arg("--out")
+            .arg(&path)
+            .args(["--kmeans", "30", "--seed", "3", "--embedder"])
+            .arg(embedder_dir())
+            .output()
+            .expect("hicra runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("report")).expect("json")
+    };
+    let (first, second) = (kmeans("kmeans-1.json"), kmeans("kmeans-2.json"));
+    assert_eq!(first["clusters"].as_array().map(Vec::len), Some(30));
+    assert_eq!(first["clusters"], second["clusters"]);
+    assert!(!first["strategic_grams"].as_array().expect("list").is_empty());
+
     // Bad input: a clear error naming the line.
     std::fs::write(dir.join("bad.jsonl"), "{\"completion\": \"fine\"}\nnot json\n").expect("bad corpus");
     let output = Command::new(env!("CARGO_BIN_EXE_hicra")).args(["sg", "mine"]).arg(dir.join("bad.jsonl")).arg("--out").arg(dir.join("bad.json")).arg("--embedder").arg(embedder_dir()).output().expect("hicra runs");

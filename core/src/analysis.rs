@@ -200,6 +200,12 @@ pub struct StepEntry {
     pub relative_perplexity_planning: Option<f64>,
     /// Execution perplexity divided by the first step's.
     pub relative_perplexity_execution: Option<f64>,
+    /// Held-out pass@1 at this step, from the run's metrics.jsonl (when it evaluated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_pass1: Option<f64>,
+    /// Held-out pass@k at this step, from the run's metrics.jsonl (when it evaluated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_pass_k: Option<f64>,
 }
 
 /// Why a rollout log could not be analysed.
@@ -245,7 +251,14 @@ pub fn analyze_file(path: &Path, grams: &StrategicGrams) -> Result<RunAnalysis, 
     }
     let mut steps: Vec<StepEntry> = by_step
         .into_iter()
-        .map(|(step, rollouts)| StepEntry { step, analysis: analyze_step(&rollouts, grams), relative_perplexity_planning: None, relative_perplexity_execution: None })
+        .map(|(step, rollouts)| StepEntry {
+            step,
+            analysis: analyze_step(&rollouts, grams),
+            relative_perplexity_planning: None,
+            relative_perplexity_execution: None,
+            eval_pass1: None,
+            eval_pass_k: None,
+        })
         .collect();
     let base_plan = steps.first().and_then(|s| s.analysis.perplexity_planning);
     let base_exec = steps.first().and_then(|s| s.analysis.perplexity_execution);
@@ -255,6 +268,23 @@ pub fn analyze_file(path: &Path, grams: &StrategicGrams) -> Result<RunAnalysis, 
     }
     let first_vs_last = first_vs_last(&steps);
     Ok(RunAnalysis { rollouts_file: path.to_path_buf(), steps, first_vs_last })
+}
+
+/// Adds the held-out evaluations of a `hicra train` metrics.jsonl (`run_step`, `eval_pass1`,
+/// `eval_pass_k`) to the steps they were measured at. Lines that are not JSON are skipped:
+/// the rollout log is the analysis's source, metrics only add to it.
+pub fn merge_evaluations(analysis: &mut RunAnalysis, metrics: &Path) -> Result<(), AnalysisError> {
+    let text = std::fs::read_to_string(metrics).map_err(|source| AnalysisError::Io { path: metrics.to_path_buf(), source })?;
+    for line in text.lines() {
+        let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(step) = row["run_step"].as_u64() else { continue };
+        if let Some(entry) = analysis.steps.iter_mut().find(|e| e.step == step) {
+            entry.eval_pass1 = row["eval_pass1"].as_f64().or(entry.eval_pass1);
+            entry.eval_pass_k = row["eval_pass_k"].as_f64().or(entry.eval_pass_k);
+        }
+    }
+    analysis.first_vs_last = first_vs_last(&analysis.steps);
+    Ok(())
 }
 
 /// Every numeric field of the first and last step.
@@ -273,7 +303,7 @@ pub const CHARTS: &[(&str, &str, &[&str])] = &[
     ("semantic_entropy", "semantic entropy of Strategic Grams", &["semantic_entropy"]),
     ("conditional_entropy", "H(next n-gram | Strategic Gram)", &["conditional_entropy"]),
     ("response_length", "response length (tokens)", &["sampled_length"]),
-    ("accuracy", "accuracy and pass@k", &["accuracy", "pass_at_k"]),
+    ("accuracy", "accuracy and pass@k", &["accuracy", "pass_at_k", "eval_pass1", "eval_pass_k"]),
 ];
 
 /// Writes `summary.json` and the PNG charts of `analysis` into `out`; returns the files.

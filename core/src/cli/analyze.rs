@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use crate::analysis::{analyze_file, write_report};
+use crate::analysis::{analyze_file, merge_evaluations, write_report};
 use crate::train::planning::StrategicGrams;
 
 /// Arguments of `hicra analyze`.
@@ -35,7 +35,11 @@ pub(crate) fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
         Some(path) => StrategicGrams::from_phrases(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.lines()),
         None => StrategicGrams::paper(),
     };
-    let analysis = analyze_file(&rollouts, &grams)?;
+    let mut analysis = analyze_file(&rollouts, &grams)?;
+    let metrics = folder.join("metrics.jsonl");
+    if args.run.is_dir() && metrics.exists() {
+        merge_evaluations(&mut analysis, &metrics)?;
+    }
     let out = args.out.unwrap_or_else(|| folder.join("analysis"));
     for path in write_report(&analysis, &out)? {
         println!("{}", path.display());
