@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::TrainError;
+use crate::engine::score::PaddedPairs;
 use crate::model::{ForwardInput, Transformer};
 
 /// How per-token losses become the batch loss.
@@ -127,29 +128,17 @@ pub fn accumulate(model: &Transformer, samples: &[TrainSample], config: &LossCon
 /// index of each completion token's row.
 fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor) {
     let device = model.device();
-    let longest = samples.iter().map(|s| s.prompt_ids.len() + s.completion_ids.len()).max().unwrap_or(1);
-    let b_sz = samples.len();
-    let mut ids = vec![0i64; b_sz * longest];
-    let mut rows = Vec::new();
-    let mut inv_t = Vec::new();
-    for (r, s) in samples.iter().enumerate() {
-        for (c, &id) in s.prompt_ids.iter().chain(&s.completion_ids).enumerate() {
-            ids[r * longest + c] = id as i64;
-        }
-        let start = r * longest + s.prompt_ids.len() - 1;
-        rows.extend((start..start + s.completion_ids.len()).map(|i| i as i64));
-        let t = if s.temperature > 0.0 { s.temperature } else { 1.0 };
-        inv_t.extend(std::iter::repeat_n((1.0 / t) as f32, s.completion_ids.len()));
-    }
-    let tokens = Tensor::from_slice(&ids).view([b_sz as i64, longest as i64]).to_device(device);
-    let positions = Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0).expand([b_sz as i64, longest as i64], true);
-    let hidden = model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora, training }, None);
-    let rows = Tensor::from_slice(&rows).to_device(device);
-    let picked = hidden.view([(b_sz * longest) as i64, -1]).index_select(0, &rows);
+    let pairs: Vec<(&[u32], &[u32])> = samples.iter().map(|s| (s.prompt_ids.as_slice(), s.completion_ids.as_slice())).collect();
+    let batch = PaddedPairs::new(&pairs, device);
+    // Each sample's tokens are under its own sampling temperature.
+    let inv_t: Vec<f32> = samples
+        .iter()
+        .flat_map(|s| std::iter::repeat_n((1.0 / if s.temperature > 0.0 { s.temperature } else { 1.0 }) as f32, s.completion_ids.len()))
+        .collect();
+    let hidden = model.forward_hidden(&ForwardInput { tokens: &batch.tokens, positions: &batch.positions, use_lora, training }, None);
     let inv_t = Tensor::from_slice(&inv_t).to_device(device).unsqueeze(1);
-    let logprobs = (model.logits(&picked) * inv_t).log_softmax(-1, Kind::Float);
-    let targets: Vec<i64> = samples.iter().flat_map(|s| s.completion_ids.iter().map(|&id| id as i64)).collect();
-    (logprobs, Tensor::from_slice(&targets).to_device(device))
+    let logprobs = (model.logits(&batch.predicting(&hidden)) * inv_t).log_softmax(-1, Kind::Float);
+    (logprobs, batch.targets)
 }
 
 /// Per-token entropy (nats) of the served policy over each sample's completion, without
