@@ -47,11 +47,36 @@ def gsm8k_sentences() -> list[str]:
     return sentences
 
 
+def reference_embed_seconds(phrases: list[str]) -> float:
+    """Seconds transformers (same libtorch wheel, batches of 64) takes to embed `phrases`."""
+    sys.path.insert(0, str(ROOT / "scripts" / "fixtures"))
+    from make_parity_fixtures import ensure_torch_importable
+
+    ensure_torch_importable()
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    model_dir = ROOT / ".deps" / "models" / "all-minilm-l6-v2"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = BertModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
+    started = time.time()
+    with torch.no_grad():
+        for i in range(0, len(phrases), 64):
+            batch = tokenizer(phrases[i : i + 64], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+    reference_embed_seconds.last = time.time() - started
+    return reference_embed_seconds.last
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--solutions", type=int, default=100_000)
     parser.add_argument("--out", default=str(ROOT / ".deps" / "bench-sg"))
     parser.add_argument("--hicra", default=str(ROOT / "target" / "release" / "hicra"))
+    parser.add_argument("--min-doc-share", type=float, default=0.01)
+    parser.add_argument("--reference", action="store_true", help="also embed the same candidates with transformers (needs scripts/setup.sh --reference)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +102,7 @@ def main() -> int:
     report = out / "report.json"
     started = time.time()
     run = subprocess.run(
-        ["/usr/bin/time", "-v", args.hicra, "sg", "mine", str(corpus), "--out", str(report), "--list", str(out / "sg.txt")],
+        ["/usr/bin/time", "-v", args.hicra, "sg", "mine", str(corpus), "--out", str(report), "--list", str(out / "sg.txt"), "--min-doc-share", str(args.min_doc_share)],
         capture_output=True,
         text=True,
     )
@@ -100,6 +125,9 @@ def main() -> int:
         ("peak RSS", f"{peak_kb / 1024:.0f} MiB"),
         ("Strategic Grams mined", f"{len(result['strategic_grams'])} ({overlap['containing_reference']} contain a paper phrase, {len(overlap['exact'])} exact)"),
     ]
+    if args.reference:
+        phrases = [m["ngram"] for c in result["clusters"] for m in c["members"]]
+        rows.append(("same candidates, transformers BertModel", f"{reference_embed_seconds(phrases):.1f} s (hicra x{reference_embed_seconds.last / max(seconds['embed'], 1e-9):.2f} faster)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
