@@ -11,8 +11,13 @@
 //! - [`engine`]: KV cache, on-device sampler, batched generation, teacher-forced scoring.
 //! - [`server`]: the OpenAI-compatible HTTP API in front of the engine thread.
 //! - [`train`]: in-place LoRA training with GRPO/HICRA; [`plot`]: PNG curves of its metrics.
-//! - [`plugins`]: loading reward plugins built against `hicra-sdk`, with guards.
+//! - [`plugins`]: loading reward, detector and credit plugins built against `hicra-sdk`, with guards.
+//! - [`sg`]: Strategic-Gram mining; [`analysis`]: the paper's per-step analyses of rollouts.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
+
+// tch implements `x += y` in place: on tensors that alias others (shallow clones) or that
+// autograd still needs, that would be a bug. `x = x + y` allocates on purpose.
+#![allow(clippy::assign_op_pattern)]
 
 pub mod analysis;
 pub mod cli;

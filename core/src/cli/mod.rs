@@ -26,6 +26,8 @@ pub struct Cli {
     command: Command,
 }
 
+// `serve` has many flags; the command is parsed once at start-up, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate a completion for one prompt.

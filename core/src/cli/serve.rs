@@ -246,7 +246,7 @@ mod tests {
         assert_eq!(args.max_batch, Some(4));
         std::fs::write(&path, "prot = 1\n")?;
         let err = ServeArgs { config: Some(path), ..ServeArgs::default() }.merged();
-        assert!(format!("{:#}", err.err().expect("typo rejected")).contains("prot"));
+        assert!(format!("{:#}", err.expect_err("typo rejected")).contains("prot"));
         Ok(())
     }
 }

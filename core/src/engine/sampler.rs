@@ -147,9 +147,9 @@ fn shift_right(x: &Tensor, bits: i64) -> Tensor {
 
 /// SplitMix64's finaliser, lane-wise; int64 multiplication wraps like u64.
 fn mix(z: Tensor) -> Tensor {
-    let z = (&z).bitwise_xor_tensor(&shift_right(&z, 30)) * MIX1;
-    let z = (&z).bitwise_xor_tensor(&shift_right(&z, 27)) * MIX2;
-    (&z).bitwise_xor_tensor(&shift_right(&z, 31))
+    let z = z.bitwise_xor_tensor(&shift_right(&z, 30)) * MIX1;
+    let z = z.bitwise_xor_tensor(&shift_right(&z, 27)) * MIX2;
+    z.bitwise_xor_tensor(&shift_right(&z, 31))
 }
 
 /// Standard Gumbel noise `(b, vocab)` from `(seed, step, token id)`.

@@ -106,7 +106,7 @@ pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize
         if let Some(id) = s.prompt_ids.iter().chain(&s.completion_ids).find(|&&id| id as usize >= vocab_size) {
             return Err(TrainError::InvalidSample { index: i, reason: format!("token id {id} outside the vocabulary") });
         }
-        if s.old_logprobs.iter().chain(&s.advantages).any(|v| !v.is_finite()) || !(s.temperature >= 0.0) {
+        if s.old_logprobs.iter().chain(&s.advantages).any(|v| !v.is_finite()) || s.temperature.is_nan() || s.temperature < 0.0 {
             return Err(TrainError::InvalidSample { index: i, reason: "non-finite logprob, advantage or temperature".into() });
         }
     }

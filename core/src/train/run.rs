@@ -250,7 +250,7 @@ pub struct Run {
     grams: StrategicGrams,
     metrics_path: PathBuf,
     /// Replaces `config.reward` when set (library users with their own verifier).
-    custom_reward: Option<Box<dyn Fn(&str, &str) -> f32>>,
+    custom_reward: Option<RewardFn>,
     /// The compiled `reward_pattern` for `reward = "regex"`.
     pattern: Option<regex::Regex>,
     /// The loaded `reward_plugin`.
@@ -258,6 +258,12 @@ pub struct Run {
     /// The loaded `sg_plugin` and `credit_plugin`.
     step_plugins: StepPlugins,
 }
+
+/// A library user's verifier: `reward(completion, answer)`.
+type RewardFn = Box<dyn Fn(&str, &str) -> f32>;
+
+/// A prompt's ids and the completions sampled for it.
+type PromptSamples = (Vec<u32>, Vec<Generation>);
 
 /// Loads the plugin library at `path` (if any) with its configuration, refusing one of
 /// another kind than the setting it was named in.
@@ -353,7 +359,7 @@ impl Run {
     }
 
     /// Samples `samples` completions for each example, seeds from `(seed, tag, example, sample)`.
-    fn sample(&self, examples: &[&Example], samples: usize, tag: u64, temperature: f64) -> Result<Vec<(Vec<u32>, Vec<Generation>)>, RunError> {
+    fn sample(&self, examples: &[&Example], samples: usize, tag: u64, temperature: f64) -> Result<Vec<PromptSamples>, RunError> {
         let mut requests = Vec::new();
         let mut prompts = Vec::new();
         for (p, example) in examples.iter().enumerate() {
@@ -516,7 +522,7 @@ impl Run {
     pub fn evaluate(&self, step: u64) -> Result<(f64, f64), RunError> {
         let examples: Vec<&Example> = self.eval.iter().take(self.config.eval_prompts.max(1)).collect();
         let k = self.config.eval_samples.max(1);
-        let sampled = self.sample(&examples, k, u64::MAX - step, self.config.temperature.min(0.6).max(0.0))?;
+        let sampled = self.sample(&examples, k, u64::MAX - step, self.config.temperature.clamp(0.0, 0.6))?;
         let (mut pass1, mut pass_k) = (0.0, 0.0);
         for (example, (_, generations)) in examples.iter().zip(sampled) {
             let scores: Vec<f32> = generations.iter().map(|g| self.reward(&g.text, &example.answer)).collect();
