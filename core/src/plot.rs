@@ -186,10 +186,11 @@ fn chart(title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Canvas {
             }
         }
         if series.len() > 1 {
-            // Legend: a short line in the series' colour, then its name, under the title.
-            let y = top + 6 + 12 * i as i64;
-            canvas.line((right - 200, y + 3), (right - 184, y + 3), colour);
-            canvas.text(right - 178, y, name);
+            // Legend at the top right: a short line in the series' colour, then its name.
+            let longest = series.iter().map(|(n, _)| n.chars().count()).max().unwrap_or(0) as i64;
+            let (x, y) = (right - 8 * longest - 24, top + 6 + 12 * i as i64);
+            canvas.line((x, y + 3), (x + 16, y + 3), colour);
+            canvas.text(x + 22, y, name);
         }
     }
     canvas
