@@ -20,7 +20,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::cluster::{cluster, Clustering};
-use super::ngrams::{for_each_ngram, hash_ngram, is_word, phrase, segments, CountMinSketch};
+use super::ngrams::{for_each_ngram, letter_words, phrase, segments, spell, word_segments, CountMinSketch};
 use crate::model::bert::SentenceEmbedder;
 use crate::train::planning::StrategicGrams;
 
@@ -220,6 +220,8 @@ fn for_each_solution(path: &Path, config: &MineConfig, mut visit: impl FnMut(&st
 /// Exact statistics of an n-gram that passed the sketch.
 struct Counted {
     tokens: Vec<String>,
+    /// Words with a letter among `tokens`.
+    letters: usize,
     docs: u32,
     occurrences: u32,
 }
@@ -242,8 +244,7 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     let mut in_doc: HashSet<u64> = HashSet::new();
     let (records, solutions) = for_each_solution(path, config, |text| {
         in_doc.clear();
-        for_each_ngram(&segments(text), sizes.clone(), |gram| {
-            let hash = hash_ngram(gram);
+        for_each_ngram(&word_segments(text), sizes.clone(), |_, hash| {
             if in_doc.insert(hash) {
                 sketch.add(hash);
             }
@@ -258,11 +259,10 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     let mut occurrences_in_doc: HashMap<u64, u32> = HashMap::new();
     for_each_solution(path, config, |text| {
         occurrences_in_doc.clear();
-        for_each_ngram(&segments(text), sizes.clone(), |gram| {
-            let hash = hash_ngram(gram);
+        for_each_ngram(&word_segments(text), sizes.clone(), |gram, hash| {
             if sketch.estimate(hash) >= floor {
                 *occurrences_in_doc.entry(hash).or_default() += 1;
-                counted.entry(hash).or_insert_with(|| Counted { tokens: gram.to_vec(), docs: 0, occurrences: 0 });
+                counted.entry(hash).or_insert_with(|| Counted { tokens: spell(text, gram), letters: letter_words(gram), docs: 0, occurrences: 0 });
             }
         });
         for (hash, count) in &occurrences_in_doc {
@@ -279,7 +279,7 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     frequent.sort_by(|a, b| b.1.docs.cmp(&a.1.docs).then_with(|| a.1.tokens.cmp(&b.1.tokens)));
     let (mut rejected_repeated, mut rejected_not_words, mut candidates) = (Vec::new(), Vec::new(), Vec::new());
     for (hash, c) in frequent {
-        if c.tokens.iter().filter(|t| is_word(t)).count() < config.min_words {
+        if c.letters < config.min_words {
             rejected_not_words.push(c.gram());
         } else if c.occurrences as f64 / c.docs.max(1) as f64 > config.max_mean_occurrences {
             rejected_repeated.push(c.gram());
@@ -307,8 +307,8 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     let mut in_doc: HashSet<usize> = HashSet::new();
     for_each_solution(path, config, |text| {
         in_doc.clear();
-        for_each_ngram(&segments(text), sizes.clone(), |gram| {
-            if let Some(&l) = cluster_of.get(&hash_ngram(gram)) {
+        for_each_ngram(&word_segments(text), sizes.clone(), |_, hash| {
+            if let Some(&l) = cluster_of.get(&hash) {
                 in_doc.insert(l);
             }
         });

@@ -8,32 +8,84 @@
 //! Also the count-min sketch that bounds memory while counting document frequencies of
 //! millions of distinct n-grams.
 
-use std::hash::{Hash, Hasher};
-
 use crate::train::planning::for_each_word;
 
 /// Words that end a sentence-like segment (and are not part of any n-gram).
 const SEGMENT_ENDS: [&str; 4] = [".", "!", "?", ";"];
 
-/// The normalised word segments of `text`.
-pub fn segments(text: &str) -> Vec<Vec<String>> {
+/// A word of a segment, without its text: the hash of its normalised form, what kind of word
+/// it is, and where it is in the original text (to spell it out only when needed).
+#[derive(Clone, Copy, Debug)]
+pub struct Word {
+    /// Hash of the normalised word.
+    hash: u64,
+    /// Has a letter or a digit (n-grams start and end with such words).
+    alphanumeric: bool,
+    /// Has a letter (counts toward `min_words`).
+    letter: bool,
+    /// Byte span in the original text.
+    start: usize,
+    end: usize,
+}
+
+/// FNV-1a, then a SplitMix64 finaliser: a fast, stable 64-bit hash of a word.
+fn hash_word(word: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in word.bytes() {
+        h = (h ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The word segments of `text` (rules in the module docs). Allocates per segment, not per word.
+pub fn word_segments(text: &str) -> Vec<Vec<Word>> {
     let mut segments = Vec::new();
-    let mut current: Vec<String> = Vec::new();
+    let mut current: Vec<Word> = Vec::new();
     let mut previous_end = 0;
     for_each_word(text, |start, end, word| {
         let line_break = text.get(previous_end..start).is_some_and(|gap| gap.contains('\n'));
         previous_end = end;
-        if (line_break || SEGMENT_ENDS.contains(&word)) && !current.is_empty() {
+        let ends_segment = SEGMENT_ENDS.contains(&word);
+        if (line_break || ends_segment) && !current.is_empty() {
             segments.push(std::mem::take(&mut current));
         }
-        if !SEGMENT_ENDS.contains(&word) {
-            current.push(word.to_string());
+        if !ends_segment {
+            let alphanumeric = word.chars().any(char::is_alphanumeric);
+            current.push(Word { hash: hash_word(word), alphanumeric, letter: alphanumeric && word.chars().any(char::is_alphabetic), start, end });
         }
     });
     if !current.is_empty() {
         segments.push(current);
     }
     segments
+}
+
+/// The normalised words of `window`, spelled out from `text`.
+pub fn spell(text: &str, window: &[Word]) -> Vec<String> {
+    window
+        .iter()
+        .map(|w| {
+            let mut word = String::new();
+            for_each_word(text.get(w.start..w.end).unwrap_or_default(), |_, _, normalised| word.push_str(normalised));
+            word
+        })
+        .collect()
+}
+
+/// Words with a letter in `window`.
+pub fn letter_words(window: &[Word]) -> usize {
+    window.iter().filter(|w| w.letter).count()
+}
+
+/// The normalised word segments of `text`, spelled out.
+pub fn segments(text: &str) -> Vec<Vec<String>> {
+    word_segments(text).iter().map(|segment| spell(text, segment)).collect()
 }
 
 /// An n-gram as a phrase: words joined by spaces, without a space before punctuation
@@ -50,37 +102,24 @@ pub fn phrase(tokens: &[String]) -> String {
     out
 }
 
-/// A stable 64-bit hash of an n-gram (the same in every run and on every machine).
-pub fn hash_ngram(tokens: &[String]) -> u64 {
-    let mut hasher = std::hash::DefaultHasher::new();
-    tokens.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// Calls `visit(tokens)` for every n-gram with `n` in `sizes` that starts and ends with a word
-/// or number (", that is" is not a phrase), in order of appearance.
-pub fn for_each_ngram(segments: &[Vec<String>], sizes: std::ops::RangeInclusive<usize>, mut visit: impl FnMut(&[String])) {
+/// Calls `visit(words, hash)` for every n-gram with `n` in `sizes` that starts and ends with a
+/// word or number (", that is" is not a phrase), in order of appearance. The hash depends on
+/// the words and their order only.
+pub fn for_each_ngram(segments: &[Vec<Word>], sizes: std::ops::RangeInclusive<usize>, mut visit: impl FnMut(&[Word], u64)) {
     for segment in segments {
         for n in sizes.clone() {
             if n == 0 || n > segment.len() {
                 continue;
             }
             for window in segment.windows(n) {
-                if window.first().is_some_and(|t| is_alphanumeric(t)) && window.last().is_some_and(|t| is_alphanumeric(t)) {
-                    visit(window);
+                let edges_are_words = window.first().is_some_and(|w| w.alphanumeric) && window.last().is_some_and(|w| w.alphanumeric);
+                if edges_are_words {
+                    let hash = window.iter().fold(mix(0x9E37_79B9_7F4A_7C15 ^ n as u64), |h, w| mix(h ^ w.hash));
+                    visit(window, hash);
                 }
             }
         }
     }
-}
-
-fn is_alphanumeric(token: &str) -> bool {
-    token.chars().any(char::is_alphanumeric)
-}
-
-/// Whether a token is a word (has a letter) rather than a number or symbol.
-pub fn is_word(token: &str) -> bool {
-    token.chars().any(char::is_alphabetic)
 }
 
 /// A count-min sketch of `u32` counters: estimates never undercount, so pruning with
@@ -136,8 +175,23 @@ mod tests {
     #[test]
     fn ngrams_stay_inside_segments() {
         let mut seen = Vec::new();
-        for_each_ngram(&segments("a b c d. e f g, h"), 3..=4, |g| seen.push(g.join(" ")));
+        let text = "a b c d. e f g, h";
+        for_each_ngram(&word_segments(text), 3..=4, |g, _| seen.push(spell(text, g).join(" ")));
         assert_eq!(seen, vec!["a b c", "b c d", "a b c d", "e f g", "g , h", "f g , h"]);
+    }
+
+    #[test]
+    fn ngram_hashes_depend_on_the_words_only() {
+        let hashes = |text: &str| {
+            let mut out = Vec::new();
+            for_each_ngram(&word_segments(text), 3..=3, |_, h| out.push(h));
+            out
+        };
+        // Same words, different case, apostrophes and spacing: same hashes; reordered: different.
+        assert_eq!(hashes("Let's try  AGAIN now"), hashes("lets try again now"));
+        assert_ne!(hashes("try lets again"), hashes("lets try again"));
+        // An n-gram of the same words at another size differs.
+        assert_ne!(hashes("a b c")[0], { let mut h = 0; for_each_ngram(&word_segments("a b c"), 2..=2, |_, x| h = x); h });
     }
 
     #[test]
