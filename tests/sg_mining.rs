@@ -203,4 +203,8 @@ fn mining_recovers_planted_strategies_and_rejects_execution_and_rare_phrases() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("bad.jsonl:2") && stderr.contains("not JSON"), "{stderr}");
     assert!(!dir.join("bad.json").exists(), "no report is written on failure");
+    // Rewards on another scale: nothing qualifies, and the error says so.
+    let output = Command::new(env!("CARGO_BIN_EXE_hicra")).args(["sg", "mine"]).arg(&corpus).arg("--out").arg(dir.join("none.json")).args(["--min-reward", "5"]).arg("--embedder").arg(embedder_dir()).output().expect("hicra runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("none of its 1500 records") && stderr.contains("reward >= 5"), "{stderr}");
 }

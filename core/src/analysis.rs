@@ -6,12 +6,14 @@
 //! - token entropy and perplexity of planning vs execution tokens (planning = inside a
 //!   Strategic-Gram occurrence); relative perplexity divides by the run's first step;
 //! - semantic entropy: Shannon entropy of the Strategic-Gram occurrence distribution;
-//! - conditional entropy of the non-strategic n-gram (the next [`FOLLOWING_WORDS`] words)
-//!   given the Strategic Gram just before it: low = each strategy is followed by the same
-//!   execution, high = strategies are followed by varied continuations;
+//! - conditional entropy of the non-strategic n-gram (the next [`FOLLOWING_WORDS`] words,
+//!   punctuation skipped) given the Strategic Gram just before it: low = each strategy is
+//!   followed by the same execution, high = strategies are followed by varied continuations;
 //! - response length, accuracy (reward >= 1) and pass@k (a group with any correct rollout).
 //!
 //! Entropies are those of the sampling distribution, recorded when each token was drawn.
+//! Occurrences are counted at their longest: "but" inside "but wait" is one occurrence of
+//! "but wait", not two occurrences.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::planning::{for_each_word, spans_from_pieces, StrategicGrams};
+use crate::train::planning::{for_each_word, spans_from_pieces, SgMatch, StrategicGrams};
 
 /// Words after a Strategic Gram that form the continuation n-gram.
 pub const FOLLOWING_WORDS: usize = 3;
@@ -100,7 +102,7 @@ pub fn analyze_step(rollouts: &[RolloutRecord], grams: &StrategicGrams) -> StepA
     for rollout in rollouts {
         let pieces: Vec<&str> = rollout.pieces.iter().map(String::as_str).collect();
         let text = pieces.concat();
-        let matches = grams.find(&text);
+        let matches = longest_matches(grams.find(&text));
         let mask = grams.token_mask(&text, &spans_from_pieces(&pieces));
         for (i, &planning) in mask.iter().enumerate() {
             let (entropy, logprob) = if planning { (&mut entropy_plan, &mut logprob_plan) } else { (&mut entropy_exec, &mut logprob_exec) };
@@ -141,19 +143,26 @@ pub fn analyze_step(rollouts: &[RolloutRecord], grams: &StrategicGrams) -> StepA
     }
 }
 
-/// The [`FOLLOWING_WORDS`] words after byte offset `end`, unless a Strategic Gram starts among
-/// them (then the continuation is strategic, not execution) or the text ends first.
-fn following_words(text: &str, end: usize, matches: &[crate::train::planning::SgMatch]) -> Option<String> {
+/// Drops the matches that lie inside a longer one.
+fn longest_matches(matches: Vec<SgMatch>) -> Vec<SgMatch> {
+    let inside = |m: &SgMatch, other: &SgMatch| other.start <= m.start && m.end <= other.end && (other.end - other.start) > (m.end - m.start);
+    matches.iter().filter(|m| !matches.iter().any(|other| inside(m, other))).cloned().collect()
+}
+
+/// The [`FOLLOWING_WORDS`] words (punctuation skipped) after byte offset `end`, unless a
+/// Strategic Gram overlaps them (then the continuation is strategic, not execution) or the
+/// text ends first.
+fn following_words(text: &str, end: usize, matches: &[SgMatch]) -> Option<String> {
     let rest = text.get(end..)?;
     let mut words = Vec::new();
     let mut last_end = end;
     for_each_word(rest, |_, e, word| {
-        if words.len() < FOLLOWING_WORDS {
+        if words.len() < FOLLOWING_WORDS && word.chars().any(char::is_alphanumeric) {
             words.push(word.to_string());
             last_end = end + e;
         }
     });
-    let strategic = matches.iter().any(|m| m.start >= end && m.start < last_end);
+    let strategic = matches.iter().any(|m| m.end > end && m.start < last_end);
     (words.len() == FOLLOWING_WORDS && !strategic).then(|| words.join(" "))
 }
 
@@ -196,7 +205,7 @@ pub struct StepEntry {
     /// Its analyses.
     #[serde(flatten)]
     pub analysis: StepAnalysis,
-    /// Planning perplexity divided by the first step's.
+    /// Planning perplexity divided by the first step's (the first that has planning tokens).
     pub relative_perplexity_planning: Option<f64>,
     /// Execution perplexity divided by the first step's.
     pub relative_perplexity_execution: Option<f64>,
@@ -240,10 +249,15 @@ pub enum AnalysisError {
 
 /// Reads a rollout log (JSON lines of [`RolloutRecord`]) and analyses each step.
 pub fn analyze_file(path: &Path, grams: &StrategicGrams) -> Result<RunAnalysis, AnalysisError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AnalysisError::Io { path: path.to_path_buf(), source })?;
+    let io = |source| AnalysisError::Io { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut by_step: BTreeMap<u64, Vec<RolloutRecord>> = BTreeMap::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let record: RolloutRecord = serde_json::from_str(line).map_err(|e| AnalysisError::Record { path: path.to_path_buf(), line: i + 1, message: e.to_string() })?;
+    for (i, line) in std::io::BufRead::lines(std::io::BufReader::new(file)).enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: RolloutRecord = serde_json::from_str(&line).map_err(|e| AnalysisError::Record { path: path.to_path_buf(), line: i + 1, message: e.to_string() })?;
         by_step.entry(record.step).or_default().push(record);
     }
     if by_step.is_empty() {
@@ -260,8 +274,9 @@ pub fn analyze_file(path: &Path, grams: &StrategicGrams) -> Result<RunAnalysis, 
             eval_pass_k: None,
         })
         .collect();
-    let base_plan = steps.first().and_then(|s| s.analysis.perplexity_planning);
-    let base_exec = steps.first().and_then(|s| s.analysis.perplexity_execution);
+    // Relative to the first step that has such tokens.
+    let base_plan = steps.iter().find_map(|s| s.analysis.perplexity_planning);
+    let base_exec = steps.iter().find_map(|s| s.analysis.perplexity_execution);
     for entry in &mut steps {
         entry.relative_perplexity_planning = entry.analysis.perplexity_planning.zip(base_plan).map(|(p, b)| p / b);
         entry.relative_perplexity_execution = entry.analysis.perplexity_execution.zip(base_exec).map(|(p, b)| p / b);
@@ -376,6 +391,18 @@ mod tests {
         assert!((step.conditional_entropy.unwrap_or(0.0) - 2.0 / 3.0 * 2f64.ln()).abs() < 1e-9);
         // Execution perplexity: logprobs -1 (a, c) and -2 (b).
         assert!(step.perplexity_execution.unwrap_or(0.0) > 1f64.exp());
+    }
+
+    #[test]
+    fn nested_grams_count_once_and_strategic_continuations_are_skipped() {
+        let grams = StrategicGrams::from_phrases(["but", "but wait", "let me check"]);
+        // "but wait" (not "but" too); its continuation "let me check" is strategic: skipped.
+        let a = record(0, "g", 0.0, &["But", " wait", ",", " let", " me", " check", ":", " x", " is", " 5"], 1.0);
+        let step = analyze_step(&[a], &grams);
+        assert_eq!(step.strategic_grams, 2, "but wait + let me check");
+        assert!((step.semantic_entropy - 2f64.ln()).abs() < 1e-9);
+        // Only "let me check" -> "x is 5" (punctuation skipped) is counted: one pair, H = 0.
+        assert_eq!(step.conditional_entropy, Some(0.0));
     }
 
     #[test]

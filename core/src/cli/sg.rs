@@ -93,7 +93,8 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
     let (reference, phrases) = match &args.compare_with {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            (StrategicGrams::from_phrases(text.lines()), text.lines().map(str::to_string).collect::<Vec<_>>())
+            let phrases: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "#" && !l.starts_with("# ")).map(str::to_string).collect();
+            (StrategicGrams::from_phrases(&phrases), phrases)
         }
         None => (StrategicGrams::paper(), StrategicGrams::paper_phrases()),
     };
@@ -121,7 +122,9 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
 
 /// Writes `text` to a temporary file beside `path`, then renames it: never a half-written file.
 fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    let partial = path.with_extension("partial");
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
     std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())

@@ -38,7 +38,7 @@ pub struct BertConfig {
     /// `gelu` (erf) or `gelu_new` / `gelu_pytorch_tanh` (tanh approximation).
     #[serde(default = "default_act")]
     pub hidden_act: String,
-    /// Must be `bert` (or a BERT-shaped family).
+    /// `bert` (an absent field is taken as BERT).
     #[serde(default)]
     pub model_type: String,
 }
@@ -151,6 +151,9 @@ impl Bert {
         if !matches!(config.model_type.as_str(), "bert" | "") {
             return Err(ModelError::InvalidConfig(format!("{}: model_type '{}' is not a BERT encoder", config_path.display(), config.model_type)));
         }
+        if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh") {
+            return Err(ModelError::InvalidConfig(format!("{}: hidden_act '{}' is not supported (gelu, gelu_new, gelu_pytorch_tanh)", config_path.display(), config.hidden_act)));
+        }
         if config.num_attention_heads <= 0 || config.hidden_size % config.num_attention_heads != 0 {
             return Err(ModelError::InvalidConfig(format!("hidden_size {} is not divisible by {} heads", config.hidden_size, config.num_attention_heads)));
         }
@@ -214,6 +217,18 @@ impl SentenceEmbedder {
         tokenizer.with_padding(None);
         let _ = tokenizer.with_truncation(None);
         let max_tokens = sentence_max_tokens(dir).unwrap_or(bert.max_positions() as usize).min(bert.max_positions() as usize);
+        if max_tokens < 2 {
+            return Err(ModelError::InvalidConfig(format!("{}: max_seq_length {max_tokens} leaves no room for [CLS] and [SEP]", dir.display())));
+        }
+        // Every id the tokenizer can produce must have an embedding row.
+        let tokenizer_vocab = tokenizer.get_vocab_size(true) as i64;
+        if tokenizer_vocab > bert.config.vocab_size {
+            return Err(ModelError::InvalidConfig(format!(
+                "{}: the tokenizer has {tokenizer_vocab} tokens but the model embeds {}",
+                tokenizer_path.display(),
+                bert.config.vocab_size
+            )));
+        }
         Ok(Self { bert, tokenizer, max_tokens })
     }
 

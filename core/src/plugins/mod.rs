@@ -162,9 +162,18 @@ fn summarize_incompatibility(error: &abi_stable::library::LibraryError) -> Strin
     let mut current_type = String::new();
     let mut lines = text.lines().map(str::trim).peekable();
     while let Some(line) = lines.next() {
-        if line == "Layout of expected type:" {
-            // The type's name is the first `type:` line of its layout.
-            current_type = lines.by_ref().find_map(|l| l.strip_prefix("type:").map(str::to_string)).unwrap_or_default();
+        if line.contains("error(s)") {
+            // A new error trace: its type comes from its own layout.
+            current_type.clear();
+        } else if line == "Layout of expected type:" {
+            // The type's name is the `type:` line of its layout; a function has none, so its
+            // signature (the layout's first line) names it.
+            let (mut name, mut first) = (None, None);
+            while let Some(l) = lines.next_if(|l| !l.is_empty() && *l != "Layout of found type:") {
+                first = first.or(Some(l));
+                name = name.or(l.strip_prefix("type:"));
+            }
+            current_type = name.or(first).unwrap_or_default().to_string();
         } else if let Some(what) = line.strip_prefix("Error:") {
             lines.next_if(|l| *l == "Expected:");
             let expected = section(&mut lines);
@@ -182,7 +191,15 @@ fn summarize_incompatibility(error: &abi_stable::library::LibraryError) -> Strin
         return text.lines().take(8).collect::<Vec<_>>().join(" ");
     }
     const SHOWN: usize = 3;
-    let mut phrases: Vec<String> = differences.iter().take(SHOWN).map(|((what, expected, found), types)| format!("{what} (expected {expected}, found {found}) in {}", types.join(", "))).collect();
+    let mut phrases: Vec<String> = differences
+        .iter()
+        .take(SHOWN)
+        .map(|((what, expected, found), types)| {
+            let types: Vec<&str> = types.iter().map(String::as_str).filter(|t| !t.is_empty()).collect();
+            let place = if types.is_empty() { String::new() } else { format!(" in {}", types.join(", ")) };
+            format!("{what} (expected {expected}, found {found}){place}")
+        })
+        .collect();
     if differences.len() > SHOWN {
         phrases.push(format!("{} more differences", differences.len() - SHOWN));
     }

@@ -37,13 +37,16 @@ pub struct PluginRegistry {
     pub timeout: Duration,
     /// Generations loaded so far (libraries are never unloaded; each pins its code).
     loaded: std::sync::atomic::AtomicUsize,
+    /// Held for a whole reload, so the watcher and the admin route never interleave (the later
+    /// one to finish could otherwise swap in a set listed before the earlier one's change).
+    reloading: std::sync::Mutex<()>,
 }
 
 impl PluginRegistry {
     /// Loads every source and the folder's libraries; fails if any fails (at start-up a bad
     /// plugin is a configuration error).
     pub fn new(sources: Vec<PathBuf>, folder: Option<PathBuf>, configs: Value, timeout: Duration) -> Result<Self, PluginError> {
-        let registry = Self { sources, folder, configs, current: RwLock::new(Arc::new(Vec::new())), timeout, loaded: Default::default() };
+        let registry = Self { sources, folder, configs, current: RwLock::new(Arc::new(Vec::new())), timeout, loaded: Default::default(), reloading: Default::default() };
         registry.reload()?;
         Ok(registry)
     }
@@ -64,14 +67,16 @@ impl PluginRegistry {
 
     /// Loads a new generation of every plugin, smoke-tests it, then swaps it in.
     pub fn reload(&self) -> Result<Arc<Vec<Plugin>>, PluginError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let mut fresh: Vec<Plugin> = Vec::new();
         for source in &self.all_sources()? {
             let plugin = plugins::open(source)?;
+            // Mapped from here on, whatever happens next.
+            self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Some(other) = fresh.iter().find(|p| p.name == plugin.name) {
                 return Err(PluginError::Load { path: source.clone(), message: format!("another library ({}) is also named '{}'", other.source.display(), plugin.name) });
             }
             plugin.configure(self.configs.get(&plugin.name).unwrap_or(&json!({})))?;
-            self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             smoke_test(&plugin, self.timeout)?;
             fresh.push(plugin);
         }

@@ -3,7 +3,8 @@
 //! - [`agglomerative`]: average-linkage agglomerative clustering on cosine similarity, merging
 //!   while the closest clusters' mean pairwise similarity is at least a threshold. Runs the
 //!   nearest-neighbour-chain algorithm on the full similarity matrix: O(n^2) time and memory
-//!   (n = 5000 candidates: 100 MB), exact, and deterministic (ties go to the lower index).
+//!   (n = 5000 candidates: about 200 MB at the peak, the matrix held twice while it is copied
+//!   out of libtorch), exact, and deterministic (ties go to the lower index).
 //! - [`kmeans`]: spherical k-means (cosine), k-means++ seeding from a seeded generator, so the
 //!   same seed gives the same clusters.
 //!
@@ -38,7 +39,7 @@ impl Default for Clustering {
 }
 
 /// Cluster ids for the rows of `embeddings` `(n, d)` (L2-normalised, float32).
-pub fn cluster(embeddings: &Tensor, method: Clustering) -> Vec<usize> {
+pub fn cluster(embeddings: &Tensor, method: Clustering) -> Result<Vec<usize>, tch::TchError> {
     match method {
         Clustering::Agglomerative { threshold } => agglomerative(embeddings, threshold),
         Clustering::Kmeans { clusters, iterations, seed } => kmeans(embeddings, clusters, iterations, seed),
@@ -58,13 +59,17 @@ fn renumber(labels: &[usize]) -> Vec<usize> {
 }
 
 /// Average-linkage clustering with a similarity cut (see the module docs).
-pub fn agglomerative(embeddings: &Tensor, threshold: f32) -> Vec<usize> {
+pub fn agglomerative(embeddings: &Tensor, threshold: f32) -> Result<Vec<usize>, tch::TchError> {
     let n = embeddings.size().first().copied().unwrap_or(0) as usize;
     if n == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let similarity = embeddings.to_device(Device::Cpu).to_kind(Kind::Float).matmul(&embeddings.to_device(Device::Cpu).to_kind(Kind::Float).tr());
-    let mut sim = Vec::<f32>::try_from(similarity.reshape([-1])).unwrap_or_else(|_| vec![0.0; n * n]);
+    let x = embeddings.to_device(Device::Cpu).to_kind(Kind::Float);
+    let similarity = x.matmul(&x.tr());
+    // A GEMM need not be bit-symmetric; the chain below needs sim[a][b] == sim[b][a] exactly
+    // (a near-tie read both ways could make it cycle).
+    let similarity = (&similarity + similarity.tr()) / 2.0;
+    let mut sim = Vec::<f32>::try_from(similarity.reshape([-1]))?;
     let mut size = vec![1usize; n];
     // `active`: clusters that may still merge; `parent`: where a merged cluster went.
     let mut active = vec![true; n];
@@ -93,6 +98,7 @@ pub fn agglomerative(embeddings: &Tensor, threshold: f32) -> Vec<usize> {
             continue;
         };
         if Some(b) != previous {
+            debug_assert!(chain.len() < n, "the nearest-neighbour chain cannot be longer than the clusters");
             chain.push(b);
             continue;
         }
@@ -125,7 +131,7 @@ pub fn agglomerative(embeddings: &Tensor, threshold: f32) -> Vec<usize> {
         }
         i
     };
-    renumber(&(0..n).map(root).collect::<Vec<_>>())
+    Ok(renumber(&(0..n).map(root).collect::<Vec<_>>()))
 }
 
 /// SplitMix64: the seeded generator of k-means++.
@@ -138,37 +144,45 @@ fn next_random(state: &mut u64) -> u64 {
 }
 
 /// `1 - cosine` of every row of `x` to row `centre`, at least 0.
-fn cosine_distances(x: &Tensor, centre: usize) -> Vec<f32> {
+fn cosine_distances(x: &Tensor, centre: usize) -> Result<Vec<f32>, tch::TchError> {
     let similarity = x.matmul(&x.get(centre as i64).unsqueeze(1)).squeeze_dim(1);
-    Vec::<f32>::try_from((similarity.neg() + 1.0).clamp_min(0.0)).unwrap_or_default()
+    Vec::<f32>::try_from((similarity.neg() + 1.0).clamp_min(0.0))
 }
 
 /// Spherical k-means (see the module docs).
-pub fn kmeans(embeddings: &Tensor, clusters: usize, iterations: usize, seed: u64) -> Vec<usize> {
+pub fn kmeans(embeddings: &Tensor, clusters: usize, iterations: usize, seed: u64) -> Result<Vec<usize>, tch::TchError> {
     let x = embeddings.to_device(Device::Cpu).to_kind(Kind::Float);
     let n = x.size().first().copied().unwrap_or(0) as usize;
     let k = clusters.clamp(1, n.max(1));
     if n == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     // k-means++: each next centre drawn with probability proportional to its distance
     // (1 - cosine) to the nearest centre so far.
     let mut state = seed;
     let mut centres = vec![(next_random(&mut state) % n as u64) as usize];
-    let mut nearest = cosine_distances(&x, centres[0]);
+    let mut nearest = cosine_distances(&x, centres[0])?;
     while centres.len() < k {
         let total: f64 = nearest.iter().map(|&d| d as f64).sum();
-        let pick = if total <= 0.0 {
-            (0..n).find(|i| !centres.contains(i)).unwrap_or(0)
-        } else {
-            let mut target = (next_random(&mut state) as f64 / u64::MAX as f64) * total;
-            nearest.iter().position(|&d| {
-                target -= d as f64;
-                target <= 0.0
-            }).unwrap_or(n - 1)
+        // Only points away from every centre can be drawn (distance > 0), so no centre repeats;
+        // rounding left over at the end of the walk falls to the last such point.
+        let last_candidate = nearest.iter().rposition(|&d| d > 0.0);
+        let pick = match last_candidate {
+            Some(last) if total > 0.0 => {
+                let mut target = (next_random(&mut state) as f64 / u64::MAX as f64) * total;
+                nearest
+                    .iter()
+                    .position(|&d| {
+                        target -= d as f64;
+                        d > 0.0 && target <= 0.0
+                    })
+                    .unwrap_or(last)
+            }
+            // Every point sits on a centre (duplicates): take the next unused index.
+            _ => (0..n).find(|i| !centres.contains(i)).unwrap_or(0),
         };
         centres.push(pick);
-        let distance = cosine_distances(&x, pick);
+        let distance = cosine_distances(&x, pick)?;
         for (d, new) in nearest.iter_mut().zip(distance) {
             *d = d.min(new);
         }
@@ -178,7 +192,7 @@ pub fn kmeans(embeddings: &Tensor, clusters: usize, iterations: usize, seed: u64
     let mut labels = Tensor::zeros([n as i64], (Kind::Int64, Device::Cpu));
     for _ in 0..iterations.max(1) {
         let assigned = x.matmul(&centroids.tr()).argmax(1, false);
-        let changed = assigned.ne_tensor(&labels).any().to_kind(Kind::Int64).int64_value(&[]) != 0;
+        let changed = assigned.ne_tensor(&labels).any().to_kind(Kind::Int64).f_int64_value(&[])? != 0;
         labels = assigned;
         // New centroid: normalised mean of its members; an empty cluster keeps its centroid.
         let sums = Tensor::zeros([k as i64, x.size()[1]], (Kind::Float, Device::Cpu)).index_add(0, &labels, &x);
@@ -189,8 +203,8 @@ pub fn kmeans(embeddings: &Tensor, clusters: usize, iterations: usize, seed: u64
             break;
         }
     }
-    let labels = Vec::<i64>::try_from(labels).unwrap_or_else(|_| vec![0; n]);
-    renumber(&labels.into_iter().map(|l| l as usize).collect::<Vec<_>>())
+    let labels = Vec::<i64>::try_from(labels)?;
+    Ok(renumber(&labels.into_iter().map(|l| l as usize).collect::<Vec<_>>()))
 }
 
 #[cfg(test)]
@@ -207,23 +221,29 @@ mod tests {
 
     #[test]
     fn agglomerative_finds_the_groups_and_respects_the_threshold() {
-        assert_eq!(agglomerative(&points(), 0.9), vec![0, 0, 0, 1, 1, 2, 2]);
+        assert_eq!(agglomerative(&points(), 0.9).ok(), Some(vec![0, 0, 0, 1, 1, 2, 2]));
         // A cut above every pair's similarity keeps everything apart.
-        assert_eq!(agglomerative(&points(), 0.99999), vec![0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(agglomerative(&points(), 0.99999).ok(), Some(vec![0, 1, 2, 3, 4, 5, 6]));
         // A cut below every similarity merges everything.
-        assert_eq!(agglomerative(&points(), -1.0), vec![0; 7]);
+        assert_eq!(agglomerative(&points(), -1.0).ok(), Some(vec![0; 7]));
     }
 
     #[test]
     fn kmeans_finds_the_groups_and_is_deterministic_per_seed() {
         for seed in [1, 2, 3] {
-            let labels = kmeans(&points(), 3, 20, seed);
+            let labels = kmeans(&points(), 3, 20, seed).expect("k-means");
             assert_eq!(labels[0], labels[1]);
             assert_eq!(labels[1], labels[2]);
             assert_eq!(labels[3], labels[4]);
             assert_eq!(labels[5], labels[6]);
             assert_eq!(labels.iter().collect::<std::collections::HashSet<_>>().len(), 3);
-            assert_eq!(labels, kmeans(&points(), 3, 20, seed));
+            assert_eq!(labels, kmeans(&points(), 3, 20, seed).expect("k-means"));
+        }
+        // Duplicate points: k-means++ never picks a point twice and still returns k clusters.
+        let twins = Tensor::cat(&[points(), points()], 0);
+        for seed in [1, 2, 3] {
+            let labels = kmeans(&twins, 7, 20, seed).expect("k-means");
+            assert_eq!(labels.iter().collect::<std::collections::HashSet<_>>().len(), 7, "{labels:?}");
         }
     }
 }

@@ -52,6 +52,19 @@ pub enum MineError {
     /// The embedder failed.
     #[error("embedding the candidates: {0}")]
     Embed(#[from] crate::model::ModelError),
+    /// libtorch failed while clustering.
+    #[error("clustering the candidates: {0}")]
+    Cluster(String),
+    /// No record qualified as a correct solution.
+    #[error("{}: none of its {records} records is a solution to mine (text field present and reward >= {min_reward})", path.display())]
+    NoSolutions {
+        /// The corpus.
+        path: PathBuf,
+        /// Records read.
+        records: usize,
+        /// The reward threshold.
+        min_reward: f64,
+    },
 }
 
 /// Mining settings (`hicra sg mine --config mine.toml`, or flags).
@@ -117,8 +130,14 @@ impl MineConfig {
         if !(0.0..=1.0).contains(&self.min_doc_share) || !(0.0..=1.0).contains(&self.keep_share) || self.keep_share == 0.0 {
             return bad(format!("min_doc_share {} and keep_share {} must be in [0, 1] (keep_share > 0)", self.min_doc_share, self.keep_share));
         }
-        if self.max_mean_occurrences < 1.0 {
-            return bad(format!("max_mean_occurrences {} is below 1: nothing could qualify", self.max_mean_occurrences));
+        if self.max_mean_occurrences.is_nan() || self.max_mean_occurrences < 1.0 {
+            return bad(format!("max_mean_occurrences {} must be a number >= 1 (below 1 nothing could qualify)", self.max_mean_occurrences));
+        }
+        if self.min_words > self.max_n {
+            return bad(format!("min_words {} exceeds max_n {}: no n-gram could qualify", self.min_words, self.max_n));
+        }
+        if self.min_reward.is_nan() {
+            return bad("min_reward must be a number".into());
         }
         if self.max_candidates == 0 || self.sketch_width == 0 {
             return bad("max_candidates and sketch_width must be positive".into());
@@ -251,6 +270,9 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
         });
     })?;
     seconds.insert("count".to_string(), started.elapsed().as_secs_f64());
+    if solutions == 0 {
+        return Err(MineError::NoSolutions { path: path.to_path_buf(), records, min_reward: config.min_reward });
+    }
     let floor = ((config.min_doc_share * solutions as f64).ceil() as u32).max(config.min_docs as u32).max(1);
 
     // Pass 2: exact counts of the n-grams the sketch lets through.
@@ -296,7 +318,7 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     let embeddings = embedder.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
     seconds.insert("embed".to_string(), started.elapsed().as_secs_f64());
     let started = Instant::now();
-    let labels = cluster(&embeddings, config.clustering);
+    let labels = cluster(&embeddings, config.clustering).map_err(|e| MineError::Cluster(e.to_string()))?;
     seconds.insert("cluster".to_string(), started.elapsed().as_secs_f64());
 
     // Pass 3: cluster document frequencies.
