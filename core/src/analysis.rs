@@ -16,7 +16,6 @@
 //! "but wait", not two occurrences.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -329,10 +328,7 @@ pub fn write_report(analysis: &RunAnalysis, out: &Path) -> Result<Vec<PathBuf>, 
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
     let summary = out.join("summary.json");
-    let partial = out.join("summary.json.partial");
-    let mut file = std::fs::File::create(&partial).map_err(io(&partial))?;
-    file.write_all(serde_json::to_string_pretty(analysis).unwrap_or_default().as_bytes()).map_err(io(&partial))?;
-    std::fs::rename(&partial, &summary).map_err(io(&summary))?;
+    crate::files::write_atomically(&summary, serde_json::to_string_pretty(analysis).unwrap_or_default().as_bytes()).map_err(io(&summary))?;
     let mut written = vec![summary];
     let rows: Vec<serde_json::Value> = analysis.steps.iter().filter_map(|s| serde_json::to_value(s).ok()).collect();
     for (file_name, title, names) in CHARTS {

@@ -13,6 +13,7 @@
 //! - [`train`]: in-place LoRA training with GRPO/HICRA; [`plot`]: PNG curves of its metrics.
 //! - [`plugins`]: loading reward, detector and credit plugins built against `hicra-sdk`, with guards.
 //! - [`sg`]: Strategic-Gram mining; [`analysis`]: the paper's per-step analyses of rollouts.
+//! - [`files`]: writing files atomically (temp file, then rename).
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
 
 // tch implements `x += y` in place: on tensors that alias others (shallow clones) or that
@@ -23,6 +24,7 @@ pub mod analysis;
 pub mod cli;
 pub mod device;
 pub mod engine;
+pub mod files;
 pub mod model;
 pub mod plot;
 pub mod plugins;

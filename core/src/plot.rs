@@ -203,15 +203,14 @@ pub fn write_chart(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)])
 
 fn write_png(path: &Path, canvas: &Canvas) -> Result<(), PlotError> {
     let encode_err = |e: png::EncodingError| PlotError::Encode { path: path.to_path_buf(), message: e.to_string() };
-    let tmp = path.with_extension("png.tmp");
-    let file = std::fs::File::create(&tmp).map_err(|source| PlotError::Io { path: tmp.clone(), source })?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), WIDTH as u32, HEIGHT as u32);
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, WIDTH as u32, HEIGHT as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header().map_err(encode_err)?;
     writer.write_image_data(&canvas.pixels).map_err(encode_err)?;
     writer.finish().map_err(encode_err)?;
-    std::fs::rename(&tmp, path).map_err(|source| PlotError::Io { path: path.to_path_buf(), source })
+    crate::files::write_atomically(path, &bytes).map_err(|source| PlotError::Io { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use crate::files::write_atomically;
 use crate::model::bert::{default_embedder_dir, SentenceEmbedder};
 use crate::sg::{mine, overlap, Clustering, MineConfig};
 use crate::train::planning::StrategicGrams;
@@ -93,7 +94,7 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
     let (reference, phrases) = match &args.compare_with {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let phrases: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "#" && !l.starts_with("# ")).map(str::to_string).collect();
+            let phrases = crate::train::planning::phrases_in(&text);
             (StrategicGrams::from_phrases(&phrases), phrases)
         }
         None => (StrategicGrams::paper(), StrategicGrams::paper_phrases()),
@@ -103,9 +104,9 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
     if let Some(object) = json.as_object_mut() {
         object.insert("overlap_with_reference".into(), serde_json::to_value(&comparison)?);
     }
-    write_atomically(&args.out, &serde_json::to_string_pretty(&json)?)?;
+    write_atomically(&args.out, serde_json::to_string_pretty(&json)?.as_bytes()).with_context(|| format!("writing {}", args.out.display()))?;
     if let Some(list) = &args.list {
-        write_atomically(list, &(report.strategic_grams.join("\n") + "\n"))?;
+        write_atomically(list, (report.strategic_grams.join("\n") + "\n").as_bytes()).with_context(|| format!("writing {}", list.display()))?;
     }
     println!(
         "{} solutions of {} records; {} candidates in {} clusters; {} Strategic Grams ({} contain a reference phrase) -> {}",
@@ -117,15 +118,5 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
         comparison.containing_reference,
         args.out.display()
     );
-    Ok(())
-}
-
-/// Writes `text` to a temporary file beside `path`, then renames it: never a half-written file.
-fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
-    std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

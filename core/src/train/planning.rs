@@ -57,7 +57,7 @@ impl StrategicGrams {
 
     /// The paper's phrases as written in the list.
     pub fn paper_phrases() -> Vec<String> {
-        PAPER_LIST.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "#" && !l.starts_with("# ")).map(str::to_string).collect()
+        phrases_in(PAPER_LIST)
     }
 
     /// Builds a set from phrases, one per item.
@@ -71,7 +71,7 @@ impl StrategicGrams {
         let mut seen: HashSet<Vec<u32>> = HashSet::new();
         for line in phrases {
             let text = line.as_ref().trim();
-            if text.is_empty() || text == "#" || text.starts_with("# ") {
+            if !is_phrase(text) {
                 continue;
             }
             let mut words = Vec::new();
@@ -150,6 +150,17 @@ impl StrategicGrams {
             })
             .collect()
     }
+}
+
+/// Whether a trimmed line of a phrase file is a phrase (not blank, not a `# ` comment; see
+/// [`StrategicGrams::from_phrases`]).
+fn is_phrase(line: &str) -> bool {
+    !line.is_empty() && line != "#" && !line.starts_with("# ")
+}
+
+/// The phrases of a phrase file (one per line), trimmed, without blanks and comments.
+pub fn phrases_in(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| is_phrase(l)).map(str::to_string).collect()
 }
 
 /// Shannon entropy (nats) of the frequency distribution of Strategic Grams over a batch of
