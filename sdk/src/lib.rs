@@ -16,8 +16,8 @@
 //!     fn configure(&mut self, _config: &serde_json::Value) -> Result<(), String> {
 //!         Ok(())
 //!     }
-//!     fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
-//!         items.iter().map(|item| Ok(RewardScore::new(item.completion.contains('!') as u8 as f32))).collect()
+//!     fn score_one(&self, item: &RewardItem) -> Result<RewardScore, String> {
+//!         Ok(RewardScore::new(item.completion.contains('!') as u8 as f32))
 //!     }
 //! }
 //!
@@ -179,8 +179,17 @@ pub trait RewardPlugin: Default + Send + 'static {
     const VERSION: &'static str;
     /// Checks and applies its configuration; an error refuses the load.
     fn configure(&mut self, config: &serde_json::Value) -> Result<(), String>;
-    /// One result per item, in order.
-    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>>;
+    /// Scores one item; an `Err` fails just that item (it is left out of training, never
+    /// scored 0). Implement this for item-by-item rewards, or override [`RewardPlugin::score`]
+    /// to see the whole batch at once (one of the two must be implemented).
+    fn score_one(&self, item: &RewardItem) -> Result<RewardScore, String> {
+        let _ = item;
+        Err(format!("plugin '{}' implements neither score_one nor score", Self::NAME))
+    }
+    /// One result per item, in order. By default, [`RewardPlugin::score_one`] for each item.
+    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
+        items.iter().map(|item| self.score_one(item)).collect()
+    }
 }
 
 /// A Strategic-Gram (planning-token) detector. Export with [`export_sg_detector_plugin!`].
@@ -447,5 +456,24 @@ mod tests {
     #[test]
     fn export_macro_uses_abi_stables_symbol_name() {
         assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, "_1as_0lib_1header_0root_bmodule_bloader");
+    }
+
+    #[derive(Default)]
+    struct Neither;
+
+    impl super::RewardPlugin for Neither {
+        const NAME: &'static str = "neither";
+        const VERSION: &'static str = "0";
+        fn configure(&mut self, _config: &serde_json::Value) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_reward_plugin_without_score_or_score_one_fails_each_item_clearly() {
+        use super::RewardPlugin;
+        let results = Neither.score(&[super::RewardItem::default(), super::RewardItem::default()]);
+        assert_eq!(results.len(), 2);
+        assert!(results.iter().all(|r| r.as_ref().err().is_some_and(|e| e.contains("implements neither score_one nor score"))));
     }
 }

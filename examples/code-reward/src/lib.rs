@@ -47,25 +47,20 @@ impl RewardPlugin for CodeReward {
         Ok(())
     }
 
-    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
-        items
-            .iter()
-            .map(|item| {
-                let metadata = item.metadata();
-                let tests = metadata.get("tests").and_then(Value::as_str).ok_or("metadata has no 'tests'")?;
-                let program = format!("{}\n\n{}\n", extract_code(item.completion.as_str()), tests);
-                let outcome = run_python(&program, &self.limits)?;
-                let (score, why) = match &outcome.status {
-                    SandboxStatus::Passed => (1.0, "all tests passed".to_string()),
-                    SandboxStatus::Failed(code) => (0.0, format!("exit {code}: {}", outcome.stderr.lines().last().unwrap_or(""))),
-                    SandboxStatus::Killed(signal) => (0.0, format!("killed by signal {signal} (a resource limit)")),
-                    SandboxStatus::TimedOut => (0.0, "timed out".to_string()),
-                };
-                let mut result = RewardScore::new(score);
-                result.message = why.into();
-                Ok(result)
-            })
-            .collect()
+    fn score_one(&self, item: &RewardItem) -> Result<RewardScore, String> {
+        let metadata = item.metadata();
+        let tests = metadata.get("tests").and_then(Value::as_str).ok_or("metadata has no 'tests'")?;
+        let program = format!("{}\n\n{}\n", extract_code(item.completion.as_str()), tests);
+        let outcome = run_python(&program, &self.limits)?;
+        let (score, why) = match &outcome.status {
+            SandboxStatus::Passed => (1.0, "all tests passed".to_string()),
+            SandboxStatus::Failed(code) => (0.0, format!("exit {code}: {}", outcome.stderr.lines().last().unwrap_or(""))),
+            SandboxStatus::Killed(signal) => (0.0, format!("killed by signal {signal} (a resource limit)")),
+            SandboxStatus::TimedOut => (0.0, "timed out".to_string()),
+        };
+        let mut result = RewardScore::new(score);
+        result.message = why.into();
+        Ok(result)
     }
 }
 

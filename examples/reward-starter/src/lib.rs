@@ -34,16 +34,11 @@ impl RewardPlugin for Concise {
         Ok(())
     }
 
-    /// One result per item, in order. An `Err` fails just that item: the server leaves it out
-    /// of training instead of scoring it 0.
-    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
-        items
-            .iter()
-            .map(|item| {
-                let length = item.completion.chars().count();
-                Ok(RewardScore::new(concise_score(length, self.max_chars)))
-            })
-            .collect()
+    /// Scores one completion. An `Err` fails just that item: the server leaves it out of
+    /// training instead of scoring it 0. (Override `score` instead to see the whole batch.)
+    fn score_one(&self, item: &RewardItem) -> Result<RewardScore, String> {
+        let length = item.completion.chars().count();
+        Ok(RewardScore::new(concise_score(length, self.max_chars)))
     }
 }
 

@@ -94,36 +94,31 @@ impl RewardPlugin for ToolUseReward {
         Ok(())
     }
 
-    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
-        items
-            .iter()
-            .map(|item| {
-                let metadata = item.metadata();
-                let expected = metadata.get("expected").ok_or("metadata has no 'expected' call")?;
-                let expected_name = expected.get("name").and_then(Value::as_str).ok_or("expected call has no name")?;
-                let schema = metadata.get("schema").cloned().unwrap_or(Value::Null);
-                let call = parse_call(item.completion.as_str());
-                let parsed = call.is_some() as u8 as f32;
-                let (name_ok, schema_ok, args_ok, message) = match &call {
-                    None => (0.0, 0.0, 0.0, "no parsable tool call".to_string()),
-                    Some((name, arguments)) => {
-                        let schema_result = if schema.is_null() { Ok(()) } else { check_schema(arguments, &schema, "arguments") };
-                        (
-                            (name == expected_name) as u8 as f32,
-                            schema_result.is_ok() as u8 as f32,
-                            (Some(arguments) == expected.get("arguments")) as u8 as f32,
-                            schema_result.err().unwrap_or_else(|| format!("called {name}")),
-                        )
-                    }
-                };
-                let parts = [("parsed", parsed), ("name", name_ok), ("schema", schema_ok), ("arguments", args_ok)];
-                Ok(RewardScore {
-                    score: parts.iter().map(|(_, v)| v).sum::<f32>() / 4.0,
-                    subscores: parts.iter().map(|(n, v)| Tuple2(RString::from(*n), *v)).collect(),
-                    message: message.into(),
-                })
-            })
-            .collect()
+    fn score_one(&self, item: &RewardItem) -> Result<RewardScore, String> {
+        let metadata = item.metadata();
+        let expected = metadata.get("expected").ok_or("metadata has no 'expected' call")?;
+        let expected_name = expected.get("name").and_then(Value::as_str).ok_or("expected call has no name")?;
+        let schema = metadata.get("schema").cloned().unwrap_or(Value::Null);
+        let call = parse_call(item.completion.as_str());
+        let parsed = call.is_some() as u8 as f32;
+        let (name_ok, schema_ok, args_ok, message) = match &call {
+            None => (0.0, 0.0, 0.0, "no parsable tool call".to_string()),
+            Some((name, arguments)) => {
+                let schema_result = if schema.is_null() { Ok(()) } else { check_schema(arguments, &schema, "arguments") };
+                (
+                    (name == expected_name) as u8 as f32,
+                    schema_result.is_ok() as u8 as f32,
+                    (Some(arguments) == expected.get("arguments")) as u8 as f32,
+                    schema_result.err().unwrap_or_else(|| format!("called {name}")),
+                )
+            }
+        };
+        let parts = [("parsed", parsed), ("name", name_ok), ("schema", schema_ok), ("arguments", args_ok)];
+        Ok(RewardScore {
+            score: parts.iter().map(|(_, v)| v).sum::<f32>() / 4.0,
+            subscores: parts.iter().map(|(n, v)| Tuple2(RString::from(*n), *v)).collect(),
+            message: message.into(),
+        })
     }
 }
 

@@ -46,27 +46,22 @@ impl RewardPlugin for MathReward {
         Ok(())
     }
 
-    fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
-        items
-            .iter()
-            .map(|item| {
-                let metadata = item.metadata();
-                let answer = match metadata.get("answer") {
-                    Some(hicra_sdk::serde_json::Value::String(s)) => s.clone(),
-                    Some(hicra_sdk::serde_json::Value::Number(n)) => n.to_string(),
-                    _ => return Err("metadata has no 'answer'".to_string()),
-                };
-                let completion = item.completion.as_str();
-                let marked = reward::extract_answer(completion).is_some();
-                let score = match (marked, self.last_number_fallback, last_number(completion)) {
-                    (false, true, Some(n)) => reward::math_reward(&format!("#### {n}"), &answer),
-                    _ => reward::math_reward(completion, &answer),
-                };
-                let mut out = RewardScore::new(score);
-                out.message = format!("answer marked: {marked}").into();
-                Ok(out)
-            })
-            .collect()
+    fn score_one(&self, item: &RewardItem) -> Result<RewardScore, String> {
+        let metadata = item.metadata();
+        let answer = match metadata.get("answer") {
+            Some(hicra_sdk::serde_json::Value::String(s)) => s.clone(),
+            Some(hicra_sdk::serde_json::Value::Number(n)) => n.to_string(),
+            _ => return Err("metadata has no 'answer'".to_string()),
+        };
+        let completion = item.completion.as_str();
+        let marked = reward::extract_answer(completion).is_some();
+        let score = match (marked, self.last_number_fallback, last_number(completion)) {
+            (false, true, Some(n)) => reward::math_reward(&format!("#### {n}"), &answer),
+            _ => reward::math_reward(completion, &answer),
+        };
+        let mut out = RewardScore::new(score);
+        out.message = format!("answer marked: {marked}").into();
+        Ok(out)
     }
 }
 
