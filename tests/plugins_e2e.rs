@@ -131,3 +131,42 @@ fn detector_and_credit_plugins_drive_online_training() {
         assert_eq!(step["plugins"]["dropped_groups"], 0, "{name}: {reply}");
     }
 }
+
+#[test]
+fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing() {
+    let dir = std::env::temp_dir().join(format!("hicra-plugins-misbehave-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("serve.toml");
+    let toml = format!("plugins = [{:?}]\ntrain = true\nmax_context = 128\nplugin_timeout_ms = 500\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\n", release("libhicra_test_misbehaving.so"));
+    std::fs::write(&config, toml).expect("config");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
+    let client = Client::new();
+    let url = |path: &str| format!("{}{path}", server.url);
+    let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 12, "seed": 21})));
+    let ids: Vec<String> = body["choices"].as_array().expect("choices").iter().map(|c| c["hicra"]["rollout_id"].as_str().expect("id").to_string()).collect();
+
+    // Each failure is a clear error for that call; the rollout stays unrewarded.
+    for (misbehave, expected) in [("panic", "deliberate panic"), ("hang", "timed out"), ("nan", "non-finite"), ("wrong_count", "2 results for 1 items")] {
+        let (status, failed) = call(&client, "POST", url(&format!("/v1/rollouts/{}/score", ids[0])), "", Some(json!({"metadata": {"misbehave": misbehave}})));
+        let message = failed["error"]["message"].as_str().unwrap_or("");
+        assert_eq!(status, 400, "{misbehave}: {failed}");
+        assert!(message.contains(expected) && message.contains("stays unrewarded"), "{misbehave}: {message}");
+        // Still serving.
+        let (status, _) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})));
+        assert_eq!(status, 200, "after {misbehave}");
+    }
+    // Then the same group is scored normally and trains: a finite, updating step.
+    let mut last = Value::Null;
+    for id in &ids {
+        let (status, scored) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({})));
+        assert_eq!(status, 200, "{scored}");
+        last = scored;
+    }
+    let step = &last["training"]["steps"][0];
+    assert_eq!(step["updated"], true, "{last}");
+    assert!(step["loss"].as_f64().is_some_and(f64::is_finite) && step["grad_norm"].as_f64().is_some_and(f64::is_finite), "{last}");
+    let metrics = client.get(url("/metrics")).send().expect("metrics").text().expect("text");
+    assert!(metrics.contains("hicra_plugin_item_failures_total"), "{metrics}");
+}

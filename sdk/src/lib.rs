@@ -172,7 +172,7 @@ impl RootModule for PluginModRef {
 }
 
 /// A reward function. Implement it, then [`export_reward_plugin!`] the type.
-pub trait RewardPlugin: Default + Send + 'static {
+pub trait RewardPlugin: Default + Send + Sync + 'static {
     /// The plugin's name.
     const NAME: &'static str;
     /// The plugin's version.
@@ -224,7 +224,7 @@ pub trait RewardPlugin: Default + Send + 'static {
 /// export_sg_detector_plugin!(Waits);
 /// # fn main() {}
 /// ```
-pub trait SgDetectorPlugin: Default + Send + 'static {
+pub trait SgDetectorPlugin: Default + Send + Sync + 'static {
     /// The plugin's name.
     const NAME: &'static str;
     /// The plugin's version.
@@ -268,7 +268,7 @@ pub trait SgDetectorPlugin: Default + Send + 'static {
 /// export_credit_plugin!(DoublePlanning);
 /// # fn main() {}
 /// ```
-pub trait CreditPlugin: Default + Send + 'static {
+pub trait CreditPlugin: Default + Send + Sync + 'static {
     /// The plugin's name.
     const NAME: &'static str;
     /// The plugin's version.
@@ -281,7 +281,7 @@ pub trait CreditPlugin: Default + Send + 'static {
 
 /// What the export macro drives; implemented by the adapters of the three plugin traits.
 #[doc(hidden)]
-pub trait AnyPlugin: Default + Send + 'static {
+pub trait AnyPlugin: Default + Send + Sync + 'static {
     const NAME: &'static str;
     const VERSION: &'static str;
     const KIND: PluginKind;
@@ -364,26 +364,29 @@ macro_rules! __export_plugin {
     ($adapter:ty) => {
         mod __hicra_plugin_exports {
             use super::*;
-            use std::sync::{Mutex, OnceLock};
+            use std::sync::{OnceLock, RwLock};
             use $crate::abi_stable::std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec};
             use $crate::{AnyPlugin, CreditGroup, DetectItem, PluginInfo, PluginMod, PluginModRef, RewardItem};
 
-            fn state() -> &'static Mutex<$adapter> {
-                static STATE: OnceLock<Mutex<$adapter>> = OnceLock::new();
-                STATE.get_or_init(|| Mutex::new(<$adapter as Default>::default()))
+            // Calls share the plugin (read lock): concurrent requests run in parallel, and a call
+            // that hangs does not block the next ones. Only `configure` (once per load) writes.
+            fn state() -> &'static RwLock<$adapter> {
+                static STATE: OnceLock<RwLock<$adapter>> = OnceLock::new();
+                STATE.get_or_init(|| RwLock::new(<$adapter as Default>::default()))
             }
 
-            /// Runs `f` on the plugin, turning panics and errors into `RErr`.
-            fn guarded<T>(f: impl FnOnce(&mut $adapter) -> Result<T, String>) -> RResult<T, RString> {
-                let run = || {
-                    let mut plugin = state().lock().unwrap_or_else(|p| p.into_inner());
-                    f(&mut plugin)
-                };
+            /// Turns panics and errors of `run` into `RErr`.
+            fn catching<T>(run: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
                     Ok(Ok(value)) => ROk(value),
                     Ok(Err(e)) => RErr(RString::from(e)),
                     Err(payload) => RErr(RString::from($crate::panic_message(payload))),
                 }
+            }
+
+            /// Runs a call on the shared plugin.
+            fn guarded<T>(f: impl FnOnce(&$adapter) -> Result<T, String>) -> RResult<T, RString> {
+                catching(|| f(&state().read().unwrap_or_else(|p| p.into_inner())))
             }
 
             fn per_item<T, U>(results: Vec<Result<T, String>>, convert: impl Fn(T) -> U) -> RVec<RResult<U, RString>> {
@@ -406,10 +409,10 @@ macro_rules! __export_plugin {
             }
 
             extern "C" fn configure(config: RStr<'_>) -> RResult<(), RString> {
-                guarded(|plugin| {
+                catching(|| {
                     let value: $crate::serde_json::Value =
                         $crate::serde_json::from_str(config.as_str()).map_err(|e| format!("plugin config is not JSON: {e}"))?;
-                    plugin.configure(&value)
+                    state().write().unwrap_or_else(|p| p.into_inner()).configure(&value)
                 })
             }
 

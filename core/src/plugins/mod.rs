@@ -357,7 +357,7 @@ mod tests {
         let message = |r: Result<Vec<Result<RewardScore, String>>, PluginError>| r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(message(with("panic").score(items(), second)).contains("deliberate panic"));
         assert!(message(with("hang").score(items(), Duration::from_millis(300))).contains("timed out"));
-        assert!(message(with("wrong_count").score(items(), second)).contains("1 results for 2 items"));
+        assert!(message(with("wrong_count").score(items(), second)).contains("3 results for 2 items"));
         let nan = with("nan").score(items(), second).expect("batch returns");
         assert!(nan.iter().all(|r| r.as_ref().err().is_some_and(|e| e.contains("non-finite"))));
         assert!(matches!(load(&path, &serde_json::json!({"mode": "reject"})), Err(PluginError::Config { .. })));

@@ -1,6 +1,9 @@
 //! A reward plugin that misbehaves on purpose, so tests can check that the host survives it.
-//! Config `{"mode": "ok" | "length" | "panic" | "hang" | "nan" | "wrong_count" | "reject"}`;
-//! `"ok"` scores every item `constant` (default 0.5), `"length"` scores completion chars / 100.
+//! Config `{"mode": "ok" | "length" | "panic" | "hang" | "nan" | "wrong_count" | "reject" |
+//! "per_item"}`; `"ok"` scores every item `constant` (default 0.5), `"length"` scores completion
+//! chars / 100, and `"per_item"` takes the misbehaviour from the first item's metadata
+//! (`{"misbehave": "panic"}`, ...; none: `"length"`), so a server can load it (its smoke call
+//! behaves) and tests can trigger each failure at serving time.
 
 use hicra_sdk::{export_reward_plugin, serde_json::Value, RewardItem, RewardPlugin, RewardScore};
 
@@ -25,13 +28,20 @@ impl RewardPlugin for Misbehaving {
     }
 
     fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
-        match self.mode.as_str() {
+        let requested = items.first().and_then(|i| i.metadata().get("misbehave").and_then(Value::as_str).map(str::to_string));
+        let mode = match (self.mode.as_str(), requested) {
+            ("per_item", Some(mode)) => mode,
+            ("per_item", None) => "length".to_string(),
+            (mode, _) => mode.to_string(),
+        };
+        match mode.as_str() {
             "panic" => panic!("deliberate panic"),
             "hang" => loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             },
             "nan" => items.iter().map(|_| Ok(RewardScore::new(f32::NAN))).collect(),
-            "wrong_count" => vec![Ok(RewardScore::new(1.0))],
+            // One result too many, whatever the batch size.
+            "wrong_count" => (0..=items.len()).map(|_| Ok(RewardScore::new(1.0))).collect(),
             "length" => items.iter().map(|i| Ok(RewardScore::new(i.completion.chars().count() as f32 / 100.0))).collect(),
             _ => items.iter().map(|_| Ok(RewardScore::new(self.constant))).collect(),
         }
