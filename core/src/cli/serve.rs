@@ -66,7 +66,8 @@ pub(crate) struct ServeArgs {
     /// A PEFT LoRA adapter directory to serve (not combinable with --train).
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Reward plugin libraries (repeatable); `plugin_config.<name>` in the TOML configures them.
+    /// Plugin libraries: rewards, detectors, credit schemes (repeatable); `plugin_config.<name>` in
+    /// the TOML configures them.
     #[arg(long = "plugin")]
     #[serde(default)]
     plugins: Vec<PathBuf>,

@@ -62,7 +62,7 @@ pub struct AppState {
     pub options: Arc<ServerOptions>,
     /// Reward collection, when the server trains online.
     pub training: Option<Arc<training::TrainingBuffer>>,
-    /// Reward plugins, when configured.
+    /// Plugins (rewards, detectors, credit schemes), when configured.
     pub plugins: Option<Arc<plugins::PluginRegistry>>,
 }
 

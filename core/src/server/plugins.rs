@@ -1,4 +1,4 @@
-//! Reward plugins in the server: a registry swapped atomically on reload, the admin routes,
+//! Plugins in the server: a registry swapped atomically on reload, the admin routes,
 //! and `POST /v1/rollouts/{id}/score` which rewards a rollout with a plugin.
 //!
 //! A reload loads every configured library as a new generation, smoke-tests it, and only then
