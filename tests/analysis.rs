@@ -14,15 +14,8 @@ use hicra_core::train::run::{RewardKind, Run, RunConfig};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
-fn tiny_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf")
-}
-
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hicra-analysis-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    common::scratch_dir(&format!("analysis-{tag}"))
 }
 
 fn analyze(args: &[&Path]) -> Vec<String> {
@@ -39,7 +32,7 @@ fn read_jsonl(path: &Path) -> Vec<Value> {
 fn the_offline_loop_logs_rollouts_and_the_replayed_analysis_equals_the_live_one() {
     let dir = scratch("offline");
     let mut config = RunConfig {
-        model: tiny_model().to_string_lossy().into_owned(),
+        model: common::tiny_model_file().to_string_lossy().into_owned(),
         steps: 2,
         prompts_per_step: 2,
         group_size: 4,
@@ -86,7 +79,7 @@ fn the_offline_loop_logs_rollouts_and_the_replayed_analysis_equals_the_live_one(
 fn a_training_server_logs_each_steps_rollouts_for_analysis() {
     let dir = scratch("online");
     let log = dir.join("rollouts.jsonl");
-    let server = common::start_server(&[OsString::from("--train"), "--max-context".into(), "128".into(), "--rollout-log".into(), log.clone().into(), "--model".into(), tiny_model().into()]);
+    let server = common::start_server(&[OsString::from("--train"), "--max-context".into(), "128".into(), "--rollout-log".into(), log.clone().into(), "--model".into(), common::tiny_model_file().into()]);
     let client = Client::new();
     let body: Value = client
         .post(format!("{}/v1/chat/completions", server.url))

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -83,3 +84,25 @@ pub fn start_server<S: AsRef<OsStr>>(args: &[S]) -> Server {
     std::thread::spawn(move || for _ in lines {});
     Server { child, url }
 }
+
+/// A fresh, empty temporary folder for one test, unique to this test process.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hicra-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// The tiny random Llama checkpoint (GGUF) the end-to-end tests serve and train.
+pub fn tiny_model_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf")
+}
+
+/// The plugin library `lib{name}.so` built by `cargo build --release --workspace` (which
+/// scripts/test.sh runs first).
+pub fn built_plugin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(format!("lib{name}.{}", std::env::consts::DLL_EXTENSION));
+    assert!(path.exists(), "{} missing: run cargo build --release --workspace first", path.display());
+    path
+}
+

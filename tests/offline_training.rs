@@ -1,7 +1,9 @@
 //! The offline loop (`hicra train`) on a tiny real checkpoint: metrics and an atomic PEFT
 //! checkpoint are written, and resuming reproduces an uninterrupted run exactly.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use hicra_core::model::{load, LoadOptions};
 use hicra_core::train::data::DataConfig;
@@ -10,7 +12,7 @@ use hicra_core::train::trainer::TrainerConfig;
 use tch::Tensor;
 
 fn config(output_dir: PathBuf, steps: u64) -> RunConfig {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+    let model = common::tiny_model_file();
     let mut trainer = TrainerConfig::default();
     trainer.optim.lr = 1e-2;
     trainer.lora.rank = 4;
@@ -56,9 +58,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hicra-offline-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    common::scratch_dir(&format!("offline-{tag}"))
 }
 
 #[test]
@@ -147,8 +147,7 @@ fn equal_reward_groups_are_resampled_when_configured() {
 #[test]
 fn a_reward_plugin_scores_the_offline_loop_and_its_failures_are_masked() {
     let _turn = serial();
-    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libhicra_test_misbehaving.so");
-    assert!(plugin.exists(), "{} missing: run cargo build --release --workspace first", plugin.display());
+    let plugin = common::built_plugin("hicra_test_misbehaving");
     let run_with = |mode: &str| {
         let mut config = config(scratch(mode), 1);
         config.reward_plugin = Some(plugin.clone());
@@ -168,11 +167,7 @@ fn a_reward_plugin_scores_the_offline_loop_and_its_failures_are_masked() {
 #[test]
 fn detector_and_credit_plugins_shape_the_offline_loop() {
     let _turn = serial();
-    let built = |name: &str| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(format!("lib{name}.so"));
-        assert!(path.exists(), "{} missing: run cargo build --release --workspace first", path.display());
-        path
-    };
+    let built = common::built_plugin;
     let mut config = config(scratch("step-plugins"), 1);
     config.sg_plugin = Some(built("hicra_example_phrase_detector"));
     config.sg_plugin_config = Some(toml::from_str("phrases = [\"let me check\"]").expect("toml"));

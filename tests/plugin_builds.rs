@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::start_server;
+use common::{start_server, tiny_model_file};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
@@ -104,14 +104,7 @@ fn get(client: &Client, url: String, key: &str) -> Value {
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hicra-plugin-builds-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-fn tiny_model() -> PathBuf {
-    repo().join("core/tests/fixtures/parity/llama/model.gguf")
+    common::scratch_dir(&format!("plugin-builds-{tag}"))
 }
 
 /// Builds happen one at a time (cargo would serialise them on its lock anyway).
@@ -130,7 +123,7 @@ fn the_starter_plugin_trains_then_a_rebuild_changes_its_behaviour_without_a_rest
     install(&first, &installed);
     let config = dir.join("serve.toml");
     std::fs::write(&config, format!("plugins = [{installed:?}]\nadmin_key = \"admin\"\ntrain = true\nmax_context = 128\n\n[plugin_config.concise]\nmax_chars = 4\n")).expect("config");
-    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), tiny_model().into()]);
+    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), tiny_model_file().into()]);
     let client = Client::new();
     let url = |path: &str| format!("{}{path}", server.url);
 
@@ -203,7 +196,7 @@ fn libraries_built_against_an_incompatible_sdk_are_refused_and_the_server_keeps_
     install(&build_plugin("starter-v1", &starter_source(), &repo().join("sdk")), &installed);
     let config = dir.join("serve.toml");
     std::fs::write(&config, format!("plugins = [{installed:?}]\nadmin_key = \"admin\"\nmax_context = 128\n")).expect("config");
-    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), tiny_model().into()]);
+    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), tiny_model_file().into()]);
     let client = Client::new();
     let url = |path: &str| format!("{}{path}", server.url);
 
@@ -236,7 +229,7 @@ fn a_watched_plugin_folder_loads_new_libraries_by_itself() {
         "--admin-key".into(),
         "admin".into(),
         "--model".into(),
-        tiny_model().into(),
+        tiny_model_file().into(),
     ]);
     let client = Client::new();
     let names = || -> Vec<String> {
@@ -245,8 +238,7 @@ fn a_watched_plugin_folder_loads_new_libraries_by_itself() {
     };
     assert_eq!(names(), vec!["concise"]);
     // Drop a second library into the folder: the watcher loads it without any request.
-    let math = repo().join("target/release/libhicra_math_reward.so");
-    assert!(math.exists(), "{} missing: run cargo build --release --workspace first", math.display());
+    let math = common::built_plugin("hicra_math_reward");
     install(&math, &folder.join("libmath.so"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while names().len() < 2 && std::time::Instant::now() < deadline {

@@ -5,17 +5,10 @@
 mod common;
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 
-use common::start_server;
+use common::{built_plugin, scratch_dir, start_server, tiny_model_file};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
-
-fn release(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(name);
-    assert!(path.exists(), "{} missing: run cargo build --release --workspace first", path.display());
-    path
-}
 
 fn call(client: &Client, method: &str, url: String, key: &str, body: Option<Value>) -> (u16, Value) {
     let request = match method {
@@ -28,15 +21,13 @@ fn call(client: &Client, method: &str, url: String, key: &str, body: Option<Valu
 
 #[test]
 fn plugin_rewards_train_and_hot_swap_without_restart() {
-    let dir = std::env::temp_dir().join(format!("hicra-plugins-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = scratch_dir("plugins-e2e");
     let plugin_file = dir.join("libreward.so");
-    std::fs::copy(release("libhicra_test_misbehaving.so"), &plugin_file).expect("copy plugin");
+    std::fs::copy(built_plugin("hicra_test_misbehaving"), &plugin_file).expect("copy plugin");
     let config = dir.join("serve.toml");
     let toml = format!("plugins = [{:?}]\nadmin_key = \"admin\"\ntrain = true\nmax_context = 128\n\n[plugin_config.misbehaving]\nmode = \"length\"\n", plugin_file);
     std::fs::write(&config, toml).expect("config");
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+    let model = tiny_model_file();
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
     let client = Client::new();
     let url = |path: &str| format!("{}{path}", server.url);
@@ -60,7 +51,7 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
     assert_eq!(last["training"]["steps"][0]["updated"], true, "{last}");
 
     // Hot swap: another build at the same path, reloaded while requests keep succeeding.
-    std::fs::copy(release("libhicra_math_reward.so"), &plugin_file).expect("swap plugin");
+    std::fs::copy(built_plugin("hicra_math_reward"), &plugin_file).expect("swap plugin");
     let chat_url = url("/v1/chat/completions");
     let reloaded = std::thread::scope(|scope| {
         let during: Vec<_> = (0..3)
@@ -103,21 +94,19 @@ fn detector_and_credit_plugins_drive_online_training() {
     // The example variant, and the built-in entropy-gated scheme, which fails without per-token
     // entropies: its step proves the entropies recorded while sampling reach the plugin.
     let credits = [
-        ("libhicra_example_credit_variant.so", "hicra_variant", "up = 0.5\ndown = 0.1"),
-        ("libhicra_credit_schemes.so", "credit_schemes", "scheme = \"entropy_gated\""),
+        ("hicra_example_credit_variant", "hicra_variant", "up = 0.5\ndown = 0.1"),
+        ("hicra_credit_schemes", "credit_schemes", "scheme = \"entropy_gated\""),
     ];
     for (library, name, credit_config) in credits {
-        let dir = std::env::temp_dir().join(format!("hicra-plugins-credit-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
+        let dir = scratch_dir(&format!("plugins-credit-{name}"));
         let config = dir.join("serve.toml");
         let toml = format!(
             "plugins = [{:?}, {:?}]\ntrain = true\nmax_context = 128\nsg_plugin = \"phrases\"\ncredit_plugin = \"{name}\"\n\n[plugin_config.phrases]\nphrases = [\"let me check\"]\n\n[plugin_config.{name}]\n{credit_config}\n",
-            release("libhicra_example_phrase_detector.so"),
-            release(library)
+            built_plugin("hicra_example_phrase_detector"),
+            built_plugin(library)
         );
         std::fs::write(&config, toml).expect("config");
-        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+        let model = tiny_model_file();
         let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
         let client = Client::new();
         let (_, body) = call(&client, "POST", format!("{}/v1/chat/completions", server.url), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 8, "seed": 4})));
@@ -134,13 +123,11 @@ fn detector_and_credit_plugins_drive_online_training() {
 
 #[test]
 fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing() {
-    let dir = std::env::temp_dir().join(format!("hicra-plugins-misbehave-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = scratch_dir("plugins-misbehave");
     let config = dir.join("serve.toml");
-    let toml = format!("plugins = [{:?}]\ntrain = true\nmax_context = 128\nplugin_timeout_ms = 500\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\n", release("libhicra_test_misbehaving.so"));
+    let toml = format!("plugins = [{:?}]\ntrain = true\nmax_context = 128\nplugin_timeout_ms = 500\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\n", built_plugin("hicra_test_misbehaving"));
     std::fs::write(&config, toml).expect("config");
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/llama/model.gguf");
+    let model = tiny_model_file();
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
     let client = Client::new();
     let url = |path: &str| format!("{}{path}", server.url);
