@@ -1,10 +1,13 @@
 //! Plugins in a running server: a plugin library scores rollouts that then train the model,
 //! is hot-swapped for another build at the same path without a restart, and a broken
-//! replacement leaves the previous generation serving.
+//! replacement leaves the previous generation serving. Plugins that hang are cut off by the
+//! time-out (at reload too), their leftover threads are capped, and failures are counted.
 
 mod common;
 
 use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use common::{built_plugin, scratch_dir, start_server, tiny_model_file};
 use reqwest::blocking::Client;
@@ -17,6 +20,29 @@ fn call(client: &Client, method: &str, url: String, key: &str, body: Option<Valu
     };
     let response = request.bearer_auth(key).send().expect("request");
     (response.status().as_u16(), response.json().unwrap_or(Value::Null))
+}
+
+/// The value of an unlabelled metric in `GET /metrics` (0 when absent).
+fn metric(client: &Client, server_url: &str, name: &str) -> f64 {
+    let text = client.get(format!("{server_url}/metrics")).send().expect("metrics").text().expect("text");
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
+/// Copies of a library named `{stem}.so` still on disk in any process's copies folder.
+fn leftover_copies(stem: &str) -> Vec<PathBuf> {
+    let Ok(folders) = std::fs::read_dir(std::env::temp_dir()) else { return Vec::new() };
+    folders
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().starts_with("hicra-plugins-"))
+        .filter_map(|f| std::fs::read_dir(f.path()).ok())
+        .flat_map(|files| files.flatten().map(|f| f.path()))
+        .filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{stem}.gen"))))
+        .collect()
+}
+
+/// The message of an API error body.
+fn message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or("")
 }
 
 #[test]
@@ -87,6 +113,8 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
     assert_eq!(listed["plugins"][0]["name"], "math");
     let metrics = client.get(url("/metrics")).send().expect("metrics").text().expect("text");
     assert!(metrics.contains("hicra_plugin_item_failures_total 1"), "{metrics}");
+    // Three reloads, the last one failed: the copies they loaded were deleted once opened.
+    assert_eq!(leftover_copies("libreward"), Vec::<PathBuf>::new());
 }
 
 #[test]
@@ -135,6 +163,8 @@ fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing
     let ids: Vec<String> = body["choices"].as_array().expect("choices").iter().map(|c| c["hicra"]["rollout_id"].as_str().expect("id").to_string()).collect();
 
     // Each failure is a clear error for that call; the rollout stays unrewarded.
+    let items_before = metric(&client, &server.url, "hicra_plugin_item_failures_total");
+    let calls_before = metric(&client, &server.url, "hicra_plugin_call_failures_total");
     for (misbehave, expected) in [("panic", "deliberate panic"), ("hang", "timed out"), ("nan", "non-finite"), ("wrong_count", "2 results for 1 items")] {
         let (status, failed) = call(&client, "POST", url(&format!("/v1/rollouts/{}/score", ids[0])), "", Some(json!({"metadata": {"misbehave": misbehave}})));
         let message = failed["error"]["message"].as_str().unwrap_or("");
@@ -144,6 +174,9 @@ fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing
         let (status, _) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})));
         assert_eq!(status, 200, "after {misbehave}");
     }
+    // Every failed item is counted; panic, hang and the wrong count failed their whole call.
+    assert_eq!(metric(&client, &server.url, "hicra_plugin_item_failures_total") - items_before, 4.0);
+    assert_eq!(metric(&client, &server.url, "hicra_plugin_call_failures_total") - calls_before, 3.0);
     // Then the same group is scored normally and trains: a finite, updating step.
     let mut last = Value::Null;
     for id in &ids {
@@ -156,4 +189,86 @@ fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing
     assert!(step["loss"].as_f64().is_some_and(f64::is_finite) && step["grad_norm"].as_f64().is_some_and(f64::is_finite), "{last}");
     let metrics = client.get(url("/metrics")).send().expect("metrics").text().expect("text");
     assert!(metrics.contains("hicra_plugin_item_failures_total"), "{metrics}");
+}
+
+#[test]
+fn hung_plugin_calls_are_capped_and_a_hung_configure_fails_the_reload() {
+    let dir = scratch_dir("plugins-hung");
+    let (score_gate, configure_gate) = (dir.join("score-gate"), dir.join("configure-gate"));
+    // A name of its own, to find this server's library copies.
+    let plugin_file = dir.join("libhung_probe.so");
+    std::fs::copy(built_plugin("hicra_test_misbehaving"), &plugin_file).expect("copy plugin");
+    let config = dir.join("serve.toml");
+    let toml = format!(
+        "plugins = [{:?}]\nadmin_key = \"admin\"\nmax_context = 128\nplugin_timeout_ms = 400\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\nblock_configure_while = {:?}\n",
+        plugin_file, configure_gate
+    );
+    std::fs::write(&config, toml).expect("config");
+    let model = tiny_model_file();
+    let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
+    let client = Client::new();
+    let url = |path: &str| format!("{}{path}", server.url);
+    let (_, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
+    let (generation, cap) = (listed["plugins"][0]["generation"].clone(), listed["max_hung_calls"].as_u64().expect("cap") as usize);
+    let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})));
+    let score_url = url(&format!("/v1/rollouts/{}/score", body["choices"][0]["hicra"]["rollout_id"].as_str().expect("id")));
+    let failures_before = metric(&client, &server.url, "hicra_plugin_item_failures_total");
+
+    // As many calls as the cap hang at once: each times out and leaves its thread, counted.
+    std::fs::write(&score_gate, b"").expect("gate");
+    let blocked = json!({"metadata": {"misbehave": "block", "gate": score_gate}});
+    std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..cap).map(|_| scope.spawn(|| call(&Client::new(), "POST", score_url.clone(), "", Some(blocked.clone())))).collect();
+        for handle in calls {
+            let (status, failed) = handle.join().expect("thread");
+            assert_eq!(status, 400, "{failed}");
+            assert!(message(&failed).contains("plugin 'misbehaving': score timed out after 400 ms"), "{failed}");
+        }
+    });
+    let (_, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
+    assert_eq!((listed["plugins"][0]["hung_calls"].as_u64(), listed["hung_calls"].as_u64()), (Some(cap as u64), Some(cap as u64)), "{listed}");
+    assert_eq!(metric(&client, &server.url, "hicra_plugin_hung_calls"), cap as f64);
+
+    // Further calls fail fast, well under the time-out, and say why.
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (status, refused) = call(&client, "POST", score_url.clone(), "", Some(json!({})));
+        assert!(started.elapsed() < Duration::from_millis(200), "took {:?}", started.elapsed());
+        assert_eq!(status, 400, "{refused}");
+        let expected = format!("plugin 'misbehaving': {cap} calls are still hung after their time-out; refusing new calls until they return (reload the plugin)");
+        assert!(message(&refused).contains(&expected), "{refused}");
+    }
+    assert_eq!(metric(&client, &server.url, "hicra_plugin_item_failures_total") - failures_before, (cap + 2) as f64);
+
+    // A configure that hangs fails the reload, naming the plugin and the time-out; the serving
+    // generation stays.
+    std::fs::write(&configure_gate, b"").expect("gate");
+    let started = Instant::now();
+    let (status, refused) = call(&client, "POST", url("/admin/plugins/reload"), "admin", None);
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(status, 400, "{refused}");
+    assert!(message(&refused).contains("previous plugins keep serving: plugin 'misbehaving': configure timed out after 400 ms"), "{refused}");
+    let (_, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
+    assert_eq!(listed["plugins"][0]["generation"], generation, "{listed}");
+    assert_eq!(listed["hung_calls"].as_u64(), Some(cap as u64 + 1), "{listed}");
+
+    // Once the hung calls return the counts drop, the plugin serves again and reloads work.
+    std::fs::remove_file(&score_gate).expect("open the gate");
+    std::fs::remove_file(&configure_gate).expect("open the gate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&client, &server.url, "hicra_plugin_hung_calls") > 0.0 {
+        assert!(Instant::now() < deadline, "hung calls never returned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, scored) = call(&client, "POST", score_url.clone(), "", Some(json!({})));
+    assert_eq!(status, 200, "{scored}");
+    let (status, reloaded) = call(&client, "POST", url("/admin/plugins/reload"), "admin", None);
+    assert_eq!(status, 200, "{reloaded}");
+    assert!(reloaded["plugins"][0]["generation"].as_u64() > generation.as_u64(), "{reloaded}");
+
+    // Four loads, two of them failed (a hung configure, then a broken file): no copy is left.
+    std::fs::write(&plugin_file, b"not a library").expect("break plugin");
+    let (status, refused) = call(&client, "POST", url("/admin/plugins/reload"), "admin", None);
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(leftover_copies("libhung_probe"), Vec::<PathBuf>::new());
 }

@@ -1,15 +1,20 @@
 //! The real server on loopback, driven by a Rust HTTP client (reqwest): routes, auth, errors,
-//! rollouts, n > 1, and 32 concurrent requests that must equal the same requests sent alone.
+//! rollouts, n > 1, 32 concurrent requests that must equal the same requests sent alone,
+//! admission under pressure, request validation and the train key.
 
 mod common;
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
 
 use common::{start_server, Server};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
 const KEY: &str = "test-key";
+const TRAIN_KEY: &str = "train-key";
 const MODEL: &str = "smollm2-135m-instruct";
 
 fn client() -> Client {
@@ -103,4 +108,221 @@ fn serves_chat_errors_rollouts_and_concurrency() {
     let metrics = http.get(format!("{}/metrics", server.url)).send().expect("metrics").text().expect("text");
     let mean_batch: f64 = metrics.lines().find_map(|l| l.strip_prefix("hicra_mean_batch_size ")).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     assert!(mean_batch > 1.5, "requests were not batched: mean batch {mean_batch}");
+}
+
+/// A `hicra serve` child whose stderr (logs included) is kept for the test to read.
+struct LoggedServer {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for LoggedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LoggedServer {
+    /// `hicra serve --device cpu --port 0 ARGS`, logging warnings and the server's debug lines.
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hicra"))
+            .args(["serve", "--device", "cpu", "--port", "0"])
+            .args(args)
+            .env("RUST_LOG", "warn,hicra_core::server=debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hicra serve starts");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+        let mut printed = Vec::new();
+        let url = loop {
+            let Some(Ok(line)) = lines.next() else { panic!("server exited before listening:\n{}", printed.join("\n")) };
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                break addr.trim().to_string();
+            }
+            printed.push(line);
+        };
+        let log = Arc::new(Mutex::new(printed));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        Self { child, url, log }
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn post_with(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
+        let response = client().post(format!("{}{path}", self.url)).bearer_auth(key).json(body).send().expect("request");
+        (response.status().as_u16(), response.json().unwrap_or(Value::Null))
+    }
+
+    /// Opens a stream and returns once its status line arrived (the response is kept open).
+    fn open_stream(&self, path: &str, body: &Value) -> reqwest::blocking::Response {
+        client().post(format!("{}{path}", self.url)).bearer_auth(KEY).json(body).send().expect("stream request")
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = client().get(format!("{}/metrics", self.url)).send().expect("metrics").text().expect("text");
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' '))).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    }
+
+    /// Waits until `metric` satisfies `ok`, or fails after `seconds`.
+    fn wait_for(&self, name: &str, seconds: u64, ok: impl Fn(f64) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            let value = self.metric(name);
+            if ok(value) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} stayed at {value}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Reads server-sent events until `count` `data:` lines arrived.
+fn read_events(response: &mut reqwest::blocking::Response, count: usize) {
+    let mut reader = BufReader::new(response);
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < count {
+        line.clear();
+        assert!(reader.read_line(&mut line).expect("read stream") > 0, "stream ended after {seen} events");
+        seen += usize::from(line.starts_with("data:"));
+    }
+}
+
+/// A text completion the model keeps going on (it counts), holding its batch slot for
+/// seconds; streamed, so its status arrives as soon as it is admitted.
+fn long_stream() -> Value {
+    let numbers: Vec<String> = (1..=12).map(|i| i.to_string()).collect();
+    json!({"model": MODEL, "prompt": format!("{},", numbers.join(", ")), "max_tokens": 450, "temperature": 0, "stream": true})
+}
+
+fn error_param(body: &Value) -> Option<&str> {
+    body["error"]["param"].as_str()
+}
+
+/// Admission under pressure, with one batch slot and eight queue places: a refused batch
+/// leaves nothing queued, a wave of concurrent requests never gets more than the queue
+/// holds, a prompt-token budget counts the new request, and client disconnects are not
+/// logged as errors.
+#[test]
+fn admission_is_all_or_nothing_and_never_over_the_limit() {
+    let server = LoggedServer::start(&["--api-key", KEY, "--max-batch", "1", "--max-queue", "8", "--max-queue-tokens", "1000", "--max-context", "512"]);
+
+    // A streaming chat client that leaves after two events: cancelled, logged at debug only.
+    let story = chat("Write a long story about a dragon who learns to fly.", json!({"max_tokens": 300, "temperature": 0.8, "seed": 3, "stream": true}));
+    let mut leaving = server.open_stream("/v1/chat/completions", &story);
+    assert_eq!(leaving.status().as_u16(), 200);
+    read_events(&mut leaving, 2);
+    drop(leaving);
+    server.wait_for("hicra_sequences_cancelled_total", 30, |v| v >= 1.0);
+    server.wait_for("hicra_batch_size", 30, |v| v == 0.0);
+
+    // One long stream takes the only slot.
+    let occupier = server.open_stream("/v1/completions", &long_stream());
+    assert_eq!(occupier.status().as_u16(), 200);
+    server.wait_for("hicra_batch_size", 30, |v| v == 1.0);
+
+    // 20 prompts cannot fit in 8 places: 429, and none of them stays queued.
+    let prompts: Vec<String> = (0..20).map(|i| format!("Prompt number {i}")).collect();
+    let (status, body) = server.post_with(KEY, "/v1/completions", &json!({"model": MODEL, "prompt": prompts, "max_tokens": 4}));
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("20 queued sequences"), "{body}");
+    assert_eq!(server.metric("hicra_queue_depth"), 0.0);
+    assert_eq!(server.metric("hicra_queued_prompt_tokens"), 0.0);
+
+    // 4 prompts of 300 tokens: 4 places are free, 1,200 tokens are more than the 1,000 allowed.
+    let (status, body) = server.post_with(KEY, "/v1/completions", &json!({"model": MODEL, "prompt": vec![vec![100; 300]; 4], "max_tokens": 4}));
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("prompt tokens"), "{body}");
+    assert_eq!(server.metric("hicra_queue_depth"), 0.0);
+
+    // 30 clients at once: with the slot busy, exactly the 8 queue places are granted.
+    let barrier = Barrier::new(30);
+    let wave: Vec<reqwest::blocking::Response> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..30)
+            .map(|_| {
+                scope.spawn(|| {
+                    barrier.wait();
+                    server.open_stream("/v1/completions", &long_stream())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    let admitted = wave.iter().filter(|r| r.status().as_u16() == 200).count();
+    let refused = wave.iter().filter(|r| r.status().as_u16() == 429).count();
+    assert_eq!(admitted + refused, 30, "unexpected statuses: {:?}", wave.iter().map(|r| r.status()).collect::<Vec<_>>());
+    // 9 only if the occupier ended (end of text) during the wave and one more got its slot.
+    assert!((8..=9).contains(&admitted), "{admitted} of 30 admitted with 8 queue places");
+    assert!(server.metric("hicra_queue_depth") <= 8.0);
+
+    // Everyone leaves: the queue drains, and a small request is served at once.
+    drop(wave);
+    drop(occupier);
+    server.wait_for("hicra_queue_depth", 60, |v| v == 0.0);
+    server.wait_for("hicra_batch_size", 60, |v| v == 0.0);
+    let (status, body) = server.post_with(KEY, "/v1/completions", &json!({"model": MODEL, "prompt": ["Hello", "Bye"], "max_tokens": 2}));
+    assert_eq!(status, 200, "{body}");
+
+    let log = server.log_lines();
+    assert!(!log.iter().any(|l| l.contains("ERROR")), "errors logged:\n{}", log.join("\n"));
+    assert!(log.iter().any(|l| l.contains("client disconnected")), "disconnect not logged at debug:\n{}", log.join("\n"));
+}
+
+/// Message roles and tools are checked with the field named; a train key guards the routes
+/// that change the weights, and the API key alone does not open them.
+#[test]
+fn roles_tools_and_the_train_key() {
+    let model = common::tiny_model_file();
+    let model = model.to_str().expect("utf-8 path");
+    let server = LoggedServer::start(&["--model", model, "--max-context", "128", "--train", "--api-key", KEY, "--train-key", TRAIN_KEY]);
+    let chat_to = |messages: Value, extra: Value| {
+        let mut body = json!({"model": "model", "messages": messages, "max_tokens": 2});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        server.post_with(KEY, "/v1/chat/completions", &body)
+    };
+
+    let (status, body) = chat_to(json!([{"role": "wizard", "content": "hi"}]), json!({}));
+    assert_eq!((status, error_param(&body)), (400, Some("messages[0].role")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("unknown role 'wizard'"), "{body}");
+    let (status, body) = chat_to(json!([{"role": "user", "content": "hi"}, {"content": "no role"}]), json!({}));
+    assert_eq!((status, error_param(&body)), (400, Some("messages[1].role")), "{body}");
+    let (status, body) = chat_to(json!([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]), json!({}));
+    assert_eq!(status, 200, "developer is OpenAI's system role: {body}");
+    let (status, body) = chat_to(json!([{"role": "user", "content": "hi"}]), json!({"tools": [{"type": "function"}]}));
+    assert_eq!((status, error_param(&body)), (400, Some("tools[0].function")), "{body}");
+    let tool = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}});
+    let (status, body) = chat_to(json!([{"role": "user", "content": "hi"}]), json!({"tools": [tool]}));
+    assert_eq!(status, 200, "{body}");
+
+    // A rollout to reward.
+    let (status, body) = server.post_with(KEY, "/v1/completions", &json!({"model": "model", "prompt": [5, 17, 99], "max_tokens": 4}));
+    assert_eq!(status, 200, "{body}");
+    let id = body["choices"][0]["hicra"]["rollout_id"].as_str().expect("rollout id").to_string();
+    let reward = json!({"reward": 1.0});
+    let (status, body) = server.post_with(KEY, &format!("/v1/rollouts/{id}/reward"), &reward);
+    assert_eq!(status, 401, "the API key must not change the weights: {body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains("train key"), "{body}");
+    let (status, _) = server.post_with(KEY, "/v1/rewards", &json!({"rewards": [{"rollout_id": id, "reward": 1.0}]}));
+    assert_eq!(status, 401);
+    let (status, _) = server.post_with(KEY, &format!("/v1/rollouts/{id}/score"), &json!({}));
+    assert_eq!(status, 401);
+    let (status, body) = server.post_with(TRAIN_KEY, &format!("/v1/rollouts/{id}/reward"), &reward);
+    assert!(status != 401 && status < 500, "the train key opens the reward route: {status} {body}");
+    let (status, _) = server.post_with(TRAIN_KEY, "/v1/rollouts/ro-nope/reward", &reward);
+    assert_eq!(status, 404, "past auth, the unknown rollout is the error");
+    // The train key is for training only.
+    let (status, _) = server.post_with(TRAIN_KEY, "/v1/completions", &json!({"model": "model", "prompt": [5], "max_tokens": 1}));
+    assert_eq!(status, 401);
 }

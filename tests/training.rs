@@ -50,7 +50,7 @@ fn generate(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<Generat
 
 /// (completion ids, sampling logprobs) of `generate`.
 fn sample_group(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<(Vec<u32>, Vec<f32>)> {
-    generate(model, g, len, seed).into_iter().map(|gen| (gen.tokens.iter().map(|t| t.id).collect(), gen.tokens.iter().map(|t| t.logprob).collect())).collect()
+    generate(model, g, len, seed).into_iter().map(|gen| (gen.tokens.iter().map(|t| t.id).collect(), gen.tokens.iter().map(|t| t.sampling_logprob).collect())).collect()
 }
 
 /// The synthetic task: the share of completion tokens in the lower half of the vocabulary.
@@ -60,11 +60,14 @@ fn reward(ids: &[u32]) -> f32 {
 
 fn group(samples: Vec<(Vec<u32>, Vec<f32>)>) -> RolloutGroup {
     RolloutGroup {
-        prompt_ids: PROMPT.to_vec(),
-        temperature: 1.0,
+        id: "g".into(),
         members: samples
             .into_iter()
-            .map(|(ids, logprobs)| GroupMember {
+            .enumerate()
+            .map(|(i, (ids, logprobs))| GroupMember {
+                id: format!("member-{i}"),
+                prompt_ids: PROMPT.to_vec(),
+                sampling: SamplingParams::default(),
                 reward: reward(&ids),
                 // Synthetic planning tokens: the first two of each completion.
                 planning_mask: (0..ids.len()).map(|i| i < 2).collect(),
@@ -106,7 +109,7 @@ fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
     let fresh = sample_group(&model, 4, 8, 3);
     let samples: Vec<TrainSample> = fresh
         .iter()
-        .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), completion_ids: ids.clone(), old_logprobs: lps.clone(), advantages: vec![1.0; ids.len()], temperature: 1.0 })
+        .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), completion_ids: ids.clone(), old_logprobs: lps.clone(), advantages: vec![1.0; ids.len()], sampling: SamplingParams::default() })
         .collect();
     let stats = loss::accumulate(&model, &samples, &LossConfig::default(), 32, 4);
     let gap = stats.new_logprobs.iter().flatten().zip(samples.iter().flat_map(|s| &s.old_logprobs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
@@ -134,7 +137,7 @@ fn loss_gradient_matches_finite_differences() {
     let samples: Vec<TrainSample> = sample_group(&model, 3, 6, 5)
         .into_iter()
         .enumerate()
-        .map(|(i, (ids, lps))| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![i as f32 - 1.0; ids.len()], completion_ids: ids, old_logprobs: lps, temperature: 1.0 })
+        .map(|(i, (ids, lps))| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![i as f32 - 1.0; ids.len()], completion_ids: ids, old_logprobs: lps, sampling: SamplingParams::default() })
         .collect();
     let params: Vec<_> = trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect();
     let config = LossConfig { clip_low: 10.0, clip_high: 10.0, ..LossConfig::default() };
@@ -189,7 +192,7 @@ fn kl_to_the_base_policy_is_zero_before_training_and_positive_after() {
     let samples = |model: &Transformer| -> Vec<TrainSample> {
         sample_group(model, 4, 6, 7)
             .into_iter()
-            .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![0.5; ids.len()], completion_ids: ids, old_logprobs: lps, temperature: 1.0 })
+            .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![0.5; ids.len()], completion_ids: ids, old_logprobs: lps, sampling: SamplingParams::default() })
             .collect()
     };
     let with_kl = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, ..LossConfig::default() };

@@ -26,7 +26,7 @@ use crate::train::planning::{for_each_word, spans_from_pieces, SgMatch, Strategi
 pub const FOLLOWING_WORDS: usize = 3;
 
 /// One rewarded rollout as logged (`rollouts.jsonl` of a run, or a server's `--rollout-log`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RolloutRecord {
     /// Training step (offline) or the policy version that sampled it (online).
     pub step: u64,
@@ -41,6 +41,15 @@ pub struct RolloutRecord {
     /// Sampling entropy at each token (may be empty in old logs).
     #[serde(default)]
     pub entropies: Vec<f32>,
+    /// The rollout's id, when it has one (online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<String>,
+    /// Policy version at its first token, when known; `step` is the version at its last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version_first: Option<u64>,
+    /// The advantage the step gave each token (empty when it was not trained on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advantages: Vec<f32>,
 }
 
 /// The analyses of one step. Means over no tokens are `null` in JSON.
@@ -359,6 +368,7 @@ mod tests {
             pieces: pieces.iter().map(|p| p.to_string()).collect(),
             logprobs: vec![-1.0; pieces.len()],
             entropies: vec![entropy; pieces.len()],
+            ..RolloutRecord::default()
         }
     }
 

@@ -45,11 +45,14 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     let vocab = loaded.model.config().vocab_size as u32;
     // Deterministic pseudo-random ids; rewards alternate so the group carries signal.
     let id = |i: usize| ((i as u64).wrapping_mul(2_654_435_761) % (vocab as u64 - 1)) as u32 + 1;
+    let prompt_ids: Vec<u32> = (0..args.prompt_tokens).map(id).collect();
     let group = RolloutGroup {
-        prompt_ids: (0..args.prompt_tokens).map(id).collect(),
-        temperature: 1.0,
+        id: "bench".into(),
         members: (0..args.batch)
             .map(|b| GroupMember {
+                id: format!("member-{b}"),
+                prompt_ids: prompt_ids.clone(),
+                sampling: crate::engine::SamplingParams::default(),
                 completion_ids: (0..args.completion_tokens).map(|t| id(10_000 + b * 1000 + t)).collect(),
                 logprobs: vec![-2.0; args.completion_tokens],
                 reward: (b % 2) as f32,

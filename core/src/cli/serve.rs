@@ -93,6 +93,11 @@ pub(crate) struct ServeArgs {
     /// Bearer token for /admin routes (plugin listing and reload); none disables them.
     #[arg(long)]
     admin_key: Option<String>,
+    /// Bearer token for the routes that change the weights (POST /v1/rollouts/{id}/reward,
+    /// /v1/rewards, /v1/rollouts/{id}/score); the API key alone no longer opens them. Unset:
+    /// they take the API key like the other /v1 routes.
+    #[arg(long)]
+    train_key: Option<String>,
     /// Train LoRA adapters online from rewards posted to /v1/rollouts/{id}/reward.
     #[arg(long)]
     #[serde(default)]
@@ -109,6 +114,17 @@ pub(crate) struct ServeArgs {
     /// Append every training step's rollouts to this JSON-lines file (read by `hicra analyze`).
     #[arg(long)]
     rollout_log: Option<PathBuf>,
+    /// Seconds an incomplete reward group waits for its other members before it expires
+    /// [default: 900].
+    #[arg(long)]
+    group_timeout_s: Option<f64>,
+    /// Drop rollouts whose first token is more than this many policy versions older than the
+    /// weights a step updates; "none" keeps all [default: 4].
+    #[arg(long)]
+    max_staleness: Option<String>,
+    /// Incomplete reward groups held at once; more are answered 429 [default: 4096].
+    #[arg(long)]
+    max_pending_groups: Option<usize>,
 }
 
 impl ServeArgs {
@@ -139,6 +155,7 @@ impl ServeArgs {
             watch_plugins: self.watch_plugins || file.watch_plugins,
             plugin_timeout_ms: self.plugin_timeout_ms.or(file.plugin_timeout_ms),
             admin_key: self.admin_key.or(file.admin_key),
+            train_key: self.train_key.or(file.train_key),
             sg_plugin: self.sg_plugin.or(file.sg_plugin),
             credit_plugin: self.credit_plugin.or(file.credit_plugin),
             train: self.train || file.train,
@@ -146,6 +163,9 @@ impl ServeArgs {
             groups_per_step: self.groups_per_step.or(file.groups_per_step),
             group_size: self.group_size.or(file.group_size),
             rollout_log: self.rollout_log.or(file.rollout_log),
+            group_timeout_s: self.group_timeout_s.or(file.group_timeout_s),
+            max_staleness: self.max_staleness.or(file.max_staleness),
+            max_pending_groups: self.max_pending_groups.or(file.max_pending_groups),
         })
     }
 }
@@ -216,21 +236,45 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         options: Arc::new(ServerOptions {
             api_key: args.api_key.clone(),
             admin_key: args.admin_key.clone(),
+            train_key: args.train_key.clone(),
             max_body_bytes: args.max_body_bytes.unwrap_or(8 << 20),
             default_max_tokens: args.default_max_tokens.unwrap_or(2048),
         }),
-        training: training.map(|_| {
-            let mut buffer = crate::server::training::TrainingBuffer::new(args.groups_per_step.unwrap_or(1), args.group_size.unwrap_or(4));
-            buffer.sg_plugin = args.sg_plugin.clone();
-            buffer.credit_plugin = args.credit_plugin.clone();
-            buffer.rollout_log = args.rollout_log.clone();
-            Arc::new(buffer)
-        }),
+        training: match training {
+            Some(_) => Some(Arc::new(crate::server::training::TrainingBuffer::new(training_settings(&args)?))),
+            None => None,
+        },
         plugins,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(server::serve(state, addr))?;
     Ok(())
+}
+
+/// Online training settings from the flags, defaults where unset.
+fn training_settings(args: &ServeArgs) -> anyhow::Result<crate::server::training::TrainingSettings> {
+    let defaults = crate::server::training::TrainingSettings::default();
+    let group_timeout = match args.group_timeout_s {
+        Some(s) if s.is_finite() && s > 0.0 => std::time::Duration::from_secs_f64(s),
+        Some(s) => anyhow::bail!("--group-timeout-s must be a positive number of seconds, got {s}"),
+        None => defaults.group_timeout,
+    };
+    let max_staleness = match args.max_staleness.as_deref() {
+        None => defaults.max_staleness,
+        Some("none") => None,
+        Some(text) => Some(text.parse::<u64>().with_context(|| format!("--max-staleness must be a number of policy versions or \"none\", got '{text}'"))?),
+    };
+    Ok(crate::server::training::TrainingSettings {
+        groups_per_step: args.groups_per_step.unwrap_or(defaults.groups_per_step),
+        group_size: args.group_size.unwrap_or(defaults.group_size),
+        group_timeout,
+        max_staleness,
+        max_pending_groups: args.max_pending_groups.unwrap_or(defaults.max_pending_groups).max(1),
+        sg_plugin: args.sg_plugin.clone(),
+        credit_plugin: args.credit_plugin.clone(),
+        rollout_log: args.rollout_log.clone(),
+        ..defaults
+    })
 }
 
 #[cfg(test)]

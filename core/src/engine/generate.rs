@@ -57,9 +57,14 @@ pub struct GeneratedToken {
     /// The text this token added to the output (empty while a UTF-8 character is incomplete,
     /// and for special tokens).
     pub text: String,
-    /// Natural-log probability under the distribution sampled from (temperature applied,
-    /// before top-k/top-p truncation).
+    /// Natural-log probability under the tempered distribution before top-k / top-p
+    /// truncation (`log_softmax(logits / T)`, T = 1 for greedy): what the API reports and
+    /// teacher-forced scoring computes.
     pub logprob: f32,
+    /// Natural-log probability under the distribution the token was actually drawn from
+    /// (temperature, top-k and top-p applied, renormalised; 0 for greedy): the behaviour policy
+    /// the trainer's importance ratio uses.
+    pub sampling_logprob: f32,
     /// Entropy (nats) of the distribution this token was drawn from (same distribution as
     /// `logprob`).
     pub entropy: f32,
@@ -317,7 +322,7 @@ impl<'m> Engine<'m> {
         let steps = Tensor::from_slice(&steps).view([-1, 1]).to_device(device);
         let top_k = slots.iter().filter_map(|&s| self.slots[s].as_ref()).map(|q| q.request.top_logprobs).max().unwrap_or(0);
         let sampled = self.sampling_for(slots).sample(&logits, &steps, top_k);
-        let StepReadBack { ids, logprobs, entropies, top } = read_back(&sampled)?;
+        let StepReadBack { ids, logprobs, sampling_logprobs, entropies, top } = read_back(&sampled)?;
         let mut events = Vec::with_capacity(slots.len());
         for (row, &slot) in slots.iter().enumerate() {
             let Some(seq) = self.slots[slot].as_mut() else { continue };
@@ -337,7 +342,7 @@ impl<'m> Engine<'m> {
             let final_text = finished.map(|_| std::mem::take(&mut seq.text));
             events.push(TokenEvent {
                 sequence_id: seq.id,
-                token: GeneratedToken { id, text, logprob: logprobs[row], entropy: entropies[row], top_logprobs },
+                token: GeneratedToken { id, text, logprob: logprobs[row], sampling_logprob: sampling_logprobs[row], entropy: entropies[row], top_logprobs },
                 finished,
                 final_text,
             });
@@ -430,6 +435,7 @@ fn selection_for(slots: &[usize], device: Device) -> SlotSelection {
 struct StepReadBack {
     ids: Vec<i64>,
     logprobs: Vec<f32>,
+    sampling_logprobs: Vec<f32>,
     entropies: Vec<f32>,
     /// Flattened `(b, k)` values and ids of the best alternatives, when asked for.
     top: Option<(Vec<f32>, Vec<i64>)>,
@@ -439,6 +445,7 @@ struct StepReadBack {
 fn read_back(sampled: &Sampled) -> Result<StepReadBack, EngineError> {
     let ids = Vec::<i64>::try_from(sampled.tokens.to_device(Device::Cpu))?;
     let logprobs = Vec::<f32>::try_from(sampled.logprobs.to_device(Device::Cpu))?;
+    let sampling_logprobs = Vec::<f32>::try_from(sampled.sampling_logprobs.to_device(Device::Cpu))?;
     let entropies = Vec::<f32>::try_from(sampled.entropies.to_device(Device::Cpu))?;
     let top = match &sampled.top {
         Some((values, indices)) => Some((
@@ -447,7 +454,7 @@ fn read_back(sampled: &Sampled) -> Result<StepReadBack, EngineError> {
         )),
         None => None,
     };
-    Ok(StepReadBack { ids, logprobs, entropies, top })
+    Ok(StepReadBack { ids, logprobs, sampling_logprobs, entropies, top })
 }
 
 /// The text the newest token adds, holding back incomplete UTF-8 (TGI's/vLLM's scheme:

@@ -1,19 +1,32 @@
 //! Token sampling on the device: temperature, top-k, top-p and a counter-based RNG.
 //!
 //! Everything here is tensor arithmetic on the logits' device; nothing is copied to the host,
-//! so a decode step stays free of synchronisation. Randomness comes from a hash of
-//! `(seed, step, token id)` (SplitMix64's finaliser in int64 arithmetic) turned into Gumbel
-//! noise: `argmax(logits / T + gumbel)` is an exact sample of `softmax(logits / T)`, and the
-//! same seed gives the same tokens whatever else shares the batch, on CPU and CUDA alike.
+//! so a decode step stays free of synchronisation. Each sampled row draws by inverting its
+//! cumulative distribution: one uniform variate per row, from a hash of `(seed, step)`
+//! (SplitMix64's finaliser in int64 arithmetic), is located in the row's float64 cumulative
+//! sum of probabilities. The same seed gives the same tokens whatever else shares the batch,
+//! on CPU and CUDA alike, and a step costs one hash per row instead of one per vocabulary entry
+//! (the Gumbel-max draw this replaces hashed every token id, in int64 arithmetic that CPUs
+//! cannot vectorise).
 //!
-//! The reported logprob is under the distribution the token was drawn from *before*
-//! truncation: `log_softmax(logits / T)` (T = 1 for greedy rows), as the trainer's teacher-
-//! forced scorer computes it.
+//! Invariants (each has a test at a real vocabulary size):
+//! - a sampled token is always inside its row's top-k / top-p set: tokens outside it have
+//!   probability exactly 0, so their cumulative sum is flat and the search can never stop on
+//!   them (the uniform is strictly inside (0, 1), and a rounding overshoot falls back to the
+//!   row's best token);
+//! - greedy rows take the argmax and never see the draw, whatever shares their batch;
+//! - two logprobs are reported per token:
+//!   - [`Sampled::logprobs`]: `log_softmax(logits / T)` before truncation (T = 1 for greedy),
+//!     what the OpenAI API returns and what teacher-forced scoring computes;
+//!   - [`Sampled::sampling_logprobs`]: the logprob under the distribution the token was
+//!     actually drawn from (temperature, then top-k, then top-p, renormalised); 0 for greedy
+//!     rows, whose "distribution" is a point mass. This is the behaviour policy the trainer's
+//!     importance ratio divides by.
 
 use tch::{Device, Kind, Tensor};
 
 /// How one sequence picks its next token.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax); otherwise logits are divided by it.
     pub temperature: f64,
@@ -46,6 +59,90 @@ impl SamplingParams {
     pub fn logprob_temperature(&self) -> f64 {
         if self.is_sampled() { self.temperature } else { 1.0 }
     }
+
+    /// Whether top-k or top-p cut the distribution of a sampled row.
+    pub fn is_truncated(&self) -> bool {
+        self.is_sampled() && (self.top_p < 1.0 || self.top_k > 0)
+    }
+}
+
+/// Per-row top-k / top-p limits as device tensors, shared by the sampler and the trainer so
+/// both cut a distribution exactly the same way.
+#[derive(Debug)]
+pub struct Truncation {
+    /// `(rows, 1)` int64, the vocabulary size where top-k is off.
+    top_k: Tensor,
+    /// `(rows, 1)` float; 2 where top-p is off, so rounding in the cumulative sum can never
+    /// drop a tail token of an untruncated row.
+    top_p: Tensor,
+    /// Whether any row uses top-p (which needs a full sort; top-k alone needs only `topk`).
+    any_top_p: bool,
+    /// Largest k among rows (top-k alone is computed with one `topk` of this size).
+    max_k: i64,
+}
+
+impl Truncation {
+    /// Limits for rows with these parameters; `None` when no row is truncated. Greedy rows are
+    /// never truncated (their argmax is always kept anyway).
+    pub fn new(rows: &[&SamplingParams], vocab_size: usize, device: Device) -> Option<Self> {
+        if !rows.iter().any(|p| p.is_truncated()) {
+            return None;
+        }
+        let vocab = vocab_size as i64;
+        let k_of = |p: &SamplingParams| if p.is_truncated() && p.top_k > 0 { (p.top_k as i64).min(vocab) } else { vocab };
+        let p_of = |p: &SamplingParams| if p.is_truncated() && p.top_p < 1.0 { p.top_p as f32 } else { 2.0 };
+        let top_k: Vec<i64> = rows.iter().map(|p| k_of(p)).collect();
+        let top_p: Vec<f32> = rows.iter().map(|p| p_of(p)).collect();
+        Some(Self {
+            any_top_p: top_p.iter().any(|&p| p < 1.0),
+            max_k: top_k.iter().copied().max().unwrap_or(vocab),
+            top_k: Tensor::from_slice(&top_k).view([-1, 1]).to_device(device),
+            top_p: Tensor::from_slice(&top_p).view([-1, 1]).to_device(device),
+        })
+    }
+
+    /// The same limits repeated for consecutive runs of rows: row `i` is used `counts[i]`
+    /// times (the trainer has one row per completion token).
+    pub fn repeat_rows(&self, counts: &Tensor) -> Self {
+        Self {
+            top_k: self.top_k.repeat_interleave_self_tensor(counts, 0, None),
+            top_p: self.top_p.repeat_interleave_self_tensor(counts, 0, None),
+            any_top_p: self.any_top_p,
+            max_k: self.max_k,
+        }
+    }
+
+    /// `(rows, vocab)` bool: true for tokens outside each row's top-k / top-p set of the
+    /// tempered `scores`. Top-k first, then top-p over the renormalised survivors
+    /// (transformers' and vLLM's order). Each row's best token is always kept. Ties at the
+    /// top-k boundary keep every tied token.
+    pub fn outside(&self, scores: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let scores = scores.detach();
+            let vocab = scores.size()[1];
+            if !self.any_top_p {
+                if self.max_k >= vocab {
+                    return scores.zeros_like().to_kind(Kind::Bool);
+                }
+                if self.max_k == 1 {
+                    // `topk` sorts its candidates; the best score alone is one reduction.
+                    return scores.lt_tensor(&scores.amax(-1, true));
+                }
+                // The k-th best score of each row is its threshold.
+                let (best, _) = scores.topk(self.max_k, -1, true, true);
+                let kth = best.gather(1, &(self.top_k.clamp_max(self.max_k) - 1), false);
+                return scores.lt_tensor(&kth);
+            }
+            let (sorted, order) = scores.sort(-1, true);
+            // By value, as in the top-k-only path, so a row's set never depends on its batch.
+            let kth = sorted.gather(1, &(self.top_k.clamp_max(vocab) - 1), false);
+            let beyond_k = sorted.lt_tensor(&kth);
+            let probs = sorted.masked_fill(&beyond_k, f64::NEG_INFINITY).softmax(-1, Kind::Float);
+            let mass_before = probs.cumsum(-1, Kind::Float) - &probs;
+            let drop_sorted = mass_before.gt_tensor(&self.top_p).logical_or(&beyond_k);
+            drop_sorted.zeros_like().scatter(1, &order, &drop_sorted)
+        })
+    }
 }
 
 /// Per-row sampling parameters as device tensors, built once per batch composition.
@@ -53,16 +150,12 @@ impl SamplingParams {
 pub struct BatchSampling {
     /// `(b, 1)` float: 1 / T (1 for greedy rows).
     inv_temperature: Tensor,
-    /// `(b, 1)` float: 1 for sampled rows, 0 for greedy rows (scales the noise).
-    noise_scale: Tensor,
-    /// `(b, 1)` float.
-    top_p: Tensor,
-    /// `(b, 1)` int64, vocab size where disabled.
-    top_k: Tensor,
+    /// `(b, 1)` bool: the row draws randomly (greedy rows get no noise).
+    sampled_rows: Tensor,
     /// `(b, 1)` int64.
     seeds: Tensor,
+    truncation: Option<Truncation>,
     any_sampled: bool,
-    any_truncated: bool,
 }
 
 /// One step's choice for every row.
@@ -70,12 +163,16 @@ pub struct BatchSampling {
 pub struct Sampled {
     /// `(b,)` int64.
     pub tokens: Tensor,
-    /// `(b,)` float: logprob of each chosen token.
+    /// `(b,)` float: `log_softmax(logits / T)` of each chosen token, before truncation.
     pub logprobs: Tensor,
-    /// `(b,)` float: entropy (nats) of each row's sampling distribution (temperature applied,
-    /// before truncation), the per-token entropy HICRA's analyses and gated credit use.
+    /// `(b,)` float: logprob of each chosen token under the distribution it was drawn from
+    /// (truncated and renormalised; 0 for greedy rows).
+    pub sampling_logprobs: Tensor,
+    /// `(b,)` float: entropy (nats) of each row's tempered distribution before truncation, the
+    /// per-token entropy HICRA's analyses and gated credit use.
     pub entropies: Tensor,
-    /// `(b, k)` values and ids of the k best alternatives, when asked for.
+    /// `(b, k)` values and ids of the k best alternatives (same scale as `logprobs`), when
+    /// asked for.
     pub top: Option<(Tensor, Tensor)>,
 }
 
@@ -83,16 +180,12 @@ impl BatchSampling {
     /// Packs per-row parameters for a batch on `device`.
     pub fn new(rows: &[&SamplingParams], vocab_size: usize, device: Device) -> Self {
         let col_f = |v: Vec<f32>| Tensor::from_slice(&v).view([-1, 1]).to_device(device);
-        let col_i = |v: Vec<i64>| Tensor::from_slice(&v).view([-1, 1]).to_device(device);
-        let vocab = vocab_size as i64;
         Self {
             inv_temperature: col_f(rows.iter().map(|p| (1.0 / p.logprob_temperature()) as f32).collect()),
-            noise_scale: col_f(rows.iter().map(|p| if p.is_sampled() { 1.0 } else { 0.0 }).collect()),
-            top_p: col_f(rows.iter().map(|p| p.top_p.clamp(0.0, 1.0) as f32).collect()),
-            top_k: col_i(rows.iter().map(|p| if p.top_k == 0 { vocab } else { (p.top_k as i64).min(vocab) }).collect()),
-            seeds: col_i(rows.iter().map(|p| p.seed as i64).collect()),
+            sampled_rows: Tensor::from_slice(&rows.iter().map(|p| p.is_sampled()).collect::<Vec<bool>>()).view([-1, 1]).to_device(device),
+            seeds: Tensor::from_slice(&rows.iter().map(|p| p.seed as i64).collect::<Vec<i64>>()).view([-1, 1]).to_device(device),
+            truncation: Truncation::new(rows, vocab_size, device),
             any_sampled: rows.iter().any(|p| p.is_sampled()),
-            any_truncated: rows.iter().any(|p| p.is_sampled() && (p.top_p < 1.0 || p.top_k > 0)),
         }
     }
 
@@ -101,36 +194,27 @@ impl BatchSampling {
     pub fn sample(&self, logits: &Tensor, steps: &Tensor, top_logprobs: usize) -> Sampled {
         let scaled = logits * &self.inv_temperature;
         let logprobs_all = scaled.log_softmax(-1, Kind::Float);
-        let tokens = if self.any_sampled {
-            let mut scores = self.truncate(&scaled);
-            let noise = gumbel_noise(&self.seeds, steps, logits.size()[1], logits.device());
-            scores = scores + noise * &self.noise_scale;
-            scores.argmax(-1, false)
+        let (tokens, sampling_logprobs) = if self.any_sampled {
+            let drawn_from = match &self.truncation {
+                Some(truncation) => scaled.masked_fill(&truncation.outside(&scaled), f64::NEG_INFINITY).log_softmax(-1, Kind::Float),
+                None => logprobs_all.shallow_clone(),
+            };
+            let drawn = inverse_cdf(&drawn_from, &uniform(&self.seeds, steps));
+            // Greedy rows take the argmax of their untruncated scores (their best token is in
+            // every set anyway) and report a point mass.
+            let tokens = drawn.where_self(&self.sampled_rows, &scaled.argmax(-1, true)).squeeze_dim(1);
+            let picked = drawn_from.gather(1, &tokens.unsqueeze(1), false);
+            let picked = picked.where_self(&self.sampled_rows, &picked.zeros_like()).squeeze_dim(1);
+            (tokens, picked)
         } else {
-            scaled.argmax(-1, false)
+            let tokens = scaled.argmax(-1, false);
+            let zeros = Tensor::zeros([logits.size()[0]], (Kind::Float, logits.device()));
+            (tokens, zeros)
         };
         let logprobs = logprobs_all.gather(1, &tokens.unsqueeze(1), false).squeeze_dim(1);
         let top = (top_logprobs > 0).then(|| logprobs_all.topk(top_logprobs as i64, -1, true, true));
         let entropies = -(logprobs_all.exp() * &logprobs_all).sum_dim_intlist(-1, false, Kind::Float);
-        Sampled { tokens, logprobs, entropies, top }
-    }
-
-    /// Sets scores outside each row's top-k / top-p set to -inf.
-    fn truncate(&self, scaled: &Tensor) -> Tensor {
-        if !self.any_truncated {
-            return scaled.shallow_clone();
-        }
-        let (sorted, order) = scaled.sort(-1, true);
-        let vocab = scaled.size()[1];
-        let rank = Tensor::arange(vocab, (Kind::Int64, scaled.device())).unsqueeze(0);
-        // Top-k first, then top-p over the renormalised survivors (transformers' and vLLM's
-        // order). The first token is always kept, so a row never loses every candidate.
-        let beyond_k = rank.ge_tensor(&self.top_k);
-        let probs = sorted.masked_fill(&beyond_k, f64::NEG_INFINITY).softmax(-1, Kind::Float);
-        let mass_before = probs.cumsum(-1, Kind::Float) - &probs;
-        let drop_sorted = mass_before.gt_tensor(&self.top_p).logical_or(&beyond_k);
-        let drop = drop_sorted.zeros_like().scatter(1, &order, &drop_sorted);
-        scaled.masked_fill(&drop, f64::NEG_INFINITY)
+        Sampled { tokens, logprobs, sampling_logprobs, entropies, top }
     }
 }
 
@@ -152,42 +236,144 @@ fn mix(z: Tensor) -> Tensor {
     z.bitwise_xor_tensor(&shift_right(&z, 31))
 }
 
-/// Standard Gumbel noise `(b, vocab)` from `(seed, step, token id)`.
-fn gumbel_noise(seeds: &Tensor, steps: &Tensor, vocab: i64, device: Device) -> Tensor {
-    let ids = Tensor::arange(vocab, (Kind::Int64, device)).unsqueeze(0);
-    let stream = mix(seeds * GOLDEN + steps * STEP_MUL);
-    let bits = mix(stream + ids * GOLDEN);
-    // 24 high bits -> uniform in (0, 1), never 0 or 1.
-    let uniform = (shift_right(&bits, 40).to_kind(Kind::Float) + 0.5) * (1.0 / 16_777_216.0);
-    -(-uniform.log()).log()
+/// One uniform variate per row `(b, 1)` float64, strictly inside (0, 1), from `(seed, step)`.
+fn uniform(seeds: &Tensor, steps: &Tensor) -> Tensor {
+    uniform_from_bits(&mix(mix(seeds * GOLDEN + steps * STEP_MUL) + GOLDEN))
+}
+
+/// Bits of uniform resolution taken from each hash: float64 holds 53, and `2^52 - 0.5` is
+/// still exact, so the variate can never round to 0 or 1.
+const UNIFORM_BITS: i64 = 52;
+
+/// Maps 64 random bits to `(top 52 bits + 0.5) / 2^52`, in `[2^-53, 1 - 2^-53]` for every input.
+fn uniform_from_bits(bits: &Tensor) -> Tensor {
+    let scale = 1.0 / (1u64 << UNIFORM_BITS) as f64;
+    (shift_right(bits, 64 - UNIFORM_BITS).to_kind(Kind::Double) + 0.5) * scale
+}
+
+/// Draws one token per row of `logprobs` `(b, vocab)` (rows may hold `-inf`) by inverting the
+/// float64 cumulative distribution at `uniform` `(b, 1)`; returns `(b, 1)` int64 ids.
+///
+/// `searchsorted(.., right)` returns the first index whose cumulative sum exceeds the target,
+/// which is never a zero-probability token: its cumulative sum equals its predecessor's (or 0
+/// at index 0, never above a positive target). A target that rounds up to the total (possible
+/// only at the extreme top of the uniform's range) would run past the end; such rows take
+/// their most probable token instead.
+fn inverse_cdf(logprobs: &Tensor, uniform: &Tensor) -> Tensor {
+    let vocab = logprobs.size()[1];
+    let weights = logprobs.exp().to_kind(Kind::Double);
+    let cdf = weights.cumsum(-1, Kind::Double);
+    let total = cdf.narrow(1, vocab - 1, 1);
+    let target = uniform * &total;
+    let index = target.searchsorted(&cdf, false, true, "right", None::<Tensor>);
+    let overshoot = index.ge(vocab);
+    index.clamp_max(vocab - 1).where_self(&overshoot.logical_not(), &weights.argmax(-1, true))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Qwen2/Qwen3's vocabulary size: the out-of-set bug grew with it.
+    const REAL_VOCAB: i64 = 151_936;
+
     fn logits() -> Tensor {
         Tensor::from_slice(&[2.0f32, 1.0, 0.5, -1.0, 0.0, 3.0]).view([1, 6])
     }
 
+    /// Synthetic logits at a real vocabulary size: a head of 24 clear candidates over a long
+    /// random tail that still carries real mass.
+    fn real_logits() -> Tensor {
+        tch::manual_seed(11);
+        let tail = Tensor::randn([REAL_VOCAB], (Kind::Float, Device::Cpu)) - 3.0;
+        let head = Tensor::linspace(6.0, 2.0, 24, (Kind::Float, Device::Cpu));
+        tail.slice(0, 0, 24, 1).copy_(&head);
+        tail.view([1, REAL_VOCAB])
+    }
+
+    fn first_i64(t: &Tensor) -> i64 {
+        i64::try_from(t.get(0)).unwrap_or(-1)
+    }
+
     fn draw(params: &SamplingParams, n: i64) -> Vec<i64> {
         let batch = BatchSampling::new(&[params], 6, Device::Cpu);
-        (0..n)
-            .map(|step| {
-                let steps = Tensor::from_slice(&[step]).view([1, 1]);
-                i64::try_from(batch.sample(&logits(), &steps, 0).tokens.get(0)).unwrap_or(-1)
-            })
-            .collect()
+        (0..n).map(|step| first_i64(&batch.sample(&logits(), &Tensor::from_slice(&[step]).view([1, 1]), 0).tokens)).collect()
+    }
+
+    /// Draws `draws` tokens from one row of `logits` with `params`: `rows` sequences per batch
+    /// (distinct seeds), stepping each. Returns the tokens and their sampling logprobs.
+    fn draw_many(logits: &Tensor, params: &SamplingParams, draws: usize, rows: usize) -> (Vec<i64>, Vec<f32>) {
+        let vocab = logits.size()[1];
+        let per_row: Vec<SamplingParams> = (0..rows).map(|r| SamplingParams { seed: params.seed.wrapping_add(r as u64 * 7919), ..params.clone() }).collect();
+        let refs: Vec<&SamplingParams> = per_row.iter().collect();
+        let batch = BatchSampling::new(&refs, vocab as usize, Device::Cpu);
+        let block = logits.expand([rows as i64, vocab], true);
+        let (mut tokens, mut logprobs) = (Vec::with_capacity(draws), Vec::with_capacity(draws));
+        let mut step = 0i64;
+        while tokens.len() < draws {
+            let steps = Tensor::full([rows as i64, 1], step, (Kind::Int64, Device::Cpu));
+            let out = batch.sample(&block, &steps, 0);
+            tokens.extend(Vec::<i64>::try_from(&out.tokens).unwrap_or_default());
+            logprobs.extend(Vec::<f32>::try_from(&out.sampling_logprobs).unwrap_or_default());
+            step += 1;
+        }
+        tokens.truncate(draws);
+        logprobs.truncate(draws);
+        (tokens, logprobs)
+    }
+
+    /// The truncated distribution computed independently on the host in f64: temperature,
+    /// top-k, then top-p over the survivors, renormalised. Returns `(token, probability)`
+    /// pairs of the kept set, best first.
+    fn truncated_reference(logits: &Tensor, temperature: f64, top_k: usize, top_p: f64) -> Vec<(usize, f64)> {
+        let values = Vec::<f32>::try_from(logits.view([-1])).unwrap_or_default();
+        let mut order: Vec<usize> = (0..values.len()).collect();
+        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+        let keep_k = if top_k == 0 { values.len() } else { top_k };
+        let kept: Vec<usize> = order[..keep_k].to_vec();
+        let max = values[kept[0]] as f64 / temperature;
+        let weights: Vec<f64> = kept.iter().map(|&t| (values[t] as f64 / temperature - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut mass_before = 0.0;
+        let mut nucleus = Vec::new();
+        for (&t, w) in kept.iter().zip(&weights) {
+            if mass_before > top_p {
+                break;
+            }
+            nucleus.push((t, w / total));
+            mass_before += w / total;
+        }
+        let norm: f64 = nucleus.iter().map(|(_, p)| p).sum();
+        nucleus.into_iter().map(|(t, p)| (t, p / norm)).collect()
+    }
+
+    #[test]
+    fn the_uniform_variate_is_strictly_inside_the_unit_interval_for_every_extreme_bit_pattern() {
+        let bits = Tensor::from_slice(&[-1i64, 0, 1, i64::MAX, i64::MIN, -2, 0xFFFF_FF80_0000_0000_u64 as i64]);
+        let values = Vec::<f64>::try_from(uniform_from_bits(&bits)).unwrap_or_default();
+        assert_eq!(values.len(), 7);
+        assert!(values.iter().all(|&u| u > 0.0 && u < 1.0), "{values:?}");
+    }
+
+    #[test]
+    fn the_inverse_cdf_never_stops_on_a_zero_probability_token_even_at_the_extremes() {
+        // Allowed tokens 1 and 3 only; the extreme uniforms land on their edges.
+        let logprobs = Tensor::from_slice(&[f32::NEG_INFINITY, 0.5f32.ln(), f32::NEG_INFINITY, 0.5f32.ln(), f32::NEG_INFINITY]).view([1, 5]);
+        for u in [f64::MIN_POSITIVE, 1e-300, 0.5, 0.5 + 1e-16, 1.0 - 1e-16, 1.0 - f64::EPSILON / 2.0, 1.0] {
+            let token = first_i64(&inverse_cdf(&logprobs, &Tensor::from_slice(&[u]).view([1, 1])).view([-1]));
+            assert!(token == 1 || token == 3, "u = {u}: drew token {token}");
+        }
     }
 
     #[test]
     fn greedy_takes_argmax_and_reports_untempered_logprob() {
         let batch = BatchSampling::new(&[&SamplingParams::greedy()], 6, Device::Cpu);
         let out = batch.sample(&logits(), &Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)), 2);
-        assert_eq!(i64::try_from(out.tokens.get(0)).ok(), Some(5));
+        assert_eq!(first_i64(&out.tokens), 5);
         let expected = f64::try_from(logits().log_softmax(-1, Kind::Float).get(0).get(5)).unwrap_or(0.0);
         let got = f64::try_from(out.logprobs.get(0)).unwrap_or(1.0);
         assert!((expected - got).abs() < 1e-6);
+        assert_eq!(f64::try_from(out.sampling_logprobs.get(0)).ok(), Some(0.0), "a point mass has logprob 0");
         let (_, top_ids) = out.top.expect("asked for top-2");
         assert_eq!(Vec::<i64>::try_from(top_ids.get(0)).unwrap_or_default(), vec![5, 0]);
     }
@@ -197,12 +383,105 @@ mod tests {
         let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 7 };
         let a = draw(&params, 4000);
         assert_eq!(a, draw(&params, 4000));
-        let other = draw(&SamplingParams { seed: 8, ..params.clone() }, 4000);
-        assert_ne!(a, other);
+        assert_ne!(a, draw(&SamplingParams { seed: 8, ..params.clone() }, 4000));
         let probs = Vec::<f32>::try_from(logits().softmax(-1, Kind::Float).get(0)).unwrap_or_default();
         for (token, p) in probs.iter().enumerate() {
             let freq = a.iter().filter(|&&t| t == token as i64).count() as f32 / a.len() as f32;
             assert!((freq - p).abs() < 0.03, "token {token}: frequency {freq} vs probability {p}");
+        }
+    }
+
+    #[test]
+    fn top_k_one_equals_greedy_over_ten_thousand_draws_at_a_real_vocabulary() {
+        let logits = real_logits() + Tensor::randn([1, REAL_VOCAB], (Kind::Float, Device::Cpu)) * 2.0;
+        let best = first_i64(&logits.argmax(-1, false));
+        let (tokens, logprobs) = draw_many(&logits, &SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 1, seed: 3 }, 10_000, 500);
+        let off: Vec<&i64> = tokens.iter().filter(|&&t| t != best).collect();
+        assert!(off.is_empty(), "{} of 10000 draws left the top-1 set, e.g. {:?}", off.len(), &off[..off.len().min(5)]);
+        assert!(logprobs.iter().all(|&lp| lp == 0.0), "top_k=1 draws from a point mass");
+    }
+
+    #[test]
+    fn truncated_draws_follow_the_truncated_softmax_chi_square() {
+        let logits = real_logits();
+        for (top_k, top_p, temperature) in [(0usize, 0.8f64, 1.0f64), (12, 0.95, 0.7), (5, 1.0, 1.3)] {
+            let params = SamplingParams { temperature, top_p, top_k, seed: 99 };
+            let reference = truncated_reference(&logits, temperature, top_k, top_p);
+            let draws = 2_500;
+            let (tokens, logprobs) = draw_many(&logits, &params, draws, 500);
+            let mut counts = std::collections::HashMap::<i64, usize>::new();
+            for &t in &tokens {
+                *counts.entry(t).or_default() += 1;
+            }
+            let allowed: std::collections::HashSet<i64> = reference.iter().map(|&(t, _)| t as i64).collect();
+            let outside: Vec<_> = counts.keys().filter(|t| !allowed.contains(t)).collect();
+            assert!(outside.is_empty(), "k={top_k} p={top_p}: drew tokens outside the set: {outside:?}");
+            // Pearson's chi-square; cells with expected count under 5 are pooled.
+            let (mut chi2, mut cells, mut pooled_obs, mut pooled_exp) = (0.0f64, 0usize, 0.0f64, 0.0f64);
+            for &(t, p) in &reference {
+                let expected = p * draws as f64;
+                let observed = *counts.get(&(t as i64)).unwrap_or(&0) as f64;
+                if expected < 5.0 {
+                    pooled_obs += observed;
+                    pooled_exp += expected;
+                } else {
+                    chi2 += (observed - expected).powi(2) / expected;
+                    cells += 1;
+                }
+            }
+            if pooled_exp > 0.0 {
+                chi2 += (pooled_obs - pooled_exp).powi(2) / pooled_exp.max(1e-9);
+                cells += 1;
+            }
+            // Critical value at p = 0.001 (Wilson-Hilferty approximation).
+            let dof = (cells.max(2) - 1) as f64;
+            let z = 3.09;
+            let critical = dof * (1.0 - 2.0 / (9.0 * dof) + z * (2.0 / (9.0 * dof)).sqrt()).powi(3);
+            assert!(chi2 < critical, "k={top_k} p={top_p} T={temperature}: chi2 {chi2:.1} over {cells} cells >= {critical:.1}");
+            // Each draw reports the logprob of the distribution it came from.
+            let expected_lp: std::collections::HashMap<i64, f64> = reference.iter().map(|&(t, p)| (t as i64, p.ln())).collect();
+            for (t, lp) in tokens.iter().zip(&logprobs).take(500) {
+                let want = expected_lp[t];
+                assert!((want - *lp as f64).abs() < 1e-4, "token {t}: sampling logprob {lp} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_token_outside_the_nucleus_over_a_million_draws() {
+        // 1,024 ids keep a million draws quick; the old sampler's failure rate was one per 2^24
+        // lanes, ~61 expected escapes here.
+        tch::manual_seed(5);
+        let logits = Tensor::randn([1, 1024], (Kind::Float, Device::Cpu)) * 3.0;
+        let reference = truncated_reference(&logits, 1.0, 0, 0.5);
+        let allowed: std::collections::HashSet<i64> = reference.iter().map(|&(t, _)| t as i64).collect();
+        let (tokens, _) = draw_many(&logits, &SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1 }, 1_000_000, 4_000);
+        let escaped = tokens.iter().filter(|t| !allowed.contains(t)).count();
+        assert_eq!(escaped, 0, "{escaped} of 1,000,000 draws fell outside the top-p set of {} tokens", allowed.len());
+    }
+
+    #[test]
+    fn mixed_batches_keep_greedy_exact_and_seeds_independent_at_a_real_vocabulary() {
+        let base = real_logits();
+        let sampled = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 40, seed: 42 };
+        let nucleus_only = SamplingParams { temperature: 1.1, top_p: 0.9, top_k: 0, seed: 43 };
+        let greedy = SamplingParams { seed: 44, ..SamplingParams::greedy() };
+        let alone = BatchSampling::new(&[&sampled], REAL_VOCAB as usize, Device::Cpu);
+        let mixed = BatchSampling::new(&[&greedy, &sampled, &nucleus_only, &greedy], REAL_VOCAB as usize, Device::Cpu);
+        for step in 0..60i64 {
+            tch::manual_seed(step);
+            let logits = &base + Tensor::randn([4, REAL_VOCAB], (Kind::Float, Device::Cpu));
+            let steps = Tensor::full([4, 1], step, (Kind::Int64, Device::Cpu));
+            let out = mixed.sample(&logits, &steps, 0);
+            let single = alone.sample(&logits.narrow(0, 1, 1), &steps.narrow(0, 1, 1), 0);
+            let tokens = Vec::<i64>::try_from(&out.tokens).unwrap_or_default();
+            let best = Vec::<i64>::try_from(logits.argmax(-1, false)).unwrap_or_default();
+            assert_eq!((tokens[0], tokens[3]), (best[0], best[3]), "greedy rows take the argmax");
+            assert_eq!(tokens[1], first_i64(&single.tokens), "a row samples the same whatever shares its batch");
+            for values in [&out.logprobs, &out.sampling_logprobs, &out.entropies] {
+                let values = Vec::<f32>::try_from(values).unwrap_or_default();
+                assert!(values.iter().all(|v| v.is_finite()), "step {step}: {values:?}");
+            }
         }
     }
 
@@ -214,18 +493,5 @@ mod tests {
         // p(5) ~ 0.61, so top_p 0.5 keeps token 5 alone.
         let nucleus = draw(&SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1 }, 200);
         assert!(nucleus.iter().all(|&t| t == 5));
-    }
-
-    #[test]
-    fn a_row_samples_the_same_whatever_shares_its_batch() {
-        let p = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 0, seed: 42 };
-        let q = SamplingParams { temperature: 0.0, ..p.clone() };
-        let alone = BatchSampling::new(&[&p], 6, Device::Cpu);
-        let paired = BatchSampling::new(&[&q, &p], 6, Device::Cpu);
-        for step in 0..50i64 {
-            let a = alone.sample(&logits(), &Tensor::from_slice(&[step]).view([1, 1]), 0);
-            let both = paired.sample(&Tensor::cat(&[logits(), logits()], 0), &Tensor::from_slice(&[step, step]).view([2, 1]), 0);
-            assert_eq!(i64::try_from(a.tokens.get(0)).ok(), i64::try_from(both.tokens.get(1)).ok());
-        }
     }
 }

@@ -46,6 +46,8 @@ pub enum SequenceEvent {
         choice: usize,
         /// The token.
         token: GeneratedToken,
+        /// Policy version of the weights that produced it.
+        policy_version: u64,
     },
     /// Choice `choice` ended; `text` is its whole output (cut before a stop string).
     Finished {
@@ -69,10 +71,14 @@ pub enum SequenceEvent {
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     /// Too much work is waiting.
-    #[error("server is busy: {waiting} sequences already waiting (limit {limit})")]
+    #[error("server is busy: this request needs {requested} queued {unit}, {waiting} of at most {limit} are taken")]
     QueueFull {
+        /// What ran out: "sequences" or "prompt tokens".
+        unit: &'static str,
         /// What is waiting now.
         waiting: usize,
+        /// What the refused request needed.
+        requested: usize,
         /// The configured limit.
         limit: usize,
     },
@@ -120,6 +126,41 @@ impl SchedulerStats {
     pub fn recent_tokens_per_s(&self) -> f64 {
         f64::from_bits(self.recent_tokens_per_s_bits.load(Ordering::Relaxed))
     }
+
+    /// Reserves queue room for `sequences` sequences holding `tokens` prompt tokens, all of it
+    /// or none.
+    fn reserve_queue(&self, sequences: usize, tokens: usize, config: &SchedulerConfig) -> Result<(), SubmitError> {
+        reserve(&self.queued_sequences, sequences, config.max_queued_requests, "sequences")?;
+        if let Err(err) = reserve(&self.queued_tokens, tokens, config.max_queued_tokens, "prompt tokens") {
+            // Meanwhile these sequences may have made a concurrent submitter fail: refusing
+            // too much for an instant is safe, exceeding the limit is not.
+            self.queued_sequences.fetch_sub(sequences, Ordering::AcqRel);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Gives queue room back: when the engine takes a submission off the queue, or when a
+    /// reserved submission could not be handed to the engine.
+    fn release_queue(&self, sequences: usize, tokens: usize) {
+        self.queued_sequences.fetch_sub(sequences, Ordering::AcqRel);
+        self.queued_tokens.fetch_sub(tokens, Ordering::AcqRel);
+    }
+}
+
+/// Adds `amount` to `counter` unless the sum would pass `limit`. `fetch_update` is a
+/// compare-exchange loop, so the check and the add are one atomic step: two submitters can
+/// no longer both see room for one and both take it.
+fn reserve(counter: &AtomicUsize, amount: usize, limit: usize, unit: &'static str) -> Result<(), SubmitError> {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| waiting.checked_add(amount).filter(|&total| total <= limit))
+        .map(|_| ())
+        .map_err(|waiting| SubmitError::QueueFull { unit, waiting, requested: amount, limit })
+}
+
+/// Prompt tokens of a group, the unit of `max_queued_tokens`.
+fn prompt_tokens(requests: &[GenerationRequest]) -> usize {
+    requests.iter().map(|r| r.prompt_ids.len()).sum()
 }
 
 /// Facts about the served model that handlers need without touching it.
@@ -167,24 +208,46 @@ impl EngineHandle {
     /// Queues a group of requests; events arrive on the returned receiver. Refuses at once
     /// when the queue is full, the group is larger than the batch, or a request is invalid.
     pub fn submit(&self, requests: Vec<GenerationRequest>) -> Result<UnboundedReceiver<SequenceEvent>, SubmitError> {
+        self.submit_all(vec![requests])?.pop().ok_or(SubmitError::Stopped)
+    }
+
+    /// Queues several groups (the prompts of one batch request) all or nothing: queue room
+    /// for every group is reserved in one step before any is queued, so a refused batch
+    /// leaves nothing behind. Receivers come back in the order of `groups`.
+    pub fn submit_all(&self, groups: Vec<Vec<GenerationRequest>>) -> Result<Vec<UnboundedReceiver<SequenceEvent>>, SubmitError> {
+        for requests in &groups {
+            self.submit_check(requests)?;
+        }
+        let mut sequences: usize = groups.iter().map(Vec::len).sum();
+        let mut tokens: usize = groups.iter().map(|g| prompt_tokens(g)).sum();
+        self.stats.reserve_queue(sequences, tokens, &self.config)?;
+        let mut receivers = Vec::with_capacity(groups.len());
+        for requests in groups {
+            let (group_sequences, group_tokens) = (requests.len(), prompt_tokens(&requests));
+            let (events, receiver) = unbounded_channel();
+            if self.commands.send(Command::Generate(Submission { requests, events })).is_err() {
+                // The engine thread is gone and will admit nothing: return the room of what
+                // it did not receive (the engine releases what it takes off its queue).
+                self.stats.release_queue(sequences, tokens);
+                return Err(SubmitError::Stopped);
+            }
+            sequences -= group_sequences;
+            tokens -= group_tokens;
+            receivers.push(receiver);
+        }
+        Ok(receivers)
+    }
+
+    /// The checks made before queueing, so errors are immediate: the group fits the batch and
+    /// every request passes the engine's own validation.
+    fn submit_check(&self, requests: &[GenerationRequest]) -> Result<(), SubmitError> {
         if requests.len() > self.config.max_batch {
             return Err(SubmitError::TooManyChoices { n: requests.len(), max_batch: self.config.max_batch });
         }
-        // The engine's own checks, made before queueing so errors are immediate.
-        for request in &requests {
+        for request in requests {
             validate_request(request, self.info.vocab_size, self.info.max_context)?;
         }
-        let waiting = self.stats.queued_sequences.load(Ordering::Relaxed);
-        let waiting_tokens = self.stats.queued_tokens.load(Ordering::Relaxed);
-        if waiting + requests.len() > self.config.max_queued_requests || waiting_tokens > self.config.max_queued_tokens {
-            return Err(SubmitError::QueueFull { waiting, limit: self.config.max_queued_requests });
-        }
-        let tokens: usize = requests.iter().map(|r| r.prompt_ids.len()).sum();
-        self.stats.queued_sequences.fetch_add(requests.len(), Ordering::Relaxed);
-        self.stats.queued_tokens.fetch_add(tokens, Ordering::Relaxed);
-        let (events, receiver) = unbounded_channel();
-        self.commands.send(Command::Generate(Submission { requests, events })).map_err(|_| SubmitError::Stopped)?;
-        Ok(receiver)
+        Ok(())
     }
 
     /// Whether the engine was started with a trainer.
@@ -347,9 +410,8 @@ impl Scheduler<'_> {
                 break;
             }
             let Some((group, submission)) = self.waiting.pop_front() else { break };
-            let tokens: usize = submission.requests.iter().map(|r| r.prompt_ids.len()).sum();
-            self.stats.queued_sequences.fetch_sub(submission.requests.len(), Ordering::Relaxed);
-            self.stats.queued_tokens.fetch_sub(tokens, Ordering::Relaxed);
+            let tokens = prompt_tokens(&submission.requests);
+            self.stats.release_queue(submission.requests.len(), tokens);
             if submission.events.is_closed() {
                 continue;
             }
@@ -404,7 +466,7 @@ impl Scheduler<'_> {
             let Some(route) = self.routes.get(&event.sequence_id) else { continue };
             let (group, choice) = (route.group, route.choice);
             let Some((sender, running)) = self.groups.get_mut(&group) else { continue };
-            let mut delivered = sender.send(SequenceEvent::Token { choice, token: event.token }).is_ok();
+            let mut delivered = sender.send(SequenceEvent::Token { choice, token: event.token, policy_version: version }).is_ok();
             if let Some(reason) = event.finished {
                 let text = event.final_text.unwrap_or_default();
                 delivered &= sender.send(SequenceEvent::Finished { choice, reason, text, policy_version: version }).is_ok();

@@ -4,21 +4,39 @@
 //! already open returns the old handle, and abi_stable's `RootModule::load_from*` caches the
 //! first module of a type for the life of the process, so a new generation of a plugin must be
 //! a new file opened with `lib_header_from_path` and checked with `init_root_module` (which
-//! runs abi_stable's version and type-layout checks). Libraries are never unloaded.
+//! runs abi_stable's version and type-layout checks). Libraries are never unloaded, but their
+//! copies are deleted as soon as they are opened (a mapped library outlives its file), so
+//! reloads leave nothing on disk.
 //!
-//! Every call is guarded: it runs on its own thread with a time-out, and its output is checked
-//! (one finite score per item). A failing item is reported as failed, never as a reward of 0.
+//! Every host->plugin call is guarded, loading and `configure` included: it runs on its own
+//! thread with a time-out, and its output is checked (one finite score per item). A failing
+//! item is reported as failed, never as a reward of 0. Threads of calls that timed out are
+//! counted until they return, and a generation with too many of them refuses new calls.
 
 pub mod step;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use abi_stable::library::lib_header_from_path;
 use abi_stable::std_types::{RResult, RStr};
 use abi_stable::std_types::{RString, RVec};
-use hicra_sdk::{CreditGroup, DetectItem, PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION};
+use hicra_sdk::{CreditGroup, DetectItem, PluginInfo, PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION};
+
+/// The time-out of [`load`], for callers without their own (offline `hicra train`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many calls of one plugin generation may still be running after their time-out before
+/// the generation refuses new calls.
+///
+/// Counted per generation rather than process-wide: one plugin stuck in a loop must not stop
+/// the others (a hung detector would otherwise also block reward scoring), and a reload that
+/// fixes the plugin starts with a clean count, so service recovers without a restart. Leftover
+/// threads stay bounded: this many per generation (plus calls already running when the cap
+/// was reached), and generations come only from reloads. [`hung_calls`] reports the total.
+pub const MAX_HUNG_CALLS: usize = 8;
 
 /// Why a plugin could not be loaded or called.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +57,31 @@ pub enum PluginError {
         /// Its explanation.
         message: String,
     },
-    /// A call failed as a whole (panic, error, time-out, malformed output).
+    /// A call failed as a whole (panic, error, malformed output).
     #[error("plugin '{name}': {message}")]
     Call {
         /// The plugin.
         name: String,
         /// What went wrong.
         message: String,
+    },
+    /// A call did not return in time; its thread keeps running and is counted as hung.
+    #[error("plugin '{name}': {call} timed out after {} ms", timeout.as_millis())]
+    TimedOut {
+        /// The plugin.
+        name: String,
+        /// Which call (`configure`, `score`, ...).
+        call: &'static str,
+        /// The time-out it ran under.
+        timeout: Duration,
+    },
+    /// Refused without calling: too many earlier calls are still hung.
+    #[error("plugin '{name}': {hung} calls are still hung after their time-out; refusing new calls until they return (reload the plugin)")]
+    Hung {
+        /// The plugin.
+        name: String,
+        /// Calls of this generation still running after their time-out.
+        hung: usize,
     },
 }
 
@@ -63,6 +99,8 @@ pub struct Plugin {
     /// Generation number within this process (1 for the first load).
     pub generation: u64,
     module: PluginModRef,
+    /// Shared by the clones of this generation, and by its call threads.
+    hung: Arc<HungCalls>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -73,19 +111,197 @@ impl std::fmt::Debug for Plugin {
             .field("version", &self.version)
             .field("source", &self.source)
             .field("generation", &self.generation)
+            .field("hung_calls", &self.hung_calls())
             .finish_non_exhaustive()
     }
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
-/// Where this process keeps the uniquely named copies it loads (one per generation).
+/// Call threads of all generations still running after their time-out.
+static HUNG_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+/// Calls of any plugin generation (including ones discarded, say, by a failed reload) whose
+/// threads are still running after their time-out.
+pub fn hung_calls() -> usize {
+    HUNG_TOTAL.load(Ordering::Acquire)
+}
+
+/// The timed-out calls of one generation whose threads have not returned yet.
+#[derive(Debug)]
+struct HungCalls {
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl HungCalls {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { count: AtomicUsize::new(0), max })
+    }
+
+    fn enter(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        HUNG_TOTAL.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn leave(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        HUNG_TOTAL.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a guarded call gave no answer.
+#[derive(Debug)]
+enum Unanswered {
+    /// Still running after the time-out (now counted as hung).
+    TimedOut,
+    /// Not started: this many calls are hung already.
+    Refused(usize),
+    /// The call thread could not be started.
+    NoThread(std::io::Error),
+    /// The call thread ended without sending an answer (it panicked on the host side).
+    Lost,
+}
+
+impl Unanswered {
+    /// A sentence for errors that have no plugin name yet (loading).
+    fn describe(&self, call: &str, timeout: Duration) -> String {
+        match self {
+            Self::TimedOut => format!("{call} timed out after {} ms", timeout.as_millis()),
+            Self::Refused(hung) => format!("{call} refused: {hung} calls are still hung after their time-out"),
+            Self::NoThread(e) => format!("cannot start a thread for {call}: {e}"),
+            Self::Lost => format!("{call} ended without an answer"),
+        }
+    }
+}
+
+// The life of one guarded call, shared by its thread and the caller waiting for it: whichever
+// moves it out of RUNNING first decides whether the call counts as hung.
+const RUNNING: u8 = 0;
+const FINISHED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Runs `call` on its own thread and waits at most `timeout`. A call that times out keeps its
+/// thread (a thread cannot be killed) and counts in `hung` until it returns; while `hung` is
+/// full, calls are refused before any thread starts, so hung threads cannot pile up.
+fn run_guarded<T: Send + 'static>(hung: &Arc<HungCalls>, thread: String, timeout: Duration, call: impl FnOnce() -> T + Send + 'static) -> Result<T, Unanswered> {
+    let already = hung.count.load(Ordering::Acquire);
+    if already >= hung.max {
+        return Err(Unanswered::Refused(already));
+    }
+    let state = Arc::new(AtomicU8::new(RUNNING));
+    let (send, receive) = std::sync::mpsc::channel();
+    let (thread_state, thread_hung) = (state.clone(), hung.clone());
+    std::thread::Builder::new()
+        .name(thread)
+        .spawn(move || {
+            let _ = send.send(call());
+            if thread_state.compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                // The caller gave up on this call and counted it hung: it has returned now.
+                thread_hung.leave();
+            }
+        })
+        .map_err(Unanswered::NoThread)?;
+    match receive.recv_timeout(timeout) {
+        Ok(value) => Ok(value),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Unanswered::Lost),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            // Counted before it is marked abandoned, so the thread's `leave` never comes first.
+            hung.enter();
+            if state.compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Err(Unanswered::TimedOut);
+            }
+            // It returned just now: its answer is already in the channel.
+            hung.leave();
+            receive.recv().map_err(|_| Unanswered::Lost)
+        }
+    }
+}
+
+/// Folders of copies are named `hicra-plugins-PID`, one per process.
+const COPIES_PREFIX: &str = "hicra-plugins-";
+
+/// Where this process keeps the uniquely named copies it loads (one per generation). Each
+/// copy lives only from the copy to the `dlopen`, and the folder only while a copy is in it.
 fn copies_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("hicra-plugins-{}", std::process::id()))
+    std::env::temp_dir().join(format!("{COPIES_PREFIX}{}", std::process::id()))
+}
+
+/// Serialises making the copies folder and copying into it against removing the folder once
+/// empty, so that one load never removes the folder under another.
+static COPIES: Mutex<()> = Mutex::new(());
+
+/// Copies `path` to a new file in [`copies_dir`] named after its generation.
+fn make_copy(path: &Path, generation: u64) -> Result<PathBuf, String> {
+    let _copies = COPIES.lock().unwrap_or_else(|p| p.into_inner());
+    let copies = copies_dir();
+    std::fs::create_dir_all(&copies).map_err(|e| format!("cannot create {}: {e}", copies.display()))?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into());
+    let copy = copies.join(format!("{stem}.gen{generation}.so"));
+    std::fs::copy(path, &copy).map_err(|e| {
+        discard(&copy);
+        format!("cannot copy to {}: {e}", copy.display())
+    })?;
+    Ok(copy)
+}
+
+/// Deletes a copy once it is opened (or failed to open): a mapped library stays usable after
+/// its file is unlinked, and nothing reads the file again (`pinned_bytes` reads the mapping,
+/// which keeps the path). Only backtraces through plugin frames lose their symbols.
+fn remove_copy(copy: &Path) {
+    let _copies = COPIES.lock().unwrap_or_else(|p| p.into_inner());
+    discard(copy);
+}
+
+/// Removes a copy, and its folder if no other load has a copy in it. Callers hold `COPIES`.
+fn discard(copy: &Path) {
+    if let Err(e) = std::fs::remove_file(copy) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(copy = %copy.display(), %e, "cannot remove a plugin library copy");
+        }
+    }
+    if let Some(folder) = copy.parent() {
+        // Fails while another load's copy is there: that load removes it.
+        let _ = std::fs::remove_dir(folder);
+    }
+}
+
+/// Removes the copies folders under `temp` of processes that no longer run (a crash between
+/// copying and opening leaves a copy behind); returns how many. Without `/proc` liveness is
+/// unknown and nothing is removed. A live process in another PID namespace sharing `temp`
+/// looks dead; removing its folder at worst fails a load that is copying at that instant,
+/// since its opened libraries no longer need their files.
+fn sweep_stale_copies(temp: &Path) -> usize {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(temp) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(COPIES_PREFIX)).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !proc.join(pid.to_string()).exists() && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Sweeps stale copies once per process, before its first load.
+fn sweep_stale_copies_once() {
+    static SWEPT: Once = Once::new();
+    SWEPT.call_once(|| {
+        let removed = sweep_stale_copies(&std::env::temp_dir());
+        if removed > 0 {
+            tracing::info!(removed, "removed plugin library copies left by processes that exited");
+        }
+    });
 }
 
 /// Bytes of address space mapped from plugin copies: the memory that generations, never
-/// unloaded, pin. Read from `/proc/self/maps`; `None` where that file does not exist.
+/// unloaded, pin. Read from `/proc/self/maps` (which keeps a deleted copy's path, marked
+/// `(deleted)`); `None` where that file does not exist.
 pub fn pinned_bytes() -> Option<u64> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     let copies = copies_dir();
@@ -123,34 +339,51 @@ pub fn libraries_in(dir: &Path) -> Result<Vec<PathBuf>, PluginError> {
     Ok(found)
 }
 
-/// Loads a plugin library and applies `config` (a JSON object).
+/// Loads a plugin library and applies `config` (a JSON object), each step within
+/// [`DEFAULT_TIMEOUT`].
 pub fn load(path: &Path, config: &serde_json::Value) -> Result<Plugin, PluginError> {
-    let plugin = open(path)?;
-    plugin.configure(config)?;
+    load_within(path, config, DEFAULT_TIMEOUT)
+}
+
+/// Loads a plugin library and applies `config` (a JSON object), each step within `timeout`.
+pub fn load_within(path: &Path, config: &serde_json::Value, timeout: Duration) -> Result<Plugin, PluginError> {
+    let plugin = open(path, timeout)?;
+    plugin.configure(config, timeout)?;
     Ok(plugin)
 }
 
 /// Loads a new generation of a plugin library without configuring it (its name is known
-/// only once it is loaded, and configurations are keyed by name).
-pub fn open(path: &Path) -> Result<Plugin, PluginError> {
+/// only once it is loaded, and configurations are keyed by name). Opening runs the library's
+/// code (initialisers, root module, `info`), so it is guarded with `timeout` like any call.
+pub fn open(path: &Path, timeout: Duration) -> Result<Plugin, PluginError> {
     let err = |message: String| PluginError::Load { path: path.to_path_buf(), message };
+    sweep_stale_copies_once();
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
-    let copies = copies_dir();
-    std::fs::create_dir_all(&copies).map_err(|e| err(format!("cannot create {}: {e}", copies.display())))?;
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "plugin".into());
-    let copy = copies.join(format!("{stem}.gen{generation}.so"));
-    std::fs::copy(path, &copy).map_err(|e| err(format!("cannot copy to {}: {e}", copy.display())))?;
-    let header = lib_header_from_path(&copy).map_err(|e| err(format!("not a hicra plugin: {e}")))?;
+    let copy = make_copy(path, generation).map_err(err)?;
+    let hung = HungCalls::new(MAX_HUNG_CALLS);
+    let opened = {
+        let copy = copy.clone();
+        run_guarded(&hung, "plugin-load".into(), timeout, move || open_copy(&copy))
+    };
+    // Opened, failed or still hanging in `dlopen` (which then fails): the file is done with.
+    remove_copy(&copy);
+    let (module, info) = opened.map_err(|u| err(u.describe("loading", timeout)))?.map_err(err)?;
+    Ok(Plugin { name: info.name.to_string(), kind: info.kind, version: info.version.to_string(), source: path.to_path_buf(), generation, module, hung })
+}
+
+/// Opens a copy and checks it: abi_stable's version and layout checks, then the SDK's ABI
+/// number; returns the module and the plugin's info.
+fn open_copy(copy: &Path) -> Result<(PluginModRef, PluginInfo), String> {
+    let header = lib_header_from_path(copy).map_err(|e| format!("not a hicra plugin: {e}"))?;
     let module = header.init_root_module::<PluginModRef>().map_err(|e| {
         let built_with = header.version_strings().version;
-        err(format!("incompatible plugin: built against hicra-sdk {built_with}, this server uses {}: {}", hicra_sdk::SDK_VERSION, summarize_incompatibility(&e)))
+        format!("incompatible plugin: built against hicra-sdk {built_with}, this server uses {}: {}", hicra_sdk::SDK_VERSION, summarize_incompatibility(&e))
     })?;
     let abi = (module.abi_version())();
     if abi != ABI_VERSION {
-        return Err(err(format!("plugin ABI version {abi}, this host speaks {ABI_VERSION}")));
+        return Err(format!("plugin ABI version {abi}, this host speaks {ABI_VERSION}"));
     }
-    let info = (module.info())();
-    Ok(Plugin { name: info.name.to_string(), kind: info.kind, version: info.version.to_string(), source: path.to_path_buf(), generation, module })
+    Ok((module, (module.info())()))
 }
 
 /// The differences abi_stable found, one short phrase each, instead of its full layout dump
@@ -217,36 +450,43 @@ fn section<'a>(lines: &mut std::iter::Peekable<impl Iterator<Item = &'a str>>) -
 }
 
 impl Plugin {
-    /// Applies a configuration (a JSON object); the plugin validates it.
-    pub fn configure(&self, config: &serde_json::Value) -> Result<(), PluginError> {
+    /// Applies a configuration (a JSON object) within `timeout`; the plugin validates it.
+    pub fn configure(&self, config: &serde_json::Value, timeout: Duration) -> Result<(), PluginError> {
         let text = config.to_string();
-        match (self.module.configure())(RStr::from(text.as_str())) {
+        let call = self.module.configure();
+        match self.run("configure", timeout, move || call(RStr::from(text.as_str())))? {
             RResult::ROk(()) => Ok(()),
             RResult::RErr(message) => Err(PluginError::Config { name: self.name.clone(), message: message.to_string() }),
         }
+    }
+
+    /// Calls of this generation still running after their time-out.
+    pub fn hung_calls(&self) -> usize {
+        self.hung.count.load(Ordering::Acquire)
     }
 
     fn fail(&self, message: impl Into<String>) -> PluginError {
         PluginError::Call { name: self.name.clone(), message: message.into() }
     }
 
-    /// Runs `call` on its own thread and waits at most `timeout`. A plugin that hangs keeps
-    /// its thread; the host moves on.
-    fn guarded<T: Send + 'static>(&self, kind: PluginKind, timeout: Duration, call: impl FnOnce() -> RResult<T, RString> + Send + 'static) -> Result<T, PluginError> {
+    /// Runs `call` (named `what` in errors) under [`run_guarded`] with this generation's
+    /// count of hung calls.
+    fn run<T: Send + 'static>(&self, what: &'static str, timeout: Duration, call: impl FnOnce() -> T + Send + 'static) -> Result<T, PluginError> {
+        run_guarded(&self.hung, format!("plugin-{}", self.name), timeout, call).map_err(|unanswered| match unanswered {
+            Unanswered::TimedOut => PluginError::TimedOut { name: self.name.clone(), call: what, timeout },
+            Unanswered::Refused(hung) => PluginError::Hung { name: self.name.clone(), hung },
+            other => self.fail(other.describe(what, timeout)),
+        })
+    }
+
+    /// A call of the plugin's kind, guarded; the plugin's own error fails the call.
+    fn guarded<T: Send + 'static>(&self, kind: PluginKind, what: &'static str, timeout: Duration, call: impl FnOnce() -> RResult<T, RString> + Send + 'static) -> Result<T, PluginError> {
         if self.kind != kind {
             return Err(self.fail(format!("is a {:?} plugin, not {kind:?}", self.kind)));
         }
-        let (send, receive) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("plugin-{}", self.name))
-            .spawn(move || {
-                let _ = send.send(call());
-            })
-            .map_err(|e| self.fail(format!("cannot start a call thread: {e}")))?;
-        match receive.recv_timeout(timeout) {
-            Ok(RResult::ROk(value)) => Ok(value),
-            Ok(RResult::RErr(message)) => Err(self.fail(message.to_string())),
-            Err(_) => Err(self.fail(format!("timed out after {} ms", timeout.as_millis()))),
+        match self.run(what, timeout, call)? {
+            RResult::ROk(value) => Ok(value),
+            RResult::RErr(message) => Err(self.fail(message.to_string())),
         }
     }
 
@@ -262,7 +502,7 @@ impl Plugin {
     pub fn score(&self, items: Vec<RewardItem>, timeout: Duration) -> Result<Vec<Result<RewardScore, String>>, PluginError> {
         let count = items.len();
         let call = self.module.score_batch();
-        let results = self.guarded(PluginKind::Reward, timeout, move || call(items.as_slice().into()))?;
+        let results = self.guarded(PluginKind::Reward, "score", timeout, move || call(items.as_slice().into()))?;
         self.check_count(&results, count)?;
         Ok(results
             .into_iter()
@@ -279,7 +519,7 @@ impl Plugin {
     pub fn detect(&self, items: Vec<DetectItem>, timeout: Duration) -> Result<Vec<Result<Vec<bool>, String>>, PluginError> {
         let lengths: Vec<usize> = items.iter().map(|i| i.token_spans.len()).collect();
         let call = self.module.detect_batch();
-        let results = self.guarded(PluginKind::SgDetector, timeout, move || call(items.as_slice().into()))?;
+        let results = self.guarded(PluginKind::SgDetector, "detect", timeout, move || call(items.as_slice().into()))?;
         self.check_count(&results, lengths.len())?;
         Ok(results
             .into_iter()
@@ -297,7 +537,7 @@ impl Plugin {
     pub fn credit(&self, group: CreditGroup, timeout: Duration) -> Result<Vec<Vec<f32>>, PluginError> {
         let lengths: Vec<usize> = group.planning_masks.iter().map(|m| m.len()).collect();
         let call = self.module.credit_group();
-        let rows = self.guarded(PluginKind::Credit, timeout, move || call(&group))?;
+        let rows = self.guarded(PluginKind::Credit, "credit", timeout, move || call(&group))?;
         self.check_count(&rows, lengths.len())?;
         for (i, (row, n)) in rows.iter().zip(&lengths).enumerate() {
             if row.len() != *n || row.iter().any(|v| !v.is_finite()) {
@@ -317,6 +557,107 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release").join(format!("lib{name}.so"));
         assert!(path.exists(), "{} missing: run cargo build --release --workspace first", path.display());
         path
+    }
+
+    /// A fresh, empty folder for one test.
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hicra-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    /// Waits up to 10 s for `done`.
+    fn eventually(done: impl Fn() -> bool) -> bool {
+        let start = std::time::Instant::now();
+        while !done() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    #[test]
+    fn a_hung_configure_fails_the_load_naming_the_plugin_and_the_time_out() {
+        let gate = scratch("configure-gate").join("gate");
+        std::fs::write(&gate, b"").expect("gate");
+        let timeout = Duration::from_millis(200);
+        let started = std::time::Instant::now();
+        let err = load_within(&built_plugin("hicra_test_misbehaving"), &serde_json::json!({"block_configure_while": gate}), timeout).err();
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(matches!(&err, Some(PluginError::TimedOut { name, call: "configure", .. }) if name == "misbehaving"), "{err:?}");
+        let message = err.map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(message, "plugin 'misbehaving': configure timed out after 200 ms");
+        let _ = std::fs::remove_file(&gate);
+    }
+
+    #[test]
+    fn hung_calls_are_capped_and_counted_until_they_return() {
+        let gate = scratch("score-gate").join("gate");
+        std::fs::write(&gate, b"").expect("gate");
+        let plugin = load(&built_plugin("hicra_test_misbehaving"), &serde_json::json!({"mode": "per_item"})).expect("loads");
+        let blocked = || vec![RewardItem { metadata_json: serde_json::json!({"misbehave": "block", "gate": gate}).to_string().into(), ..RewardItem::default() }];
+        let timeout = Duration::from_millis(200);
+        // As many calls as the cap hang at once; each times out and stays counted.
+        std::thread::scope(|scope| {
+            let calls: Vec<_> = (0..MAX_HUNG_CALLS).map(|_| scope.spawn(|| plugin.score(blocked(), timeout))).collect();
+            for call in calls {
+                assert!(matches!(call.join().expect("thread"), Err(PluginError::TimedOut { call: "score", .. })));
+            }
+        });
+        assert_eq!(plugin.hung_calls(), MAX_HUNG_CALLS);
+        assert!(hung_calls() >= MAX_HUNG_CALLS);
+        // The next call is refused at once, without a thread.
+        let started = std::time::Instant::now();
+        let refused = plugin.score(vec![RewardItem::default()], timeout).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(started.elapsed() < timeout / 4, "took {:?}", started.elapsed());
+        assert_eq!(refused, format!("plugin 'misbehaving': {MAX_HUNG_CALLS} calls are still hung after their time-out; refusing new calls until they return (reload the plugin)"));
+        // Another generation of the same library is not held back by this one's hung calls.
+        let fresh = load(&built_plugin("hicra_test_misbehaving"), &serde_json::json!({})).expect("reloads");
+        assert!(fresh.score(vec![RewardItem::default()], timeout).is_ok());
+        // Once the hung calls return, the count drops and calls run again.
+        std::fs::remove_file(&gate).expect("open the gate");
+        assert!(eventually(|| plugin.hung_calls() == 0), "{} still hung", plugin.hung_calls());
+        assert!(plugin.score(vec![RewardItem::default()], timeout).is_ok());
+    }
+
+    #[test]
+    fn copies_are_deleted_once_opened_even_when_loading_fails() {
+        let dir = scratch("copies");
+        let library = dir.join("libcopyprobe.so");
+        std::fs::copy(built_plugin("hicra_test_misbehaving"), &library).expect("copy");
+        let broken = dir.join("libcopyprobe_broken.so");
+        std::fs::write(&broken, b"not a library").expect("broken");
+        let kept: Vec<Plugin> = (0..3).map(|_| load(&library, &serde_json::json!({})).expect("loads")).collect();
+        assert!(matches!(load(&library, &serde_json::json!({"mode": "reject"})), Err(PluginError::Config { .. })));
+        assert!(matches!(load(&broken, &serde_json::json!({})), Err(PluginError::Load { .. })));
+        // Other tests load concurrently: only this test's copies must be gone.
+        let leftovers: Vec<String> = std::fs::read_dir(copies_dir())
+            .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("libcopyprobe")).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // The generations run from their deleted files, and still count as pinned memory.
+        for plugin in &kept {
+            assert!(plugin.score(vec![RewardItem::default()], Duration::from_secs(5)).is_ok());
+        }
+        assert!(pinned_bytes().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn copies_left_by_dead_processes_are_swept_and_others_kept() {
+        let temp = scratch("sweep");
+        // Above Linux's largest pid (2^22): never a live process.
+        let dead = temp.join(format!("{COPIES_PREFIX}99999999"));
+        let ours = temp.join(format!("{COPIES_PREFIX}{}", std::process::id()));
+        let unrelated = temp.join(format!("{COPIES_PREFIX}e2e-1"));
+        for folder in [&dead, &ours, &unrelated] {
+            std::fs::create_dir_all(folder).expect("folder");
+            std::fs::write(folder.join("libx.gen1.so"), b"x").expect("file");
+        }
+        assert_eq!(sweep_stale_copies(&temp), 1);
+        assert!(!dead.exists() && ours.exists() && unrelated.exists());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use abi_stable::std_types::{RVec, Tuple2};
 use hicra_sdk::{CreditGroup, DetectItem};
 
 use super::Plugin;
+use crate::engine::SamplingParams;
 use crate::train::planning::{spans_from_pieces, StrategicGrams};
 use crate::train::trainer::{GroupMember, RolloutGroup};
 
@@ -43,11 +44,17 @@ pub struct StepPluginReport {
 /// trainer needs.
 #[derive(Debug, Clone)]
 pub struct ScoredCompletion {
+    /// The rollout's id.
+    pub id: String,
+    /// Prompt ids as served.
+    pub prompt_ids: Vec<u32>,
+    /// How it was sampled.
+    pub sampling: SamplingParams,
     /// The text each completion token added.
     pub pieces: Vec<String>,
     /// Completion ids.
     pub completion_ids: Vec<u32>,
-    /// Sampling logprobs.
+    /// Logprobs under the distribution each token was drawn from.
     pub logprobs: Vec<f32>,
     /// Sampling entropies (may be empty when unknown).
     pub entropies: Vec<f32>,
@@ -61,15 +68,17 @@ impl StepPlugins {
         Self { detector: None, credit: None, timeout: Duration::from_secs(30) }
     }
 
-    /// Builds a training group from one prompt's completions, or `None` when it is dropped.
-    /// `grams` marks planning tokens when no detector plugin is set. Blocking: plugin calls
-    /// run here.
-    pub fn build_group(&self, prompt_ids: Vec<u32>, temperature: f64, completions: Vec<ScoredCompletion>, grams: &StrategicGrams, report: &mut StepPluginReport) -> Option<RolloutGroup> {
+    /// Builds training group `id` from its completions, or `None` when it is dropped. `grams`
+    /// marks planning tokens when no detector plugin is set. Blocking: plugin calls run here.
+    pub fn build_group(&self, id: String, completions: Vec<ScoredCompletion>, grams: &StrategicGrams, report: &mut StepPluginReport) -> Option<RolloutGroup> {
         let masks = self.planning_masks(&completions, grams);
         let mut members = Vec::with_capacity(completions.len());
         for (completion, mask) in completions.into_iter().zip(masks) {
             match mask {
                 Some(planning_mask) => members.push(GroupMember {
+                    id: completion.id,
+                    prompt_ids: completion.prompt_ids,
+                    sampling: completion.sampling,
                     completion_ids: completion.completion_ids,
                     logprobs: completion.logprobs,
                     reward: completion.reward,
@@ -91,7 +100,7 @@ impl StepPlugins {
                 return None;
             }
         };
-        Some(RolloutGroup { prompt_ids, temperature, members, advantages })
+        Some(RolloutGroup { id, members, advantages })
     }
 
     /// A fresh report naming the plugins in use.

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::error::{ApiError, ApiJson};
 use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, FunctionCall, ToolCall, Usage};
 use super::requests::{self, FinishedChoice, Plan};
-use super::stream::{sse_channel, StopHoldback};
+use super::stream::{finish_stream, send_event, sse_channel, StopHoldback, StreamError};
 use super::{unix_now, AppState};
 use crate::engine::scheduler::SequenceEvent;
 use crate::tokenizer::tool_calls::{parse_tool_calls, ToolCallFormat};
@@ -35,7 +35,7 @@ impl ChatJob {
     fn rollout_context(&self) -> requests::RolloutContext<'_> {
         requests::RolloutContext {
             prompt_ids: &self.prompt_ids,
-            temperature: self.plan.sampling.temperature,
+            sampling: &self.plan.sampling,
             user: self.user.as_ref(),
             return_token_ids: self.return_token_ids,
             group: self.id.clone(),
@@ -109,7 +109,7 @@ fn whole_response(state: &AppState, job: &ChatJob, choices: Vec<FinishedChoice>)
         .map(|(index, choice)| {
             let (content, tool_calls) = split_tool_calls(job, &choice.text, index);
             let finish_reason = if tool_calls.is_empty() { requests::finish_reason_str(choice.reason) } else { "tool_calls" };
-            let hicra = requests::record_rollout(state, &job.rollout_context(), &choice, finish_reason);
+            let hicra = requests::record_rollout(state, &job.rollout_context(), index, &choice, finish_reason);
             let logprobs = job.logprobs.then(|| ChatLogprobs { content: choice.tokens.iter().map(|t| requests::token_logprob(tokenizer, t)).collect() });
             ChatChoice { index, message: AssistantMessage { role: "assistant", content, tool_calls }, logprobs, finish_reason, hicra }
         })
@@ -129,11 +129,8 @@ fn stream_chat(state: AppState, job: ChatJob, events: UnboundedReceiver<Sequence
     let (tx, response) = sse_channel();
     tokio::spawn(async move {
         let mut writer = ChunkWriter { state, job, tx };
-        if let Err(err) = writer.run(events).await {
-            // The client is gone or the engine failed: tell the client if it is still there.
-            let _ = writer.tx.send(err.body().to_string());
-        }
-        let _ = writer.tx.send("[DONE]".to_string());
+        let outcome = writer.run(events).await;
+        finish_stream(&writer.tx, outcome, &writer.job.id);
     });
     response
 }
@@ -146,7 +143,7 @@ struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    fn send(&self, choices: Value, usage: Option<Value>) -> Result<(), ApiError> {
+    fn send(&self, choices: Value, usage: Option<Value>) -> Result<(), StreamError> {
         let mut chunk = json!({
             "id": self.job.id, "object": "chat.completion.chunk", "created": self.job.created,
             "model": self.state.engine.info.name, "choices": choices,
@@ -156,10 +153,10 @@ impl ChunkWriter {
         }
         // A failed send means the client disconnected; returning drops the engine receiver,
         // which makes the scheduler cancel the sequences.
-        self.tx.send(chunk.to_string()).map_err(|_| ApiError::Internal("client disconnected".into()))
+        send_event(&self.tx, chunk.to_string())
     }
 
-    async fn run(&mut self, mut events: UnboundedReceiver<SequenceEvent>) -> Result<(), ApiError> {
+    async fn run(&mut self, mut events: UnboundedReceiver<SequenceEvent>) -> Result<(), StreamError> {
         let n = self.job.plan.n;
         let mut holdbacks: Vec<StopHoldback> = (0..n).map(|_| StopHoldback::new(&self.job.plan.stop)).collect();
         let mut finished: Vec<FinishedChoice> = (0..n).map(|_| FinishedChoice::default()).collect();
@@ -170,7 +167,7 @@ impl ChunkWriter {
         let mut first = true;
         while remaining > 0 {
             match events.recv().await {
-                Some(SequenceEvent::Token { choice, token }) => {
+                Some(SequenceEvent::Token { choice, token, policy_version }) => {
                     if first {
                         self.state.metrics.time_to_first_token.observe(self.job.started.elapsed().as_secs_f64());
                         first = false;
@@ -183,7 +180,7 @@ impl ChunkWriter {
                         self.send(json!([{"index": choice, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}]), None)?;
                     }
                     if let Some(c) = finished.get_mut(choice) {
-                        c.tokens.push(token);
+                        c.push(token, policy_version);
                     }
                 }
                 Some(SequenceEvent::Finished { choice, reason, text, policy_version }) => {
@@ -194,8 +191,8 @@ impl ChunkWriter {
                     c.policy_version = policy_version;
                     self.finish_choice(choice, &finished[choice], &mut holdbacks[choice])?;
                 }
-                Some(SequenceEvent::Failed { message }) => return Err(ApiError::Internal(message)),
-                None => return Err(ApiError::Internal("engine closed the event stream".into())),
+                Some(SequenceEvent::Failed { message }) => return Err(ApiError::Internal(message).into()),
+                None => return Err(ApiError::Internal("engine closed the event stream".into()).into()),
             }
         }
         if self.job.include_usage {
@@ -207,7 +204,7 @@ impl ChunkWriter {
         Ok(())
     }
 
-    fn finish_choice(&self, index: usize, choice: &FinishedChoice, holdback: &mut StopHoldback) -> Result<(), ApiError> {
+    fn finish_choice(&self, index: usize, choice: &FinishedChoice, holdback: &mut StopHoldback) -> Result<(), StreamError> {
         let (content, tool_calls) = if self.job.tool_format.is_some() {
             split_tool_calls(&self.job, &choice.text, index)
         } else {
@@ -226,7 +223,7 @@ impl ChunkWriter {
                 .collect();
             delta["tool_calls"] = json!(calls);
         }
-        let hicra = requests::record_rollout(&self.state, &self.job.rollout_context(), choice, finish_reason);
+        let hicra = requests::record_rollout(&self.state, &self.job.rollout_context(), index, choice, finish_reason);
         self.send(json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason, "hicra": hicra}]), None)
     }
 }

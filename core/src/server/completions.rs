@@ -25,12 +25,10 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
     if request.sampling.stream && prompts.len() != 1 {
         return Err(ApiError::invalid("prompt", "streaming takes exactly one prompt"));
     }
-    // Submit every prompt before waiting, so they batch together in the engine.
-    let mut submissions = Vec::with_capacity(prompts.len());
-    for ids in &prompts {
-        let engine_requests = requests::engine_requests(&plan, ids, &state);
-        submissions.push(state.engine.submit(engine_requests)?);
-    }
+    // Submit every prompt before waiting, so they batch together in the engine; all or
+    // nothing, so a refused batch leaves none of its prompts queued behind the 429.
+    let groups = prompts.iter().map(|ids| requests::engine_requests(&plan, ids, &state)).collect();
+    let submissions = state.engine.submit_all(groups)?;
     let id = format!("cmpl-{}", state.rollouts.next_id());
     let created = unix_now();
     if request.sampling.stream {
@@ -46,17 +44,17 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
         let finished = requests::collect(events, plan.n, &state, started).await?;
         let context = requests::RolloutContext {
             prompt_ids: ids,
-            temperature: plan.sampling.temperature,
+            sampling: &plan.sampling,
             user: request.sampling.user.as_ref(),
             return_token_ids: request.sampling.return_token_ids,
             group: format!("{id}-{prompt_index}"),
             group_size: plan.n,
         };
         usage.prompt_tokens += ids.len();
-        for choice in finished {
+        for (index, choice) in finished.into_iter().enumerate() {
             usage.completion_tokens += choice.tokens.len();
             let finish_reason = requests::finish_reason_str(choice.reason);
-            let hicra = requests::record_rollout(&state, &context, &choice, finish_reason);
+            let hicra = requests::record_rollout(&state, &context, index, &choice, finish_reason);
             let logprobs = request.logprobs.map(|_| legacy_logprobs(&tokenizer, &choice));
             let mut text = choice.text;
             if request.echo {
@@ -124,10 +122,10 @@ fn stream_completion(
         let mut remaining = plan.n;
         while remaining > 0 {
             let payload = match events.recv().await {
-                Some(SequenceEvent::Token { choice, token }) => {
+                Some(SequenceEvent::Token { choice, token, policy_version }) => {
                     let Some(holdback) = holdbacks.get_mut(choice) else { continue };
                     let text = holdback.push(&token.text);
-                    finished[choice].tokens.push(token);
+                    finished[choice].push(token, policy_version);
                     if text.is_empty() {
                         continue;
                     }
@@ -143,13 +141,13 @@ fn stream_completion(
                     let finish_reason = requests::finish_reason_str(Some(reason));
                     let context = requests::RolloutContext {
                         prompt_ids: &prompt_ids,
-                        temperature: plan.sampling.temperature,
+                        sampling: &plan.sampling,
                         user: user.as_ref(),
                         return_token_ids,
                         group: id.clone(),
                         group_size: plan.n,
                     };
-                    let hicra = requests::record_rollout(&state, &context, c, finish_reason);
+                    let hicra = requests::record_rollout(&state, &context, choice, c, finish_reason);
                     chunk(json!([{"index": choice, "text": rest, "logprobs": null, "finish_reason": finish_reason, "hicra": hicra}]))
                 }
                 Some(SequenceEvent::Failed { message }) => ApiError::Internal(message).body().to_string(),

@@ -62,8 +62,10 @@ pub struct ServerMetrics {
     last_step: Mutex<Option<(crate::train::trainer::StepReport, crate::analysis::StepAnalysis)>>,
     /// Training steps run online.
     train_steps: AtomicU64,
-    /// Items a reward plugin failed (masked, never scored 0).
+    /// Items a reward plugin failed (masked, never scored 0), alone or with their whole call.
     plugin_failures: AtomicU64,
+    /// Reward plugin calls that failed as a whole (panic, error, time-out, refused while hung).
+    plugin_call_failures: AtomicU64,
 }
 
 impl ServerMetrics {
@@ -76,6 +78,11 @@ impl ServerMetrics {
     /// Counts an item a plugin failed.
     pub fn count_plugin_failure(&self) {
         self.plugin_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a reward plugin call that failed as a whole (its items count as item failures).
+    pub fn count_plugin_call_failure(&self) {
+        self.plugin_call_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Remembers a training step for `/metrics`.
@@ -108,7 +115,8 @@ impl ServerMetrics {
         gauge(&mut out, "hicra_rollouts_stored", "Rollouts held in the store.", "gauge", rollouts.0 as f64);
         gauge(&mut out, "hicra_rollouts_evicted_total", "Rollouts evicted from the store.", "counter", rollouts.1 as f64);
         gauge(&mut out, "hicra_train_steps_total", "Online training steps run.", "counter", load(&self.train_steps));
-        gauge(&mut out, "hicra_plugin_item_failures_total", "Items a reward plugin failed (masked, not scored).", "counter", load(&self.plugin_failures));
+        gauge(&mut out, "hicra_plugin_item_failures_total", "Items a reward plugin failed, alone or with their whole call (masked, not scored).", "counter", load(&self.plugin_failures));
+        gauge(&mut out, "hicra_plugin_call_failures_total", "Reward plugin calls that failed as a whole (panic, error, time-out, refused while hung).", "counter", load(&self.plugin_call_failures));
         if let Some((step, batch)) = self.last_step.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             for (name, help, value) in [
                 ("hicra_train_accuracy", "Share of the last step's rollouts with reward >= 1.", batch.accuracy),

@@ -6,8 +6,10 @@
 //! recorded in the [`rollouts::RolloutStore`] with its exact token ids and sampling logprobs.
 //!
 //! Routes: `GET /health`, `GET /metrics` (open); `GET /v1/models`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`, `GET /v1/rollouts/{id}`, `POST /v1/rollouts/{id}/reward`,
-//! `POST /v1/rewards` (behind the API key when one is set).
+//! `POST /v1/completions`, `GET /v1/rollouts/{id}` (behind the API key when one is set);
+//! `POST /v1/rollouts/{id}/reward`, `POST /v1/rewards`, `POST /v1/rollouts/{id}/score`, which
+//! change the weights (behind the train key when one is set, else the API key);
+//! `/admin/*` (behind the admin key, refused without one).
 
 mod chat;
 mod completions;
@@ -30,6 +32,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use subtle::ConstantTimeEq;
 
 use crate::engine::scheduler::EngineHandle;
 use error::ApiError;
@@ -43,6 +46,9 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// Bearer token required on `/admin/*`; admin routes refuse everything without one.
     pub admin_key: Option<String>,
+    /// Bearer token required on the routes that change the weights (rewards, scores); when
+    /// unset they take the API key like the rest of `/v1`.
+    pub train_key: Option<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Completion length when a request gives none (capped by the context).
@@ -73,18 +79,23 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/rollouts/{id}", get(get_rollout))
+        .route("/v1/training", get(training::status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    // Rewards and scores move the weights, so they may need more than the inference key.
+    let train = Router::new()
         .route("/v1/rollouts/{id}/reward", post(training::reward_one))
         .route("/v1/rewards", post(training::reward_batch))
         .route("/v1/rollouts/{id}/score", post(plugins::score))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_train_key));
     let admin = Router::new()
         .route("/admin/plugins", get(plugins::list))
         .route("/admin/plugins/reload", post(plugins::reload))
-        .route_layer(middleware::from_fn_with_state(state.clone(), plugins::require_admin_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
     Router::new()
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/metrics", get(render_metrics))
         .merge(api)
+        .merge(train)
         .merge(admin)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), record_request))
@@ -98,6 +109,10 @@ pub async fn serve(state: AppState, addr: SocketAddr) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     tracing::info!(%local, model = %state.engine.info.name, "serving");
     eprintln!("listening on http://{local}");
+    if state.training.is_some() {
+        // Steps run here, decoupled from the requests whose rewards completed their groups.
+        tokio::spawn(training::run_steps(state.clone()));
+    }
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -105,18 +120,41 @@ pub async fn serve(state: AppState, addr: SocketAddr) -> std::io::Result<()> {
         .await
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header.
+fn bearer(request: &Request) -> Option<&str> {
+    request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whether the request carries `key`. The comparison takes the same time wherever the bytes
+/// differ, so response timing cannot reveal a key byte by byte; `ct_eq` returns early only on
+/// a length mismatch, which leaks the key's length and nothing else (acceptable).
+fn has_key(request: &Request, key: &str) -> bool {
+    bearer(request).is_some_and(|given| bool::from(given.as_bytes().ct_eq(key.as_bytes())))
+}
+
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(key) = &state.options.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return ApiError::Unauthorized.into_response();
-        }
+    match &state.options.api_key {
+        Some(key) if !has_key(&request, key) => ApiError::Unauthorized.into_response(),
+        _ => next.run(request).await,
     }
-    next.run(request).await
+}
+
+/// With a train key, only it opens the weight-changing routes (the API key alone is a 401);
+/// without one they are ordinary `/v1` routes.
+async fn require_train_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match &state.options.train_key {
+        Some(key) if !has_key(&request, key) => ApiError::TrainKeyRequired.into_response(),
+        Some(_) => next.run(request).await,
+        None => require_api_key(State(state), request, next).await,
+    }
+}
+
+/// Admin routes refuse everything when no admin key is configured.
+async fn require_admin_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match &state.options.admin_key {
+        Some(key) if has_key(&request, key) => next.run(request).await,
+        _ => ApiError::Unauthorized.into_response(),
+    }
 }
 
 async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -151,6 +189,11 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut text = state.metrics.render(&state.engine.stats, state.rollouts.counts());
     if let Some(registry) = &state.plugins {
         text.push_str(&registry.render_metrics());
+    }
+    let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
+    text.push_str(&format!("# HELP hicra_policy_version Version of the weights being served.\n# TYPE hicra_policy_version gauge\nhicra_policy_version {version}\n"));
+    if let Some(buffer) = &state.training {
+        text.push_str(&buffer.render_metrics());
     }
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -4,8 +4,11 @@
 //! ones often). hicra's extensions: `top_k` and `return_token_ids` in requests, a `hicra`
 //! object on each choice naming the rollout and the policy version that produced it.
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use std::ops::Deref;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
 
 use crate::tokenizer::chat::ChatMessage;
 
@@ -77,10 +80,10 @@ pub struct SamplingFields {
 pub struct ChatCompletionRequest {
     /// The served model's id.
     pub model: String,
-    /// The conversation.
-    pub messages: Vec<ChatMessage>,
-    /// Tools the model may call, rendered through the chat template.
-    pub tools: Option<Vec<Value>>,
+    /// The conversation, roles checked.
+    pub messages: Messages,
+    /// Tools the model may call, rendered through the chat template; each has a `function`.
+    pub tools: Option<Tools>,
     /// `none`, `auto`, `required` or a specific function.
     pub tool_choice: Option<Value>,
     /// Return per-token logprobs.
@@ -91,6 +94,132 @@ pub struct ChatCompletionRequest {
     /// Sampling and output controls.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+/// The roles a request may use. Templates see `developer` as `system`: OpenAI introduced it
+/// as the system role of newer models, and the templates served here know only `system`
+/// (several treat it specially, e.g. as the first turn or a default system prompt).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        match name.as_str() {
+            "system" | "developer" => Ok(Self::System),
+            "user" => Ok(Self::User),
+            "assistant" => Ok(Self::Assistant),
+            "tool" => Ok(Self::Tool),
+            // Template output for an unknown role is undefined (most print it verbatim, some
+            // raise): refuse it here, where the error can name the field.
+            other => Err(D::Error::custom(format!("unknown role '{other}': expected system, user, assistant, tool or developer"))),
+        }
+    }
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+/// A message as a request sends it: [`ChatMessage`]'s fields with the role checked where it
+/// is parsed, so an error's path is `messages[i].role`.
+#[derive(Deserialize)]
+struct RequestMessage {
+    role: Role,
+    #[serde(default)]
+    content: Option<Value>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+impl From<RequestMessage> for ChatMessage {
+    fn from(m: RequestMessage) -> Self {
+        Self { role: m.role.as_str().to_string(), content: m.content, tool_calls: m.tool_calls, tool_call_id: m.tool_call_id, name: m.name, extra: m.extra }
+    }
+}
+
+/// `messages`: the conversation, every role one the templates know.
+#[derive(Clone, Debug, Default)]
+pub struct Messages(Vec<ChatMessage>);
+
+impl<'de> Deserialize<'de> for Messages {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let messages = Vec::<RequestMessage>::deserialize(deserializer)?;
+        Ok(Self(messages.into_iter().map(ChatMessage::from).collect()))
+    }
+}
+
+impl Deref for Messages {
+    type Target = [ChatMessage];
+
+    fn deref(&self) -> &[ChatMessage] {
+        &self.0
+    }
+}
+
+/// `tools`: JSON tool schemas, each `{"type": "function", "function": {"name": ..}}`. Kept
+/// as given (key order included) for the template.
+#[derive(Clone, Debug, Default)]
+pub struct Tools(Vec<Value>);
+
+/// One entry of `tools`, checked and kept as given.
+struct Tool(Value);
+
+impl<'de> Deserialize<'de> for Tool {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let tool = Value::deserialize(deserializer)?;
+        check_tool(&tool).map_err(D::Error::custom)?;
+        Ok(Self(tool))
+    }
+}
+
+/// What a template needs of a tool: a `function` object with a string `name`. Without it
+/// templates fail obscurely or render an empty tool. Messages use serde's "missing field `x`"
+/// form, which [`super::error::ApiJson`] turns into the path `tools[i].x`.
+fn check_tool(tool: &Value) -> Result<(), String> {
+    const SHAPE: &str = r#"a tool is {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}"#;
+    let Some(object) = tool.as_object() else { return Err(format!("invalid type: expected a tool object; {SHAPE}")) };
+    if let Some(kind) = object.get("type").filter(|k| k.as_str() != Some("function")) {
+        return Err(format!("invalid tool type {kind}: only \"function\" is supported; {SHAPE}"));
+    }
+    let Some(function) = object.get("function") else { return Err(format!("missing field `function`; {SHAPE}")) };
+    if !function.get("name").is_some_and(Value::is_string) {
+        return Err(format!("missing field `function.name` (a string); {SHAPE}"));
+    }
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for Tools {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let tools = Vec::<Tool>::deserialize(deserializer)?;
+        Ok(Self(tools.into_iter().map(|t| t.0).collect()))
+    }
+}
+
+impl Deref for Tools {
+    type Target = [Value];
+
+    fn deref(&self) -> &[Value] {
+        &self.0
+    }
 }
 
 /// A prompt given as text, token ids, or a batch of either.
@@ -192,8 +321,14 @@ pub struct FunctionCall {
 pub struct ChoiceExtension {
     /// Id to reward this completion with later (`GET /v1/rollouts/{id}`).
     pub rollout_id: String,
-    /// Policy version of the weights that generated it.
+    /// Policy version of the weights that generated its last token (kept for older clients;
+    /// equal to `policy_version_last`).
     pub policy_version: u64,
+    /// Policy version at its first token.
+    pub policy_version_first: u64,
+    /// Policy version at its last token; differs from the first when a training step landed
+    /// while it was decoding.
+    pub policy_version_last: u64,
     /// Prompt token ids, with `return_token_ids`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_token_ids: Option<Vec<u32>>,

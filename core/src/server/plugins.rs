@@ -3,15 +3,15 @@
 //!
 //! A reload loads every configured library as a new generation, smoke-tests it, and only then
 //! replaces the registry; any failure keeps the previous generation serving. Calls in flight
-//! keep the `Arc` of the generation they started with.
+//! keep the `Arc` of the generation they started with. Every plugin call of a reload (opening,
+//! `configure`, the smoke test) runs under the same time-out as serving calls, so a plugin that
+//! hangs fails the reload instead of hanging it.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
-use axum::http::header;
-use axum::middleware::Next;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -70,13 +70,13 @@ impl PluginRegistry {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let mut fresh: Vec<Plugin> = Vec::new();
         for source in &self.all_sources()? {
-            let plugin = plugins::open(source)?;
+            let plugin = plugins::open(source, self.timeout)?;
             // Mapped from here on, whatever happens next.
             self.loaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Some(other) = fresh.iter().find(|p| p.name == plugin.name) {
                 return Err(PluginError::Load { path: source.clone(), message: format!("another library ({}) is also named '{}'", other.source.display(), plugin.name) });
             }
-            plugin.configure(self.configs.get(&plugin.name).unwrap_or(&json!({})))?;
+            plugin.configure(self.configs.get(&plugin.name).unwrap_or(&json!({})), self.timeout)?;
             smoke_test(&plugin, self.timeout)?;
             fresh.push(plugin);
         }
@@ -90,12 +90,17 @@ impl PluginRegistry {
         self.loaded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Prometheus lines for the generations held and the memory they pin.
+    /// Prometheus lines for the generations held, the memory they pin and the call threads
+    /// still hung.
     pub fn render_metrics(&self) -> String {
         let mut out = format!(
             "# HELP hicra_plugin_generations_loaded Plugin library generations loaded since start (never unloaded).\n# TYPE hicra_plugin_generations_loaded gauge\nhicra_plugin_generations_loaded {}\n",
             self.generations_loaded()
         );
+        out.push_str(&format!(
+            "# HELP hicra_plugin_hung_calls Plugin calls still running after their time-out, over all generations.\n# TYPE hicra_plugin_hung_calls gauge\nhicra_plugin_hung_calls {}\n",
+            plugins::hung_calls()
+        ));
         if let Some(bytes) = plugins::pinned_bytes() {
             out.push_str(&format!("# HELP hicra_plugin_pinned_bytes Address space mapped from loaded plugin libraries.\n# TYPE hicra_plugin_pinned_bytes gauge\nhicra_plugin_pinned_bytes {bytes}\n"));
         }
@@ -156,22 +161,16 @@ fn smoke_test(plugin: &Plugin, timeout: Duration) -> Result<(), PluginError> {
     }
 }
 
-/// Requires `Authorization: Bearer <admin key>` on admin routes (refused when no key is set).
-pub(super) async fn require_admin_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match &state.options.admin_key {
-        Some(key) if given == Some(key.as_str()) => next.run(request).await,
-        _ => ApiError::Unauthorized.into_response(),
-    }
-}
-
 fn describe(registry: &PluginRegistry, plugins: &[Plugin]) -> Value {
     json!({
         "plugins": plugins.iter().map(|p| json!({
             "name": p.name, "kind": format!("{:?}", p.kind), "version": p.version,
-            "generation": p.generation, "source": p.source,
+            "generation": p.generation, "source": p.source, "hung_calls": p.hung_calls(),
         })).collect::<Vec<_>>(),
         "generations_loaded": registry.generations_loaded(),
+        // Over all generations, discarded ones included; each generation refuses calls at the cap.
+        "hung_calls": plugins::hung_calls(),
+        "max_hung_calls": plugins::MAX_HUNG_CALLS,
         "pinned_bytes": plugins::pinned_bytes(),
     })
 }
@@ -224,7 +223,12 @@ pub(super) async fn score(State(state): State<AppState>, Path(id): Path<String>,
     let outcome = tokio::task::spawn_blocking(move || plugin.score(vec![item], timeout).map(|r| (plugin, r)))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (plugin, mut results) = outcome.map_err(|e| ApiError::InvalidRequest { message: format!("{e}; the rollout stays unrewarded"), param: Some("plugin") })?;
+    let (plugin, mut results) = outcome.map_err(|e| {
+        // The whole call failed, and with it the item: both are counted.
+        state.metrics.count_plugin_call_failure();
+        state.metrics.count_plugin_failure();
+        ApiError::InvalidRequest { message: format!("{e}; the rollout stays unrewarded"), param: Some("plugin") }
+    })?;
     let score = match results.pop() {
         Some(Ok(score)) => score,
         Some(Err(message)) => {

@@ -115,7 +115,19 @@ pub(crate) struct FinishedChoice {
     pub tokens: Vec<GeneratedToken>,
     pub text: String,
     pub reason: Option<FinishReason>,
+    /// Policy version at the first token.
+    pub policy_version_first: Option<u64>,
+    /// Policy version at the last token.
     pub policy_version: u64,
+}
+
+impl FinishedChoice {
+    /// Appends a token produced by weights of `policy_version`.
+    pub(crate) fn push(&mut self, token: GeneratedToken, policy_version: u64) {
+        self.policy_version_first.get_or_insert(policy_version);
+        self.policy_version = policy_version;
+        self.tokens.push(token);
+    }
 }
 
 /// Waits for every choice of a submission to finish.
@@ -125,13 +137,13 @@ pub(crate) async fn collect(mut events: UnboundedReceiver<SequenceEvent>, n: usi
     let mut first_token = true;
     while remaining > 0 {
         match events.recv().await {
-            Some(SequenceEvent::Token { choice, token }) => {
+            Some(SequenceEvent::Token { choice, token, policy_version }) => {
                 if first_token {
                     state.metrics.time_to_first_token.observe(started.elapsed().as_secs_f64());
                     first_token = false;
                 }
                 if let Some(c) = choices.get_mut(choice) {
-                    c.tokens.push(token);
+                    c.push(token, policy_version);
                 }
             }
             Some(SequenceEvent::Finished { choice, reason, text, policy_version }) => {
@@ -152,7 +164,8 @@ pub(crate) async fn collect(mut events: UnboundedReceiver<SequenceEvent>, n: usi
 /// What a request contributes to each of its rollouts.
 pub(crate) struct RolloutContext<'a> {
     pub prompt_ids: &'a [u32],
-    pub temperature: f64,
+    /// The request's sampling parameters (each choice's seed is derived from its index).
+    pub sampling: &'a SamplingParams,
     pub user: Option<&'a String>,
     pub return_token_ids: bool,
     /// The request's choices form one group for GRPO unless rewards name another.
@@ -161,21 +174,24 @@ pub(crate) struct RolloutContext<'a> {
 }
 
 /// Records a finished choice as a rollout and returns its extension object.
-pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, choice: &FinishedChoice, finish_reason: &str) -> ChoiceExtension {
+pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, index: usize, choice: &FinishedChoice, finish_reason: &str) -> ChoiceExtension {
     let id = state.rollouts.next_id();
     let completion: Vec<u32> = choice.tokens.iter().map(|t| t.id).collect();
+    let first = choice.policy_version_first.unwrap_or(choice.policy_version);
     state.rollouts.insert(Rollout {
         id: id.clone(),
         model: state.engine.info.name.clone(),
         policy_version: choice.policy_version,
+        policy_version_first: first,
         prompt_token_ids: ctx.prompt_ids.to_vec(),
         completion_token_ids: completion.clone(),
         logprobs: choice.tokens.iter().map(|t| t.logprob).collect(),
+        sampling_logprobs: choice.tokens.iter().map(|t| t.sampling_logprob).collect(),
         entropies: choice.tokens.iter().map(|t| t.entropy).collect(),
         token_texts: choice.tokens.iter().map(|t| t.text.clone()).collect(),
         finish_reason: finish_reason.to_string(),
         text: choice.text.clone(),
-        temperature: ctx.temperature,
+        sampling: SamplingParams { seed: choice_seed(ctx.sampling.seed, index), ..ctx.sampling.clone() },
         created: super::unix_now(),
         user: ctx.user.cloned(),
         group: ctx.group.clone(),
@@ -185,6 +201,8 @@ pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, choice:
     ChoiceExtension {
         rollout_id: id,
         policy_version: choice.policy_version,
+        policy_version_first: first,
+        policy_version_last: choice.policy_version,
         prompt_token_ids: ctx.return_token_ids.then(|| ctx.prompt_ids.to_vec()),
         token_ids: ctx.return_token_ids.then_some(completion),
     }

@@ -1,14 +1,17 @@
 //! The rollout store: what the server sampled, kept exactly so it can be rewarded and trained on.
 //!
 //! Every finished choice becomes a [`Rollout`]: the prompt and completion token ids as served
-//! (never re-tokenized), the logprob of each completion token under the distribution it was
-//! sampled from, and the policy version. The store is bounded; the oldest rollouts are evicted
-//! first.
+//! (never re-tokenized), all its sampling parameters, two logprobs per completion token (the
+//! API's tempered one and the behaviour policy's, see [`crate::engine::sampler`]), and the
+//! policy versions at its first and last token. The store is bounded; the oldest rollouts are
+//! evicted first. A rollout's reward is set once.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use serde::Serialize;
+
+use crate::engine::SamplingParams;
 
 /// One served completion.
 #[derive(Clone, Debug, Serialize)]
@@ -17,14 +20,21 @@ pub struct Rollout {
     pub id: String,
     /// Model that produced it.
     pub model: String,
-    /// Version of the weights that produced it.
+    /// Version of the weights that produced its last token (also `policy_version_last`).
     pub policy_version: u64,
+    /// Version of the weights that produced its first token; a step that lands while a
+    /// sequence decodes makes this older than `policy_version`.
+    pub policy_version_first: u64,
     /// Exact prompt ids.
     pub prompt_token_ids: Vec<u32>,
     /// Exact completion ids, including a final end-of-turn token.
     pub completion_token_ids: Vec<u32>,
-    /// Sampling logprob of each completion token.
+    /// Logprob of each completion token under the tempered distribution before truncation
+    /// (what the API's `logprobs` report).
     pub logprobs: Vec<f32>,
+    /// Logprob of each completion token under the distribution it was drawn from (temperature,
+    /// top-k, top-p applied; 0 for greedy): the behaviour policy training divides by.
+    pub sampling_logprobs: Vec<f32>,
     /// Entropy (nats) of the sampling distribution at each completion token.
     pub entropies: Vec<f32>,
     /// The text each completion token added (for planning-token masks).
@@ -34,8 +44,8 @@ pub struct Rollout {
     pub finish_reason: String,
     /// The decoded output as returned to the client.
     pub text: String,
-    /// Sampling temperature used (logprobs are under it).
-    pub temperature: f64,
+    /// Every sampling parameter the choice was drawn with.
+    pub sampling: SamplingParams,
     /// Unix seconds.
     pub created: u64,
     /// The request's `user`, if given.
@@ -95,15 +105,20 @@ impl RolloutStore {
         self.lock().by_id.get(id).cloned()
     }
 
-    /// Sets the reward (and optionally the group) of rollout `id`; returns the updated copy.
-    pub fn set_reward(&self, id: &str, reward: f32, group: Option<String>) -> Option<Rollout> {
+    /// Sets the reward (and optionally the group) of rollout `id` unless it already has one;
+    /// returns the updated copy. Callers serialise rewards (the training buffer's lock), so a
+    /// check with [`Self::get`] followed by this call cannot race another reward.
+    pub fn set_reward(&self, id: &str, reward: f32, group: Option<String>) -> Result<Rollout, RewardRefusal> {
         let mut inner = self.lock();
-        let rollout = inner.by_id.get_mut(id)?;
+        let rollout = inner.by_id.get_mut(id).ok_or(RewardRefusal::Unknown)?;
+        if let Some(previous) = rollout.reward {
+            return Err(RewardRefusal::AlreadyRewarded(previous));
+        }
         rollout.reward = Some(reward);
         if let Some(group) = group {
             rollout.group = group;
         }
-        Some(rollout.clone())
+        Ok(rollout.clone())
     }
 
     /// Rollouts held and rollouts evicted so far.
@@ -119,6 +134,15 @@ impl RolloutStore {
     }
 }
 
+/// Why a reward could not be set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RewardRefusal {
+    /// No such rollout (never served, or evicted).
+    Unknown,
+    /// It was rewarded before, with this value.
+    AlreadyRewarded(f32),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,14 +152,16 @@ mod tests {
             id,
             model: "m".into(),
             policy_version: 0,
+            policy_version_first: 0,
             prompt_token_ids: vec![1],
             completion_token_ids: vec![2],
             logprobs: vec![-0.5],
+            sampling_logprobs: vec![-0.4],
             entropies: vec![1.0],
             token_texts: vec!["x".into()],
             finish_reason: "stop".into(),
             text: String::new(),
-            temperature: 1.0,
+            sampling: SamplingParams::default(),
             created: 0,
             user: None,
             group: "g".into(),
@@ -155,5 +181,16 @@ mod tests {
         assert!(store.get(&ids[1]).is_some() && store.get(&ids[2]).is_some());
         assert_eq!(store.counts(), (2, 1));
         assert_ne!(ids[1], ids[2]);
+    }
+
+    #[test]
+    fn a_reward_is_set_once() {
+        let store = RolloutStore::new(4);
+        let id = store.next_id();
+        store.insert(rollout(id.clone()));
+        assert!(store.set_reward(&id, 1.0, None).is_ok());
+        assert_eq!(store.set_reward(&id, 0.0, None).err(), Some(RewardRefusal::AlreadyRewarded(1.0)));
+        assert_eq!(store.get(&id).and_then(|r| r.reward), Some(1.0));
+        assert_eq!(store.set_reward("ro-missing", 1.0, None).err(), Some(RewardRefusal::Unknown));
     }
 }

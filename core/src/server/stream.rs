@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
+use super::error::ApiError;
+
 /// Releases streamed text that cannot be part of a stop string.
 #[derive(Debug, Default)]
 pub(crate) struct StopHoldback {
@@ -62,6 +64,49 @@ pub(crate) fn sse_channel() -> (UnboundedSender<String>, Response) {
     let (tx, rx) = unbounded_channel::<String>();
     let events = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|data| (Ok::<_, Infallible>(Event::default().data(data)), rx)) });
     (tx, sse_response(events))
+}
+
+/// Why a stream writer stopped before its end.
+#[derive(Debug)]
+pub(crate) enum StreamError {
+    /// The client went away (closed the connection). Routine, not a server error: the
+    /// dropped engine receiver makes the scheduler cancel the sequences.
+    Disconnected,
+    /// Generation failed; the client, still connected, gets this as an error event.
+    Failed(ApiError),
+}
+
+impl From<ApiError> for StreamError {
+    fn from(err: ApiError) -> Self {
+        Self::Failed(err)
+    }
+}
+
+/// Sends one payload; a failed send means the client disconnected.
+pub(crate) fn send_event(tx: &UnboundedSender<String>, payload: String) -> Result<(), StreamError> {
+    tx.send(payload).map_err(|_| StreamError::Disconnected)
+}
+
+/// Ends a stream after its writer returned: `[DONE]` for a client still there, after an
+/// error event when generation failed; nothing (and a debug line) for a client that left.
+pub(crate) fn finish_stream(tx: &UnboundedSender<String>, outcome: Result<(), StreamError>, id: &str) {
+    match outcome {
+        Ok(()) => {}
+        Err(StreamError::Disconnected) => {
+            tracing::debug!(%id, "client disconnected from its stream; sequences cancelled");
+            return;
+        }
+        Err(StreamError::Failed(err)) => {
+            // The status line (200) is long sent, so this is the only record of the failure.
+            if let ApiError::Internal(detail) = &err {
+                tracing::error!(%id, %detail, "internal error ended a stream");
+            }
+            if tx.send(err.body().to_string()).is_err() {
+                return;
+            }
+        }
+    }
+    let _ = tx.send("[DONE]".to_string());
 }
 
 fn sse_response(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {

@@ -1,231 +1,634 @@
 //! Online training: clients reward served rollouts; complete groups train the served model.
 //!
-//! `POST /v1/rollouts/{id}/reward` `{"reward": r, "group_id": optional}` (or a batch at
-//! `POST /v1/rewards` `{"rewards": [{"rollout_id", "reward", "group_id"}]}`). By default the
-//! `n` choices of one request form a GRPO group, complete once all `n` are rewarded; a client
-//! may name its own `group_id` instead, complete at `group_size` members. When
-//! `groups_per_step` groups are complete, the engine thread runs one step between decode
-//! steps, on the exact token ids and sampling logprobs the server recorded.
+//! The lifecycle of a reward, and what the client is told at each point:
+//! 1. `POST /v1/rollouts/{id}/reward` `{"reward": r, "group_id"?: "...", "group_size"?: G}` (or a
+//!    batch at `POST /v1/rewards` `{"rewards": [{"rollout_id", "reward", "group_id"?,
+//!    "group_size"?}]}`) is validated as a whole before anything is recorded: the reward must be
+//!    finite in f32, the rollout must exist, be sampled (greedy rollouts have no behaviour
+//!    distribution) and not yet rewarded (a second reward is a 409 that changes nothing), and
+//!    it must be able to join a group of at least two.
+//! 2. The rollout joins its group: by default the `n` choices of its request, complete once all
+//!    `n` are rewarded; or the client-named `group_id`, complete at `group_size` members (the
+//!    first reward of a named group fixes its size; `--group-size` by default). The reply
+//!    returns at once with each group's status.
+//! 3. A complete group waits in the ready queue. The step worker (one task per server) takes
+//!    `groups_per_step` of them, drops members older than `max_staleness` policy versions,
+//!    builds masks and advantages (plugins run here), and queues one step on the engine thread,
+//!    which runs it between decode steps whatever HTTP clients do. A group that is invalid on
+//!    its own is rejected and reported; the rest of the step trains.
+//! 4. Incomplete groups expire after `group_timeout`; both queues are bounded and a reward that
+//!    would overflow them is answered 429 with nothing recorded.
+//!
+//! `GET /v1/training` (and `/metrics`) shows the policy version, the queues, every counter and
+//! the last steps' reports.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiJson};
-use super::rollouts::Rollout;
-use super::AppState;
 use super::plugins::PluginRegistry;
+use super::rollouts::{RewardRefusal, Rollout, RolloutStore};
+use super::AppState;
 use crate::analysis::{analyze_step, RolloutRecord, StepAnalysis};
 use crate::plugins::step::{ScoredCompletion, StepPluginReport, StepPlugins};
 use crate::train::planning::StrategicGrams;
-use crate::train::trainer::RolloutGroup;
+use crate::train::trainer::{RolloutGroup, StepReport};
 
-/// Complete groups waiting for a step, and groups still collecting rewards.
-#[derive(Debug)]
-pub struct TrainingBuffer {
-    /// Groups per optimizer step.
+/// Largest group a client may name.
+const MAX_GROUP_SIZE: usize = 256;
+/// Step reports kept for `GET /v1/training`.
+const HISTORY: usize = 16;
+
+/// How online training groups and schedules rewards.
+#[derive(Clone, Debug)]
+pub struct TrainingSettings {
+    /// Complete groups per optimizer step.
     pub groups_per_step: usize,
-    /// Members of a client-named group.
+    /// Members of a client-named group whose first reward gives no `group_size`.
     pub group_size: usize,
+    /// An incomplete group expires this long after its first reward.
+    pub group_timeout: Duration,
+    /// Rollouts whose first token is more than this many policy versions older than the
+    /// weights about to be updated are dropped at step time; `None` keeps every rollout.
+    pub max_staleness: Option<u64>,
+    /// Incomplete groups held at once; a reward that would open one more is answered 429.
+    pub max_pending_groups: usize,
+    /// Complete groups waiting for a step; beyond it rewards are answered 429.
+    pub max_ready_groups: usize,
     /// A loaded planning-token detector plugin to use instead of the paper's list.
     pub sg_plugin: Option<String>,
     /// A loaded credit plugin to compute advantages instead of the trainer's scheme.
     pub credit_plugin: Option<String>,
     /// Appends each step's rollouts here (JSON lines for `hicra analyze`), when set.
     pub rollout_log: Option<std::path::PathBuf>,
-    grams: StrategicGrams,
-    state: Mutex<BufferState>,
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        Self {
+            groups_per_step: 1,
+            group_size: 4,
+            group_timeout: Duration::from_secs(900),
+            max_staleness: Some(4),
+            max_pending_groups: 4096,
+            max_ready_groups: 256,
+            sg_plugin: None,
+            credit_plugin: None,
+            rollout_log: None,
+        }
+    }
+}
+
+/// Everything counted since start.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GroupCounters {
+    /// Rewards recorded.
+    pub rewards: u64,
+    /// Groups that became complete.
+    pub completed: u64,
+    /// Groups whose tokens carried gradient in a step.
+    pub trained: u64,
+    /// Complete groups whose rewards were all equal (no signal; skipped by the trainer).
+    pub zero_variance: u64,
+    /// Incomplete groups that expired.
+    pub expired: u64,
+    /// Rewarded rollouts inside expired groups.
+    pub expired_rollouts: u64,
+    /// Rollouts dropped at step time for exceeding `max_staleness`.
+    pub stale_rollouts: u64,
+    /// Groups dropped because fewer than two members were fresh enough.
+    pub stale_groups: u64,
+    /// Groups the trainer refused on their own (reasons in the step reports).
+    pub rejected: u64,
+    /// Groups the plugins dropped (failed credit, or too few members left after masking).
+    pub plugin_dropped: u64,
+    /// Steps that ran.
+    pub steps: u64,
+    /// Steps that failed as a whole (their groups are counted here, not trained).
+    pub failed_steps: u64,
+}
+
+/// A group still collecting rewards.
+#[derive(Debug)]
+struct PendingGroup {
+    /// The id clients see (the request id or their own group id).
+    id: String,
+    members: Vec<Rollout>,
+    expected: usize,
+    opened: Instant,
+}
+
+/// A complete group waiting for a step.
+#[derive(Debug)]
+struct ReadyGroup {
+    id: String,
+    members: Vec<Rollout>,
 }
 
 #[derive(Debug, Default)]
 struct BufferState {
-    collecting: HashMap<String, Vec<Rollout>>,
-    ready: Vec<Vec<Rollout>>,
+    /// Keyed by `request/ID` or `named/ID`, so a client's name never merges with a request.
+    pending: HashMap<String, PendingGroup>,
+    ready: VecDeque<ReadyGroup>,
+    counters: GroupCounters,
+    history: VecDeque<Value>,
 }
 
-impl TrainingBuffer {
-    /// A buffer stepping every `groups_per_step` complete groups.
-    pub fn new(groups_per_step: usize, group_size: usize) -> Self {
-        Self {
-            groups_per_step: groups_per_step.max(1),
-            group_size: group_size.max(2),
-            sg_plugin: None,
-            credit_plugin: None,
-            rollout_log: None,
-            grams: StrategicGrams::paper(),
-            state: Mutex::new(BufferState::default()),
-        }
-    }
-
-    /// Adds a rewarded rollout; returns whether its group completed, and the groups of a full
-    /// step when one is ready.
-    fn add(&self, rollout: Rollout, named_group: bool) -> (bool, Option<Vec<Vec<Rollout>>>) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let expected = if named_group { self.group_size } else { rollout.group_size };
-        let key = rollout.group.clone();
-        let members = state.collecting.entry(key.clone()).or_default();
-        members.retain(|m| m.id != rollout.id);
-        members.push(rollout);
-        if members.len() < expected {
-            return (false, None);
-        }
-        let members = state.collecting.remove(&key).unwrap_or_default();
-        state.ready.push(members);
-        if state.ready.len() >= self.groups_per_step {
-            return (true, Some(std::mem::take(&mut state.ready)));
-        }
-        (true, None)
-    }
-
-    /// The step's rollouts as analysis records (step = the policy version that sampled them).
-    fn records(raw: &[Vec<Rollout>]) -> Vec<RolloutRecord> {
-        raw.iter()
-            .flatten()
-            .map(|r| RolloutRecord {
-                step: r.policy_version,
-                group: r.group.clone(),
-                reward: r.reward.unwrap_or(0.0),
-                pieces: r.token_texts.clone(),
-                logprobs: r.logprobs.clone(),
-                entropies: r.entropies.clone(),
-            })
-            .collect()
-    }
-
-    /// Analyses the step's rollouts and appends them to the rollout log. Blocking.
-    fn analyze_and_log(&self, raw: &[Vec<Rollout>]) -> StepAnalysis {
-        let records = Self::records(raw);
-        if let Some(path) = &self.rollout_log {
-            let lines: String = records.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
-            let written = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
-            if let Err(err) = written {
-                tracing::warn!(path = %path.display(), %err, "could not append to the rollout log");
-            }
-        }
-        analyze_step(&records, &self.grams)
-    }
-
-    /// Turns complete groups into training groups: planning masks from the detector plugin
-    /// (or the paper's list), advantages from the credit plugin (or, later, the trainer's
-    /// scheme). Blocking: plugin calls run here.
-    fn build_groups(&self, raw: Vec<Vec<Rollout>>, plugins: Option<&PluginRegistry>) -> (Vec<RolloutGroup>, StepPluginReport) {
-        let generation = plugins.map(|p| p.current()).unwrap_or_default();
-        let find = |name: &Option<String>| name.as_ref().and_then(|n| generation.iter().find(|p| &p.name == n).cloned());
-        let step_plugins = StepPlugins {
-            detector: find(&self.sg_plugin),
-            credit: find(&self.credit_plugin),
-            timeout: plugins.map(|p| p.timeout).unwrap_or(StepPlugins::built_in().timeout),
-        };
-        let mut report = step_plugins.report();
-        let mut groups = Vec::new();
-        for members in raw {
-            let prompt_ids = members.first().map(|m| m.prompt_token_ids.clone()).unwrap_or_default();
-            let temperature = members.first().map(|m| m.temperature).unwrap_or(1.0);
-            let completions = members
-                .into_iter()
-                .map(|m| ScoredCompletion { pieces: m.token_texts, completion_ids: m.completion_token_ids, logprobs: m.logprobs, entropies: m.entropies, reward: m.reward.unwrap_or(0.0) })
-                .collect();
-            groups.extend(step_plugins.build_group(prompt_ids, temperature, completions, &self.grams, &mut report));
-        }
-        (groups, report)
-    }
-}
-
-/// Body of a single reward.
+/// One reward as a client sends it.
 #[derive(Debug, Deserialize)]
-pub(super) struct RewardBody {
-    reward: f64,
-    group_id: Option<String>,
-}
-
-/// One entry of the batch form.
-#[derive(Debug, Deserialize)]
-pub(super) struct BatchEntry {
+#[serde(deny_unknown_fields)]
+pub(super) struct RewardEntry {
     rollout_id: String,
     reward: f64,
     group_id: Option<String>,
+    group_size: Option<usize>,
+}
+
+/// Body of a single reward (the rollout id is in the path).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RewardBody {
+    reward: f64,
+    group_id: Option<String>,
+    group_size: Option<usize>,
 }
 
 /// Body of the batch form.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct BatchBody {
-    rewards: Vec<BatchEntry>,
+    rewards: Vec<RewardEntry>,
+}
+
+/// Where a validated reward goes.
+struct Placement {
+    rollout: Rollout,
+    reward: f32,
+    key: String,
+    group_id: String,
+    expected: usize,
+    named: bool,
+}
+
+/// Complete groups waiting and incomplete groups collecting rewards, plus the step history.
+#[derive(Debug)]
+pub struct TrainingBuffer {
+    /// Settings.
+    pub settings: TrainingSettings,
+    grams: StrategicGrams,
+    state: Mutex<BufferState>,
+    wake: tokio::sync::Notify,
+}
+
+impl TrainingBuffer {
+    /// A buffer with `settings`.
+    pub fn new(settings: TrainingSettings) -> Self {
+        let settings = TrainingSettings { groups_per_step: settings.groups_per_step.max(1), group_size: settings.group_size.max(2), ..settings };
+        Self { settings, grams: StrategicGrams::paper(), state: Mutex::new(BufferState::default()), wake: tokio::sync::Notify::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BufferState> {
+        // Every update below leaves the maps consistent between statements that can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates every entry, then records them all (or nothing) and returns each one's group
+    /// status. Rewards are serialised by this lock, so "rewarded once" cannot race.
+    fn record(&self, store: &RolloutStore, entries: Vec<RewardEntry>) -> Result<Vec<Value>, ApiError> {
+        let mut state = self.lock();
+        self.expire(&mut state, Instant::now());
+        let placements = self.validate(&state, store, entries)?;
+        let mut outcomes = Vec::with_capacity(placements.len());
+        for placement in placements {
+            outcomes.push(self.place(&mut state, store, placement));
+        }
+        if state.ready.len() >= self.settings.groups_per_step {
+            self.wake.notify_one();
+        }
+        Ok(outcomes)
+    }
+
+    fn validate(&self, state: &BufferState, store: &RolloutStore, entries: Vec<RewardEntry>) -> Result<Vec<Placement>, ApiError> {
+        if entries.is_empty() {
+            return Err(ApiError::invalid("rewards", "no rewards given"));
+        }
+        let mut seen = HashSet::new();
+        let mut placements = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if !seen.insert(entry.rollout_id.clone()) {
+                return Err(ApiError::invalid("rollout_id", format!("rollout '{}' appears twice in this batch", entry.rollout_id)));
+            }
+            placements.push(self.validate_one(state, store, entry)?);
+        }
+        self.check_capacity(state, &placements)?;
+        self.check_group_sizes(state, &placements)?;
+        Ok(placements)
+    }
+
+    fn validate_one(&self, state: &BufferState, store: &RolloutStore, entry: RewardEntry) -> Result<Placement, ApiError> {
+        let id = &entry.rollout_id;
+        let reward = entry.reward as f32;
+        if !reward.is_finite() {
+            return Err(ApiError::invalid("reward", format!("reward {} for '{id}' is not a finite 32-bit float (|r| must be below 3.4e38)", entry.reward)));
+        }
+        let rollout = store.get(id).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
+        if let Some(previous) = rollout.reward {
+            return Err(ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous}); a rollout is rewarded once")));
+        }
+        if !rollout.sampling.is_sampled() {
+            return Err(ApiError::invalid("rollout_id", format!("rollout '{id}' was decoded greedily (temperature 0): its tokens were not drawn from a distribution, so there is no behaviour policy to train against; sample with temperature > 0 to train")));
+        }
+        if rollout.completion_token_ids.is_empty() {
+            return Err(ApiError::invalid("rollout_id", format!("rollout '{id}' has no completion tokens to train on")));
+        }
+        let (key, group_id, expected, named) = match entry.group_id {
+            Some(name) if name.is_empty() => return Err(ApiError::invalid("group_id", "group_id must not be empty")),
+            Some(name) => {
+                let size = entry.group_size.unwrap_or(self.settings.group_size);
+                if !(2..=MAX_GROUP_SIZE).contains(&size) {
+                    return Err(ApiError::invalid("group_size", format!("group_size must be between 2 and {MAX_GROUP_SIZE}, got {size}")));
+                }
+                (format!("named/{name}"), name, size, true)
+            }
+            None if entry.group_size.is_some() => return Err(ApiError::invalid("group_size", "group_size needs a group_id: a request's own group has its n choices")),
+            None if rollout.group_size < 2 => {
+                return Err(ApiError::invalid("group_id", format!(
+                    "rollout '{id}' can never complete a group: its request asked for n = {} choice, and GRPO compares each reward with its group's. \
+                     Ask for n >= 2 choices per prompt, or reward rollouts of the same prompt with a shared \"group_id\" (and \"group_size\", default {})",
+                    rollout.group_size, self.settings.group_size
+                )));
+            }
+            None => (format!("request/{}", rollout.group), rollout.group.clone(), rollout.group_size, false),
+        };
+        if let Some(pending) = state.pending.get(&key) {
+            if named && pending.expected != expected && entry.group_size.is_some() {
+                return Err(ApiError::invalid("group_size", format!("group '{group_id}' was opened with group_size {}, not {expected}", pending.expected)));
+            }
+        }
+        Ok(Placement { rollout, reward, key, group_id, expected, named })
+    }
+
+    /// Refuses the batch (429) when it would overflow the pending or ready queues.
+    fn check_capacity(&self, state: &BufferState, placements: &[Placement]) -> Result<(), ApiError> {
+        let opening: HashSet<&str> = placements.iter().map(|p| p.key.as_str()).filter(|k| !state.pending.contains_key(*k)).collect();
+        if state.pending.len() + opening.len() > self.settings.max_pending_groups {
+            return Err(ApiError::Busy(format!(
+                "{} groups are still collecting rewards (limit {}); complete them or let them expire ({} s) before opening new ones",
+                state.pending.len(),
+                self.settings.max_pending_groups,
+                self.settings.group_timeout.as_secs()
+            )));
+        }
+        if state.ready.len() >= self.settings.max_ready_groups {
+            return Err(ApiError::Busy(format!("training is behind: {} complete groups wait for steps (limit {}); retry shortly", state.ready.len(), self.settings.max_ready_groups)));
+        }
+        Ok(())
+    }
+
+    /// A batch must not give one named group more members than its size.
+    fn check_group_sizes(&self, state: &BufferState, placements: &[Placement]) -> Result<(), ApiError> {
+        let mut joining: HashMap<&str, usize> = HashMap::new();
+        for p in placements {
+            *joining.entry(&p.key).or_default() += 1;
+        }
+        for p in placements.iter().filter(|p| p.named) {
+            let (have, expected) = state.pending.get(&p.key).map(|g| (g.members.len(), g.expected)).unwrap_or((0, p.expected));
+            if have + joining[p.key.as_str()] > expected {
+                return Err(ApiError::invalid("group_id", format!("group '{}' has {expected} members; this batch would add more", p.group_id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records one validated reward and files it into its group.
+    fn place(&self, state: &mut BufferState, store: &RolloutStore, placement: Placement) -> Value {
+        let Placement { mut rollout, reward, key, group_id, expected, named } = placement;
+        // The store may have evicted the rollout since validation; the buffer's copy is what
+        // trains, so the reward still counts.
+        match store.set_reward(&rollout.id, reward, named.then(|| group_id.clone())) {
+            Ok(updated) => rollout = updated,
+            Err(RewardRefusal::Unknown | RewardRefusal::AlreadyRewarded(_)) => {
+                rollout.reward = Some(reward);
+                rollout.group = group_id.clone();
+            }
+        }
+        state.counters.rewards += 1;
+        let rollout_id = rollout.id.clone();
+        let group = state.pending.entry(key.clone()).or_insert_with(|| PendingGroup { id: group_id.clone(), members: Vec::new(), expected, opened: Instant::now() });
+        group.members.push(rollout);
+        let (rewarded, size) = (group.members.len(), group.expected);
+        if rewarded >= size {
+            if let Some(done) = state.pending.remove(&key) {
+                state.ready.push_back(ReadyGroup { id: done.id, members: done.members });
+                state.counters.completed += 1;
+            }
+        }
+        let status = if rewarded >= size { "complete" } else { "collecting" };
+        json!({"rollout_id": rollout_id, "group_id": group_id, "status": status, "rewarded": rewarded, "size": size})
+    }
+
+    /// Drops incomplete groups older than the time-out.
+    fn expire(&self, state: &mut BufferState, now: Instant) {
+        let timeout = self.settings.group_timeout;
+        let expired: Vec<String> = state.pending.iter().filter(|(_, g)| now.duration_since(g.opened) >= timeout).map(|(k, _)| k.clone()).collect();
+        for key in expired {
+            if let Some(group) = state.pending.remove(&key) {
+                tracing::info!(group = %group.id, rewarded = group.members.len(), expected = group.expected, "incomplete group expired");
+                state.counters.expired += 1;
+                state.counters.expired_rollouts += group.members.len() as u64;
+            }
+        }
+    }
+
+    /// The next step's groups, when enough are ready.
+    fn take_batch(&self) -> Option<Vec<ReadyGroup>> {
+        let mut state = self.lock();
+        self.expire(&mut state, Instant::now());
+        if state.ready.len() < self.settings.groups_per_step {
+            return None;
+        }
+        Some(state.ready.drain(..self.settings.groups_per_step).collect())
+    }
+
+    /// Drops members whose first token is older than `max_staleness` versions before
+    /// `version`, and groups left with fewer than two members.
+    fn drop_stale(&self, groups: Vec<ReadyGroup>, version: u64) -> Vec<ReadyGroup> {
+        let Some(max) = self.settings.max_staleness else { return groups };
+        let (mut stale_rollouts, mut stale_groups) = (0u64, 0u64);
+        let fresh: Vec<ReadyGroup> = groups
+            .into_iter()
+            .filter_map(|mut group| {
+                let before = group.members.len();
+                group.members.retain(|m| version.saturating_sub(m.policy_version_first) <= max);
+                stale_rollouts += (before - group.members.len()) as u64;
+                if group.members.len() < 2 {
+                    stale_groups += 1;
+                    tracing::info!(group = %group.id, version, max_staleness = max, "group dropped: too few rollouts within max_staleness");
+                    return None;
+                }
+                Some(group)
+            })
+            .collect();
+        let mut state = self.lock();
+        state.counters.stale_rollouts += stale_rollouts;
+        state.counters.stale_groups += stale_groups;
+        fresh
+    }
+
+    /// Turns groups into training groups: planning masks from the detector plugin (or the
+    /// paper's list), advantages from the credit plugin (or the trainer's scheme). Blocking:
+    /// plugin calls run here.
+    fn build_groups(&self, ready: &[ReadyGroup], plugins: Option<&PluginRegistry>) -> (Vec<RolloutGroup>, StepPluginReport) {
+        let generation = plugins.map(|p| p.current()).unwrap_or_default();
+        let find = |name: &Option<String>| name.as_ref().and_then(|n| generation.iter().find(|p| &p.name == n).cloned());
+        let step_plugins = StepPlugins {
+            detector: find(&self.settings.sg_plugin),
+            credit: find(&self.settings.credit_plugin),
+            timeout: plugins.map(|p| p.timeout).unwrap_or(StepPlugins::built_in().timeout),
+        };
+        let mut report = step_plugins.report();
+        let mut groups = Vec::new();
+        for group in ready {
+            let completions = group.members.iter().map(scored_completion).collect();
+            groups.extend(step_plugins.build_group(group.id.clone(), completions, &self.grams, &mut report));
+        }
+        (groups, report)
+    }
+
+    /// Records a finished (or failed) step in the counters and the history.
+    fn record_step(&self, entry: Value, report: Option<&StepReport>, plugin_report: &StepPluginReport) {
+        let mut state = self.lock();
+        let counters = &mut state.counters;
+        counters.plugin_dropped += plugin_report.dropped_groups as u64;
+        match report {
+            Some(report) => {
+                counters.steps += 1;
+                counters.trained += report.trained_groups.len() as u64;
+                counters.zero_variance += report.zero_variance_groups as u64;
+                counters.rejected += report.rejected_groups.len() as u64;
+            }
+            None => counters.failed_steps += 1,
+        }
+        state.history.push_back(entry);
+        while state.history.len() > HISTORY {
+            state.history.pop_front();
+        }
+    }
+
+    /// The whole state as `GET /v1/training` shows it.
+    fn snapshot(&self, policy_version: u64) -> Value {
+        let state = self.lock();
+        let pending_rollouts: usize = state.pending.values().map(|g| g.members.len()).sum();
+        let s = &self.settings;
+        json!({
+            "training": true,
+            "policy_version": policy_version,
+            "pending_groups": state.pending.len(),
+            "pending_rollouts": pending_rollouts,
+            "ready_groups": state.ready.len(),
+            "counters": state.counters,
+            "settings": {
+                "groups_per_step": s.groups_per_step,
+                "group_size": s.group_size,
+                "group_timeout_s": s.group_timeout.as_secs_f64(),
+                "max_staleness": s.max_staleness,
+                "max_pending_groups": s.max_pending_groups,
+                "max_ready_groups": s.max_ready_groups,
+            },
+            "last_steps": state.history,
+        })
+    }
+
+    /// Prometheus lines for the queues and counters.
+    pub fn render_metrics(&self) -> String {
+        let state = self.lock();
+        let c = &state.counters;
+        let pending_rollouts: usize = state.pending.values().map(|g| g.members.len()).sum();
+        let lines: [(&str, &str, &str, f64); 14] = [
+            ("hicra_training_pending_groups", "gauge", "Groups still collecting rewards.", state.pending.len() as f64),
+            ("hicra_training_pending_rollouts", "gauge", "Rewarded rollouts in incomplete groups.", pending_rollouts as f64),
+            ("hicra_training_ready_groups", "gauge", "Complete groups waiting for a step.", state.ready.len() as f64),
+            ("hicra_training_rewards_total", "counter", "Rewards recorded.", c.rewards as f64),
+            ("hicra_training_groups_completed_total", "counter", "Groups that became complete.", c.completed as f64),
+            ("hicra_training_groups_trained_total", "counter", "Groups trained on.", c.trained as f64),
+            ("hicra_training_groups_zero_variance_total", "counter", "Complete groups with equal rewards (skipped).", c.zero_variance as f64),
+            ("hicra_training_groups_expired_total", "counter", "Incomplete groups that expired.", c.expired as f64),
+            ("hicra_training_rollouts_expired_total", "counter", "Rewarded rollouts in expired groups.", c.expired_rollouts as f64),
+            ("hicra_training_rollouts_stale_total", "counter", "Rollouts dropped for exceeding max_staleness.", c.stale_rollouts as f64),
+            ("hicra_training_groups_stale_total", "counter", "Groups dropped for too few fresh rollouts.", c.stale_groups as f64),
+            ("hicra_training_groups_rejected_total", "counter", "Groups the trainer refused on their own.", c.rejected as f64),
+            ("hicra_training_groups_plugin_dropped_total", "counter", "Groups the detector or credit plugin dropped.", c.plugin_dropped as f64),
+            ("hicra_training_steps_failed_total", "counter", "Steps that failed as a whole.", c.failed_steps as f64),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in lines {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        out
+    }
+}
+
+/// What the step builder needs of a rollout.
+fn scored_completion(rollout: &Rollout) -> ScoredCompletion {
+    ScoredCompletion {
+        id: rollout.id.clone(),
+        prompt_ids: rollout.prompt_token_ids.clone(),
+        sampling: rollout.sampling.clone(),
+        pieces: rollout.token_texts.clone(),
+        completion_ids: rollout.completion_token_ids.clone(),
+        logprobs: rollout.sampling_logprobs.clone(),
+        entropies: rollout.entropies.clone(),
+        reward: rollout.reward.unwrap_or(0.0),
+    }
+}
+
+/// A step's rollouts as analysis records (`step` = the policy version of the last token).
+fn records(groups: &[ReadyGroup], advantages: &HashMap<String, Vec<f32>>) -> Vec<RolloutRecord> {
+    groups
+        .iter()
+        .flat_map(|g| g.members.iter().map(move |r| (g, r)))
+        .map(|(g, r)| RolloutRecord {
+            step: r.policy_version,
+            group: g.id.clone(),
+            reward: r.reward.unwrap_or(0.0),
+            pieces: r.token_texts.clone(),
+            logprobs: r.logprobs.clone(),
+            entropies: r.entropies.clone(),
+            rollout_id: Some(r.id.clone()),
+            policy_version_first: Some(r.policy_version_first),
+            advantages: advantages.get(&r.id).cloned().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Appends records to the rollout log; a failure is logged, never fatal.
+fn append_log(path: &std::path::Path, records: &[RolloutRecord]) {
+    let lines: String = records.iter().filter_map(|r| serde_json::to_string(r).ok()).map(|l| l + "\n").collect();
+    let written = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()));
+    if let Err(err) = written {
+        tracing::warn!(path = %path.display(), %err, "could not append to the rollout log");
+    }
+}
+
+/// The step worker: waits for complete groups and trains on them, one step at a time, for
+/// as long as the server runs. Started once by the server when it trains.
+pub async fn run_steps(state: AppState) {
+    let Some(buffer) = state.training.clone() else { return };
+    loop {
+        // Woken by a reward that completes enough groups; the tick also expires old groups.
+        let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
+        while let Some(batch) = buffer.take_batch() {
+            step_once(&state, &buffer, batch).await;
+        }
+    }
+}
+
+/// Runs one step on `batch` and records its outcome; never loses the report.
+async fn step_once(state: &AppState, buffer: &std::sync::Arc<TrainingBuffer>, batch: Vec<ReadyGroup>) {
+    let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
+    let batch = buffer.drop_stale(batch, version);
+    if batch.is_empty() {
+        return;
+    }
+    let registry = state.plugins.clone();
+    let builder = buffer.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let analysis = analyze_step(&records(&batch, &HashMap::new()), &builder.grams);
+        let (groups, report) = builder.build_groups(&batch, registry.as_deref());
+        (batch, groups, report, analysis)
+    })
+    .await;
+    let (batch, groups, plugin_report, analysis) = match built {
+        Ok(built) => built,
+        Err(err) => {
+            tracing::error!(%err, "building a training step panicked; its groups are counted as a failed step");
+            buffer.record_step(json!({"error": "building the step failed"}), None, &StepPluginReport::default());
+            return;
+        }
+    };
+    let group_ids: Vec<String> = batch.iter().map(|g| g.id.clone()).collect();
+    match state.engine.train(groups).await {
+        Ok(report) => {
+            state.metrics.record_step(&report, &analysis);
+            if let Some(path) = &buffer.settings.rollout_log {
+                append_log(path, &records(&batch, &member_advantages(&report)));
+            }
+            let entry = step_entry(&report, &analysis, &plugin_report, &group_ids);
+            buffer.record_step(entry, Some(&report), &plugin_report);
+        }
+        Err(message) => {
+            tracing::error!(%message, groups = ?group_ids, "training step failed; its groups are not trained");
+            buffer.record_step(json!({"error": message, "groups": group_ids}), None, &plugin_report);
+        }
+    }
+}
+
+/// Per rollout id, the advantages the step gave its tokens.
+fn member_advantages(report: &StepReport) -> HashMap<String, Vec<f32>> {
+    report.advantages.iter().cloned().collect()
+}
+
+/// One history entry: the trainer's report, the step's analyses and the plugins' report.
+fn step_entry(report: &StepReport, analysis: &StepAnalysis, plugins: &StepPluginReport, groups: &[String]) -> Value {
+    let mut entry = serde_json::to_value(report).unwrap_or_default();
+    if let (Some(object), Ok(Value::Object(extra))) = (entry.as_object_mut(), serde_json::to_value(analysis)) {
+        object.extend(extra);
+        object.insert("plugins".into(), serde_json::to_value(plugins).unwrap_or_default());
+        object.insert("group_ids".into(), json!(groups));
+    }
+    entry
 }
 
 pub(super) async fn reward_one(State(state): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<RewardBody>) -> Result<Json<Value>, ApiError> {
-    let entries = vec![BatchEntry { rollout_id: id, reward: body.reward, group_id: body.group_id }];
-    reward_many(state, entries).await
+    let entry = RewardEntry { rollout_id: id, reward: body.reward, group_id: body.group_id, group_size: body.group_size };
+    reward_many(&state, vec![entry]).map(Json)
 }
 
 pub(super) async fn reward_batch(State(state): State<AppState>, ApiJson(body): ApiJson<BatchBody>) -> Result<Json<Value>, ApiError> {
-    reward_many(state, body.rewards).await
+    reward_many(&state, body.rewards).map(Json)
 }
 
-async fn reward_many(state: AppState, entries: Vec<BatchEntry>) -> Result<Json<Value>, ApiError> {
-    if state.training.is_none() {
+/// `GET /v1/training`.
+pub(super) async fn status(State(state): State<AppState>) -> Json<Value> {
+    let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
+    match &state.training {
+        Some(buffer) => Json(buffer.snapshot(version)),
+        None => Json(json!({"training": false, "policy_version": version})),
+    }
+}
+
+fn reward_many(state: &AppState, entries: Vec<RewardEntry>) -> Result<Value, ApiError> {
+    let Some(buffer) = &state.training else {
         return Err(ApiError::invalid("reward", "this server does not train: start it with --train"));
-    }
-    // Validate everything before recording anything.
-    for entry in &entries {
-        if !entry.reward.is_finite() {
-            return Err(ApiError::invalid("reward", format!("reward for '{}' must be a finite number", entry.rollout_id)));
-        }
-        if state.rollouts.get(&entry.rollout_id).is_none() {
-            return Err(ApiError::NotFound(format!("no rollout '{}' (unknown or evicted)", entry.rollout_id)));
-        }
-    }
-    let mut completed = 0;
-    let mut steps = Vec::new();
-    for entry in entries {
-        let outcome = record_reward(&state, &entry.rollout_id, entry.reward, entry.group_id).await?;
-        completed += outcome["group_completed"].as_bool().unwrap_or(false) as usize;
-        if let Some(more) = outcome["steps"].as_array() {
-            steps.extend(more.iter().cloned());
-        }
-    }
-    Ok(Json(json!({
+    };
+    let rewards = buffer.record(&state.rollouts, entries)?;
+    let completed = rewards.iter().filter(|r| r["status"] == "complete").count();
+    Ok(json!({
         "accepted": true,
+        "rewards": rewards,
         "groups_completed": completed,
         "policy_version": state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire),
-        "steps": steps,
-    })))
+    }))
 }
 
-/// Stores a rollout's reward and, when the server trains, files it into its group and runs a
-/// step if that completes one. Returns what happened, as JSON.
+/// Records a reward computed by a plugin (`POST /v1/rollouts/{id}/score`). Without training
+/// the reward is only stored on the rollout (once).
 pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group: Option<String>) -> Result<Value, ApiError> {
-    if !reward.is_finite() {
-        return Err(ApiError::invalid("reward", format!("reward for '{id}' must be a finite number")));
+    if state.training.is_none() {
+        return match state.rollouts.set_reward(id, reward as f32, group) {
+            Ok(_) => Ok(json!({"training": false})),
+            Err(RewardRefusal::Unknown) => Err(ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)"))),
+            Err(RewardRefusal::AlreadyRewarded(previous)) => Err(ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous})"))),
+        };
     }
-    let named = group.is_some();
-    let rollout = state.rollouts.set_reward(id, reward as f32, group).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
-    let Some(buffer) = state.training.clone() else {
-        return Ok(json!({"training": false}));
-    };
-    let (group_completed, ready) = buffer.add(rollout, named);
-    let mut steps = Vec::new();
-    if let Some(raw) = ready {
-        let registry = state.plugins.clone();
-        let builder = buffer.clone();
-        let (groups, plugin_report, batch) = tokio::task::spawn_blocking(move || {
-            let batch = builder.analyze_and_log(&raw);
-            let (groups, report) = builder.build_groups(raw, registry.as_deref());
-            (groups, report, batch)
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let report = state.engine.train(groups).await.map_err(ApiError::Internal)?;
-        state.metrics.record_step(&report, &batch);
-        let mut entry = serde_json::to_value(&report).unwrap_or_default();
-        if let (Some(object), Ok(Value::Object(extra))) = (entry.as_object_mut(), serde_json::to_value(&batch)) {
-            object.extend(extra);
-            object.insert("plugins".into(), serde_json::to_value(&plugin_report).unwrap_or_default());
-        }
-        steps.push(entry);
-    }
-    Ok(json!({"training": true, "group_completed": group_completed, "steps": steps}))
+    let entry = RewardEntry { rollout_id: id.to_string(), reward, group_id: group, group_size: None };
+    let mut reply = reward_many(state, vec![entry])?;
+    reply["training"] = json!(true);
+    Ok(reply)
 }

@@ -1,15 +1,21 @@
 //! The policy loss: PPO's clipped surrogate with clip-higher, against the logprobs recorded
 //! when the tokens were sampled, plus optional KL to the base policy and an entropy bonus.
 //!
-//! The "old" policy is whatever produced the rollout; since sampler and trainer are the same
-//! forward code on the same weights, the ratio is exactly 1 for rollouts of the current
-//! version (up to float rounding), and the clip range only matters for stale rollouts or
-//! later micro-steps.
+//! The "old" policy is the distribution each token was actually drawn from: the sampler
+//! records its logprob after temperature, top-k and top-p (`sampling_logprob`). The "new"
+//! policy is the same family under the current weights: each sample's own temperature, and its
+//! own top-k / top-p set recomputed from the current logits, with the sampled token always kept
+//! in it (a token the current set would exclude still gets a finite logprob and a gradient).
+//! Sampler and trainer are the same forward code and cut distributions with the same
+//! [`Truncation`], so the ratio is exactly 1 for rollouts of the current version (up to float
+//! rounding), and the clip range only matters for stale rollouts or later micro-steps.
+//! Entropies and the KL term use the tempered distribution before truncation.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::TrainError;
+use crate::engine::sampler::{SamplingParams, Truncation};
 use crate::engine::score::PaddedPairs;
 use crate::model::{ForwardInput, Transformer};
 
@@ -54,12 +60,12 @@ pub struct TrainSample {
     pub prompt_ids: Vec<u32>,
     /// Exact completion ids as served.
     pub completion_ids: Vec<u32>,
-    /// Logprob of each completion token when it was sampled.
+    /// Logprob of each completion token under the distribution it was drawn from.
     pub old_logprobs: Vec<f32>,
     /// Advantage of each completion token.
     pub advantages: Vec<f32>,
-    /// Temperature the logprobs are under.
-    pub temperature: f64,
+    /// How the completion was sampled (temperature, top-k, top-p; the seed is unused).
+    pub sampling: SamplingParams,
 }
 
 /// What a backward pass over some samples measured.
@@ -106,8 +112,15 @@ pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize
         if let Some(id) = s.prompt_ids.iter().chain(&s.completion_ids).find(|&&id| id as usize >= vocab_size) {
             return Err(TrainError::InvalidSample { index: i, reason: format!("token id {id} outside the vocabulary") });
         }
-        if s.old_logprobs.iter().chain(&s.advantages).any(|v| !v.is_finite()) || s.temperature.is_nan() || s.temperature < 0.0 {
-            return Err(TrainError::InvalidSample { index: i, reason: "non-finite logprob, advantage or temperature".into() });
+        if s.old_logprobs.iter().chain(&s.advantages).any(|v| !v.is_finite()) {
+            return Err(TrainError::InvalidSample { index: i, reason: "non-finite logprob or advantage".into() });
+        }
+        let t = s.sampling.temperature;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(TrainError::InvalidSample { index: i, reason: format!("temperature {t}: greedy or invalid sampling has no behaviour distribution to train against") });
+        }
+        if !(s.sampling.top_p > 0.0 && s.sampling.top_p <= 1.0) {
+            return Err(TrainError::InvalidSample { index: i, reason: format!("top_p {} outside (0, 1]", s.sampling.top_p) });
         }
     }
     Ok(())
@@ -124,21 +137,41 @@ pub fn accumulate(model: &Transformer, samples: &[TrainSample], config: &LossCon
     stats
 }
 
-/// Float32 log-softmax rows `(tokens, vocab)` predicting each completion token, and the flat
-/// index of each completion token's row.
-fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor) {
+/// Float32 tempered scores `logits / T` `(tokens, vocab)` predicting each completion token
+/// (each sample under its own temperature), and the completion tokens `(tokens,)`.
+fn completion_scores(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor) {
     let device = model.device();
     let pairs: Vec<(&[u32], &[u32])> = samples.iter().map(|s| (s.prompt_ids.as_slice(), s.completion_ids.as_slice())).collect();
     let batch = PaddedPairs::new(&pairs, device);
-    // Each sample's tokens are under its own sampling temperature.
     let inv_t: Vec<f32> = samples
         .iter()
-        .flat_map(|s| std::iter::repeat_n((1.0 / if s.temperature > 0.0 { s.temperature } else { 1.0 }) as f32, s.completion_ids.len()))
+        .flat_map(|s| std::iter::repeat_n((1.0 / s.sampling.logprob_temperature()) as f32, s.completion_ids.len()))
         .collect();
     let hidden = model.forward_hidden(&ForwardInput { tokens: &batch.tokens, positions: &batch.positions, use_lora, training }, None);
     let inv_t = Tensor::from_slice(&inv_t).to_device(device).unsqueeze(1);
-    let logprobs = (model.logits(&batch.predicting(&hidden)) * inv_t).log_softmax(-1, Kind::Float);
-    (logprobs, batch.targets)
+    (model.logits(&batch.predicting(&hidden)) * inv_t, batch.targets)
+}
+
+/// Float32 log-softmax rows `(tokens, vocab)` of the tempered distributions, and the targets.
+fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor) {
+    let (scores, targets) = completion_scores(model, samples, use_lora, training);
+    (scores.log_softmax(-1, Kind::Float), targets)
+}
+
+/// `(tokens,)` logprob of each target under its sample's own sampling distribution: the
+/// tempered scores cut to the sample's top-k / top-p set (recomputed from these scores, the
+/// target always kept), renormalised. Equal to `tempered` gathered when nothing is truncated.
+fn policy_logprobs(scores: &Tensor, tempered: &Tensor, samples: &[TrainSample], targets: &Tensor) -> Tensor {
+    let targets = targets.unsqueeze(1);
+    let params: Vec<&SamplingParams> = samples.iter().map(|s| &s.sampling).collect();
+    let vocab = scores.size()[1] as usize;
+    let Some(truncation) = Truncation::new(&params, vocab, scores.device()) else {
+        return tempered.gather(1, &targets, false).squeeze_dim(1);
+    };
+    let counts: Vec<i64> = samples.iter().map(|s| s.completion_ids.len() as i64).collect();
+    let per_token = truncation.repeat_rows(&Tensor::from_slice(&counts).to_device(scores.device()));
+    let outside = per_token.outside(scores).scatter_value(1, &targets, 0);
+    scores.masked_fill(&outside, f64::NEG_INFINITY).log_softmax(-1, Kind::Float).gather(1, &targets, false).squeeze_dim(1)
 }
 
 /// Per-token entropy (nats) of the served policy over each sample's completion, without
@@ -172,8 +205,9 @@ fn per_sample(flat: &Tensor, samples: &[TrainSample]) -> Vec<Vec<f32>> {
 
 fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
     let device = model.device();
-    let (logprobs, targets) = completion_logprobs(model, samples, true, true);
-    let new_lp = logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+    let (scores, targets) = completion_scores(model, samples, true, true);
+    let logprobs = scores.log_softmax(-1, Kind::Float);
+    let new_lp = policy_logprobs(&scores, &logprobs, samples, &targets);
     let flat = |f: &dyn Fn(&TrainSample) -> &Vec<f32>| Tensor::from_slice(&samples.iter().flat_map(|s| f(s).iter().copied()).collect::<Vec<f32>>()).to_device(device);
     let old_lp = flat(&|s| &s.old_logprobs);
     let adv = flat(&|s| &s.advantages);
@@ -191,7 +225,8 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     if config.kl_coef != 0.0 {
         let (ref_logprobs, _) = tch::no_grad(|| completion_logprobs(model, samples, false, false));
         let ref_lp = ref_logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
-        let log_ratio = ref_lp - &new_lp;
+        // KL between the tempered distributions (truncation would make it infinite).
+        let log_ratio = ref_lp - logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
         let k3 = log_ratio.exp() - &log_ratio - 1.0;
         kl_sum = f64::try_from(k3.detach().sum(Kind::Double)).unwrap_or(f64::NAN);
         per_token = per_token + k3 * config.kl_coef;

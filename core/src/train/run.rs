@@ -447,13 +447,17 @@ impl Run {
         let completions = generations
             .into_iter()
             .zip(rewards)
-            .filter_map(|(generation, reward)| {
+            .enumerate()
+            .filter_map(|(index, (generation, reward))| {
                 let reward = reward?;
                 let pieces: Vec<String> = generation.tokens.iter().map(|t| t.text.clone()).collect();
                 Some(ScoredCompletion {
+                    id: format!("sample-{index}"),
+                    prompt_ids: prompt_ids.to_vec(),
+                    sampling: SamplingParams { temperature: self.config.temperature, ..SamplingParams::default() },
                     pieces,
                     completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
-                    logprobs: generation.tokens.iter().map(|t| t.logprob).collect(),
+                    logprobs: generation.tokens.iter().map(|t| t.sampling_logprob).collect(),
                     entropies: generation.tokens.iter().map(|t| t.entropy).collect(),
                     reward,
                 })
@@ -490,15 +494,17 @@ impl Run {
                     resampled += 1;
                 }
             }
+            let group = format!("{step}-{p}");
             rollouts.extend(members.iter().map(|m| RolloutRecord {
                 step,
-                group: format!("{step}-{p}"),
+                group: group.clone(),
                 reward: m.reward,
                 pieces: m.pieces.clone(),
                 logprobs: m.logprobs.clone(),
                 entropies: m.entropies.clone(),
+                ..RolloutRecord::default()
             }));
-            groups.extend(self.step_plugins.build_group(prompt_ids, self.config.temperature, members, &self.grams, &mut plugin_report));
+            groups.extend(self.step_plugins.build_group(group, members, &self.grams, &mut plugin_report));
         }
         let sample_seconds = started.elapsed().as_secs_f64();
         let train = self.trainer.step(&self.loaded.model, &groups)?;

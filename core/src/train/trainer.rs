@@ -14,6 +14,7 @@ use super::credit::{self, CreditScheme, GroupInput};
 use super::loss::{self, LossConfig, TrainSample};
 use super::optimizer::{self, AdamW, OptimConfig};
 use super::TrainError;
+use crate::engine::sampler::SamplingParams;
 use crate::model::lora::{self, LoraConfig};
 use crate::model::Transformer;
 
@@ -31,12 +32,21 @@ pub struct TrainerConfig {
     pub credit: CreditScheme,
 }
 
-/// One rewarded completion of a group.
+/// One rewarded completion of a group, with everything needed to score it exactly as it was
+/// sampled: members of one group may come from different requests (client-named groups), so
+/// each carries its own prompt and sampling parameters.
 #[derive(Clone, Debug)]
 pub struct GroupMember {
+    /// The rollout's id (for reports and logs).
+    pub id: String,
+    /// Prompt ids as served.
+    pub prompt_ids: Vec<u32>,
+    /// How the completion was sampled.
+    pub sampling: SamplingParams,
     /// Completion ids as served.
     pub completion_ids: Vec<u32>,
-    /// Sampling logprob of each completion token.
+    /// Logprob of each completion token under the distribution it was drawn from (the
+    /// behaviour policy: temperature, top-k and top-p applied).
     pub logprobs: Vec<f32>,
     /// Scalar reward.
     pub reward: f32,
@@ -47,13 +57,11 @@ pub struct GroupMember {
     pub entropies: Vec<f32>,
 }
 
-/// Completions of one prompt, sampled from the same policy, with their rewards.
+/// Completions compared with each other (GRPO's group), with their rewards.
 #[derive(Clone, Debug)]
 pub struct RolloutGroup {
-    /// Prompt ids as served.
-    pub prompt_ids: Vec<u32>,
-    /// Sampling temperature (the logprobs are under it).
-    pub temperature: f64,
+    /// A label for reports (the request id or the client's group id).
+    pub id: String,
     /// The completions.
     pub members: Vec<GroupMember>,
     /// Per-token advantages computed outside the trainer (a credit plugin); when `None` the
@@ -74,6 +82,11 @@ pub struct StepReport {
     pub groups: usize,
     /// Groups skipped for equal rewards.
     pub zero_variance_groups: usize,
+    /// Groups refused on their own (invalid shapes, non-finite advantages, greedy members);
+    /// the rest of the step trains without them.
+    pub rejected_groups: Vec<RejectedGroup>,
+    /// Ids of the groups whose tokens carried gradient in this step.
+    pub trained_groups: Vec<String>,
     /// Mean reward over all offered completions.
     pub reward_mean: f64,
     /// Mean completion length in tokens.
@@ -100,6 +113,18 @@ pub struct StepReport {
     pub step_seconds: f64,
     /// Trained tokens per second.
     pub tokens_per_s: f64,
+    /// Per trained member (by id), its per-token advantages (for rollout logs, not replies).
+    #[serde(skip)]
+    pub advantages: Vec<(String, Vec<f32>)>,
+}
+
+/// A group a step refused, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct RejectedGroup {
+    /// The group's id.
+    pub group: String,
+    /// What was wrong with it.
+    pub reason: String,
 }
 
 /// Checks advantages given from outside against the group's shape.
@@ -162,11 +187,50 @@ impl Trainer {
         self.policy_version = version;
     }
 
+    /// One group's training samples and per-member advantages, `None` for a zero-variance
+    /// group, or why the group cannot be trained on.
+    fn group_samples(&self, model: &Transformer, group: &RolloutGroup) -> Result<Option<(Vec<TrainSample>, Vec<Vec<f32>>)>, TrainError> {
+        let rewards: Vec<f32> = group.members.iter().map(|m| m.reward).collect();
+        if let Some(r) = rewards.iter().find(|r| !r.is_finite()) {
+            return Err(TrainError::InvalidSample { index: 0, reason: format!("reward {r} is not finite") });
+        }
+        let planning: Vec<Vec<bool>> = group.members.iter().map(|m| m.planning_mask.clone()).collect();
+        let to_sample = |m: &GroupMember, advantages: Vec<f32>| TrainSample {
+            prompt_ids: m.prompt_ids.clone(),
+            completion_ids: m.completion_ids.clone(),
+            old_logprobs: m.logprobs.clone(),
+            advantages,
+            sampling: m.sampling.clone(),
+        };
+        let probe: Vec<TrainSample> = group.members.iter().map(|m| to_sample(m, vec![0.0; m.completion_ids.len()])).collect();
+        loss::validate(&probe, model.config().vocab_size, model.max_positions())?;
+        let recorded = group.members.iter().all(|m| m.entropies.len() == m.completion_ids.len());
+        let entropies = match self.config.credit {
+            CreditScheme::EntropyGated { .. } if group.advantages.is_none() && recorded => Some(group.members.iter().map(|m| m.entropies.clone()).collect()),
+            // Not recorded at sampling time: measure them with a no-grad pass.
+            CreditScheme::EntropyGated { .. } if group.advantages.is_none() => Some(loss::token_entropies(model, &probe, self.config.loss.micro_batch)),
+            _ => None,
+        };
+        let advantages = match &group.advantages {
+            Some(given) => precomputed(given, &rewards, &planning)?,
+            None => credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: entropies.as_deref() })?,
+        };
+        if advantages.zero_variance {
+            return Ok(None);
+        }
+        if advantages.per_token.iter().flatten().any(|a| !a.is_finite()) {
+            return Err(TrainError::NonFinite("advantages".into()));
+        }
+        let samples = group.members.iter().zip(&advantages.per_token).map(|(m, a)| to_sample(m, a.clone())).collect();
+        Ok(Some((samples, advantages.per_token)))
+    }
+
     fn tensors(&self) -> Vec<Tensor> {
         self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
     }
 
-    /// Trains on `groups`: one optimizer step unless every group has equal rewards.
+    /// Trains on `groups`: one optimizer step unless every group has equal rewards. A group
+    /// that is invalid on its own is refused and reported; the others still train.
     pub fn step(&mut self, model: &Transformer, groups: &[RolloutGroup]) -> Result<StepReport, TrainError> {
         let started = Instant::now();
         let mut report = StepReport { groups: groups.len(), ..StepReport::default() };
@@ -174,49 +238,21 @@ impl Trainer {
         let mut masks = Vec::new();
         let (mut reward_sum, mut members, mut length_sum) = (0.0f64, 0usize, 0usize);
         for group in groups {
-            let rewards: Vec<f32> = group.members.iter().map(|m| m.reward).collect();
-            let planning: Vec<Vec<bool>> = group.members.iter().map(|m| m.planning_mask.clone()).collect();
-            reward_sum += rewards.iter().map(|&r| r as f64).sum::<f64>();
-            members += rewards.len();
+            reward_sum += group.members.iter().map(|m| m.reward as f64).sum::<f64>();
+            members += group.members.len();
             length_sum += group.members.iter().map(|m| m.completion_ids.len()).sum::<usize>();
-            let recorded = group.members.iter().all(|m| m.entropies.len() == m.completion_ids.len());
-            let entropies = match self.config.credit {
-                CreditScheme::EntropyGated { .. } if group.advantages.is_none() && recorded => Some(group.members.iter().map(|m| m.entropies.clone()).collect()),
-                // Not recorded at sampling time: measure them with a no-grad pass.
-                CreditScheme::EntropyGated { .. } if group.advantages.is_none() => {
-                    let probe: Vec<TrainSample> = group
-                        .members
-                        .iter()
-                        .map(|m| TrainSample {
-                            prompt_ids: group.prompt_ids.clone(),
-                            completion_ids: m.completion_ids.clone(),
-                            old_logprobs: m.logprobs.clone(),
-                            advantages: vec![0.0; m.completion_ids.len()],
-                            temperature: group.temperature,
-                        })
-                        .collect();
-                    loss::validate(&probe, model.config().vocab_size, model.max_positions())?;
-                    Some(loss::token_entropies(model, &probe, self.config.loss.micro_batch))
+            match self.group_samples(model, group) {
+                Ok(None) => report.zero_variance_groups += 1,
+                Ok(Some((group_samples, advantages))) => {
+                    masks.extend(group.members.iter().map(|m| m.planning_mask.clone()));
+                    samples.extend(group_samples);
+                    report.trained_groups.push(group.id.clone());
+                    report.advantages.extend(group.members.iter().map(|m| m.id.clone()).zip(advantages));
                 }
-                _ => None,
-            };
-            let advantages = match &group.advantages {
-                Some(given) => precomputed(given, &rewards, &planning)?,
-                None => credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: entropies.as_deref() })?,
-            };
-            if advantages.zero_variance {
-                report.zero_variance_groups += 1;
-                continue;
-            }
-            for (member, per_token) in group.members.iter().zip(advantages.per_token) {
-                samples.push(TrainSample {
-                    prompt_ids: group.prompt_ids.clone(),
-                    completion_ids: member.completion_ids.clone(),
-                    old_logprobs: member.logprobs.clone(),
-                    advantages: per_token,
-                    temperature: group.temperature,
-                });
-                masks.push(member.planning_mask.clone());
+                Err(err) => {
+                    tracing::warn!(group = %group.id, %err, "group refused; the step trains without it");
+                    report.rejected_groups.push(RejectedGroup { group: group.id.clone(), reason: err.to_string() });
+                }
             }
         }
         report.reward_mean = if members > 0 { reward_sum / members as f64 } else { 0.0 };
@@ -227,7 +263,6 @@ impl Trainer {
             report.step_seconds = started.elapsed().as_secs_f64();
             return Ok(report);
         }
-        loss::validate(&samples, model.config().vocab_size, model.max_positions())?;
         let total_tokens: usize = samples.iter().map(|s| s.completion_ids.len()).sum();
         let tensors = self.tensors();
         optimizer::zero_grad(&tensors);

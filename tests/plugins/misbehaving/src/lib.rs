@@ -4,8 +4,22 @@
 //! chars / 100, and `"per_item"` takes the misbehaviour from the first item's metadata
 //! (`{"misbehave": "panic"}`, ...; none: `"length"`), so a server can load it (its smoke call
 //! behaves) and tests can trigger each failure at serving time.
+//!
+//! Hangs the tests can end: `{"misbehave": "block", "gate": PATH}` in an item's metadata blocks
+//! that call while the file PATH exists, and config `"block_configure_while": PATH` blocks
+//! `configure` the same way (a load while the file is absent behaves, a later reload hangs).
+
+use std::path::Path;
+use std::time::Duration;
 
 use hicra_sdk::{export_reward_plugin, serde_json::Value, RewardItem, RewardPlugin, RewardScore};
+
+/// Blocks while the file at `gate` exists (a test removes it to let the call return).
+fn block_while(gate: &str) {
+    while Path::new(gate).exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// The configured misbehaviour.
 #[derive(Default)]
@@ -19,6 +33,9 @@ impl RewardPlugin for Misbehaving {
     const VERSION: &'static str = "0.0.1";
 
     fn configure(&mut self, config: &Value) -> Result<(), String> {
+        if let Some(gate) = config.get("block_configure_while").and_then(Value::as_str) {
+            block_while(gate);
+        }
         self.mode = config.get("mode").and_then(Value::as_str).unwrap_or("ok").to_string();
         self.constant = config.get("constant").and_then(Value::as_f64).unwrap_or(0.5) as f32;
         if self.mode == "reject" {
@@ -28,7 +45,8 @@ impl RewardPlugin for Misbehaving {
     }
 
     fn score(&self, items: &[RewardItem]) -> Vec<Result<RewardScore, String>> {
-        let requested = items.first().and_then(|i| i.metadata().get("misbehave").and_then(Value::as_str).map(str::to_string));
+        let metadata = items.first().map(RewardItem::metadata).unwrap_or(Value::Null);
+        let requested = metadata.get("misbehave").and_then(Value::as_str).map(str::to_string);
         let mode = match (self.mode.as_str(), requested) {
             ("per_item", Some(mode)) => mode,
             ("per_item", None) => "length".to_string(),
@@ -39,6 +57,10 @@ impl RewardPlugin for Misbehaving {
             "hang" => loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             },
+            "block" => {
+                block_while(metadata.get("gate").and_then(Value::as_str).unwrap_or_default());
+                items.iter().map(|_| Ok(RewardScore::new(self.constant))).collect()
+            }
             "nan" => items.iter().map(|_| Ok(RewardScore::new(f32::NAN))).collect(),
             // One result too many, whatever the batch size.
             "wrong_count" => (0..=items.len()).map(|_| Ok(RewardScore::new(1.0))).collect(),
