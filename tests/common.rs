@@ -106,3 +106,88 @@ pub fn built_plugin(name: &str) -> PathBuf {
     path
 }
 
+
+/// Polls `GET /v1/training` until at least `steps` training steps have finished (ran or
+/// failed) and returns its last answer. Steps run off the reward requests, so tests wait here.
+pub fn wait_for_steps(url: &str, key: Option<&str>, steps: u64) -> serde_json::Value {
+    let client = reqwest::blocking::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let mut request = client.get(format!("{url}/v1/training"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let status: serde_json::Value = request.send().and_then(|r| r.json()).expect("GET /v1/training");
+        let counters = &status["counters"];
+        let done = counters["steps"].as_u64().unwrap_or(0) + counters["failed_steps"].as_u64().unwrap_or(0);
+        if done >= steps {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "no step {steps} within 180 s: {status}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The newest step report of a `GET /v1/training` answer.
+pub fn last_step(status: &serde_json::Value) -> &serde_json::Value {
+    status["last_steps"].as_array().and_then(|s| s.last()).unwrap_or(&serde_json::Value::Null)
+}
+
+/// Which tokens of a completion fall inside a phrase of the paper's Strategic-Gram list, computed
+/// here independently of the server's matcher: words are runs of letters and digits
+/// (apostrophes dropped), every other visible character is a word of its own, matching is
+/// case-folded and whole-word, and a token is planning when its text overlaps a match.
+pub fn strategic_gram_tokens(pieces: &[String]) -> Vec<bool> {
+    let list = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/strategic_grams.txt")).expect("SG list");
+    let phrases: Vec<Vec<String>> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "#" && !l.starts_with("# "))
+        .map(|l| words_of(l).into_iter().map(|(_, _, w)| w).collect())
+        .collect();
+    let text: String = pieces.concat();
+    let words = words_of(&text);
+    let mut covered = vec![false; text.len()];
+    for start in 0..words.len() {
+        for phrase in &phrases {
+            let Some(window) = words.get(start..start + phrase.len()) else { continue };
+            if !phrase.is_empty() && window.iter().zip(phrase).all(|(w, p)| &w.2 == p) {
+                covered[window[0].0..window[phrase.len() - 1].1].iter_mut().for_each(|c| *c = true);
+            }
+        }
+    }
+    let mut at = 0;
+    pieces
+        .iter()
+        .map(|piece| {
+            let span = at..at + piece.len();
+            at += piece.len();
+            covered[span].iter().any(|&c| c)
+        })
+        .collect()
+}
+
+/// `(start, end, folded word)` of every word of `text`, by the rule above.
+fn words_of(text: &str) -> Vec<(usize, usize, String)> {
+    let mut out: Vec<(usize, usize, String)> = Vec::new();
+    let mut current: Option<(usize, usize, String)> = None;
+    for (i, c) in text.char_indices() {
+        let end = i + c.len_utf8();
+        if c.is_alphanumeric() {
+            let word = current.get_or_insert((i, end, String::new()));
+            word.1 = end;
+            word.2.extend(c.to_lowercase());
+        } else if c == '\'' || c == '\u{2019}' {
+            if let Some(word) = current.as_mut() {
+                word.1 = end;
+            }
+        } else {
+            out.extend(current.take());
+            if !c.is_whitespace() {
+                out.push((i, end, c.to_lowercase().collect()));
+            }
+        }
+    }
+    out.extend(current);
+    out
+}

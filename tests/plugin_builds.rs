@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{start_server, tiny_model_file};
+use common::{last_step, start_server, tiny_model_file, wait_for_steps};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
@@ -127,7 +127,8 @@ fn the_starter_plugin_trains_then_a_rebuild_changes_its_behaviour_without_a_rest
     let client = Client::new();
     let url = |path: &str| format!("{}{path}", server.url);
 
-    // Version 1 scores min(1, 4 / characters); four such scores complete a group and train.
+    // Version 1 scores min(1, 4 / characters); four such scores complete a group, which the
+    // step worker trains on.
     let (status, body) = post(&client, url("/v1/chat/completions"), "", json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 12, "seed": 11}));
     assert_eq!(status, 200, "{body}");
     let mut last = Value::Null;
@@ -140,7 +141,12 @@ fn the_starter_plugin_trains_then_a_rebuild_changes_its_behaviour_without_a_rest
         assert!((scored["score"].as_f64().unwrap_or(-1.0) - expected).abs() < 1e-6, "{characters} characters: {scored}");
         last = scored;
     }
-    assert_eq!(last["training"]["steps"][0]["updated"], true, "the plugin's scores must train: {last}");
+    assert_eq!(last["training"]["training"], true, "{last}");
+    assert_eq!(last["training"]["groups_completed"], 1, "the fourth score must complete the group: {last}");
+    assert_eq!(last["training"]["rewards"][0]["status"], "complete", "{last}");
+    let status = wait_for_steps(&server.url, None, 1);
+    assert_eq!(last_step(&status)["updated"], true, "the plugin's scores must train: {status}");
+    assert_eq!(status["counters"]["trained"], 1, "{status}");
 
     // Change the code (a stricter rule, a new version), rebuild, install, reload while
     // requests are being served.
@@ -166,8 +172,9 @@ fn the_starter_plugin_trains_then_a_rebuild_changes_its_behaviour_without_a_rest
     assert_eq!(reloaded.1["plugins"][0]["version"], "2.0.0", "{}", reloaded.1);
     assert!(reloaded.1["plugins"][0]["generation"].as_u64() > Some(1));
 
-    // The new behaviour: over budget now earns 0 where version 1 gave a share.
-    let (_, body) = post(&client, url("/v1/chat/completions"), "", json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 1.0, "seed": 3}));
+    // The new behaviour: over budget now earns 0 where version 1 gave a share. Two sampled
+    // choices, so the scored rollout can join a group (an n = 1 rollout never could).
+    let (_, body) = post(&client, url("/v1/chat/completions"), "", json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 3}));
     let choice = &body["choices"][0];
     let characters = choice["message"]["content"].as_str().expect("content").chars().count();
     assert!(characters > 4, "the probe completion must exceed the budget ({characters} characters)");
@@ -175,6 +182,7 @@ fn the_starter_plugin_trains_then_a_rebuild_changes_its_behaviour_without_a_rest
     let (status, scored) = post(&client, url(&format!("/v1/rollouts/{id}/score")), "", json!({}));
     assert_eq!(status, 200, "{scored}");
     assert_eq!(scored["score"].as_f64(), Some(0.0), "{scored}");
+    assert_eq!(scored["training"]["rewards"][0]["status"], "collecting", "{scored}");
     let listed = get(&client, url("/admin/plugins"), "admin");
     assert!(listed["pinned_bytes"].as_u64() > Some(0), "{listed}");
 }

@@ -9,7 +9,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{built_plugin, scratch_dir, start_server, tiny_model_file};
+use common::{built_plugin, last_step, scratch_dir, start_server, tiny_model_file, wait_for_steps};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
@@ -64,7 +64,8 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
     let (status, _) = call(&client, "GET", url("/admin/plugins"), "wrong", None);
     assert_eq!(status, 401);
 
-    // The plugin scores the 4 choices of one request; the 4th completes the group and trains.
+    // The plugin scores the 4 choices of one request; the 4th completes the group, which the
+    // step worker then trains on.
     let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 12, "seed": 9})));
     let ids: Vec<String> = body["choices"].as_array().expect("choices").iter().map(|c| c["hicra"]["rollout_id"].as_str().expect("id").to_string()).collect();
     let mut last = Value::Null;
@@ -74,7 +75,17 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
         assert_eq!(scored["plugin"], "misbehaving");
         last = scored;
     }
-    assert_eq!(last["training"]["steps"][0]["updated"], true, "{last}");
+    let training = &last["training"];
+    assert_eq!(training["training"], true, "{last}");
+    assert_eq!(training["accepted"], true, "{last}");
+    assert_eq!(training["groups_completed"], 1, "{last}");
+    assert_eq!(training["rewards"][0]["status"], "complete", "{last}");
+    assert_eq!((training["rewards"][0]["rewarded"].as_u64(), training["rewards"][0]["size"].as_u64()), (Some(4), Some(4)), "{last}");
+    let status = wait_for_steps(&server.url, None, 1);
+    let step = last_step(&status);
+    assert_eq!(step["updated"], true, "{status}");
+    assert_eq!(step["group_ids"], json!([training["rewards"][0]["group_id"]]), "{status}");
+    assert_eq!(status["counters"]["trained"], 1, "{status}");
 
     // Hot swap: another build at the same path, reloaded while requests keep succeeding.
     std::fs::copy(built_plugin("hicra_math_reward"), &plugin_file).expect("swap plugin");
@@ -94,11 +105,17 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
     });
     assert_eq!(reloaded.0, 200, "{}", reloaded.1);
     assert_eq!(reloaded.1["plugins"][0]["name"], "math");
-    let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6})));
+    // Two sampled choices, so the scored rollout joins a group that can complete.
+    let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "2+2?"}], "n": 2, "temperature": 1.0, "max_tokens": 6, "seed": 5})));
     let id = body["choices"][0]["hicra"]["rollout_id"].as_str().expect("id").to_string();
     let (status, scored) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({"metadata": {"answer": "4"}})));
     assert_eq!(status, 200, "{scored}");
     assert_eq!(scored["plugin"], "math");
+    assert_eq!(scored["training"]["rewards"][0]["status"], "collecting", "{scored}");
+    assert_eq!((scored["training"]["rewards"][0]["rewarded"].as_u64(), scored["training"]["rewards"][0]["size"].as_u64()), (Some(1), Some(2)), "{scored}");
+    // A rollout is rewarded once: scoring it again is a conflict that changes nothing.
+    let (status, again) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({"metadata": {"answer": "4"}})));
+    assert_eq!(status, 409, "{again}");
     // Without the answer the math plugin fails the item: masked, reported, not scored 0.
     let (status, failed) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({})));
     assert_eq!(status, 400, "{failed}");
@@ -141,11 +158,15 @@ fn detector_and_credit_plugins_drive_online_training() {
         let rewards: Vec<Value> = body["choices"].as_array().expect("choices").iter().enumerate().map(|(i, c)| json!({"rollout_id": c["hicra"]["rollout_id"], "reward": (i % 2) as f64})).collect();
         let (status, reply) = call(&client, "POST", format!("{}/v1/rewards", server.url), "", Some(json!({"rewards": rewards})));
         assert_eq!(status, 200, "{reply}");
-        let step = &reply["steps"][0];
-        assert_eq!(step["updated"], true, "{name}: {reply}");
-        assert_eq!(step["plugins"]["sg_detector"], "phrases");
-        assert_eq!(step["plugins"]["credit"], name);
-        assert_eq!(step["plugins"]["dropped_groups"], 0, "{name}: {reply}");
+        assert_eq!(reply["groups_completed"], 1, "{name}: {reply}");
+        let group = reply["rewards"][0]["group_id"].clone();
+        let status = wait_for_steps(&server.url, None, 1);
+        let step = last_step(&status);
+        assert_eq!(step["updated"], true, "{name}: {status}");
+        assert_eq!(step["trained_groups"], json!([group]), "{name}: {status}");
+        assert_eq!(step["plugins"]["sg_detector"], "phrases", "{name}: {status}");
+        assert_eq!(step["plugins"]["credit"], name, "{name}: {status}");
+        assert_eq!(step["plugins"]["dropped_groups"], 0, "{name}: {status}");
     }
 }
 
@@ -184,9 +205,12 @@ fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing
         assert_eq!(status, 200, "{scored}");
         last = scored;
     }
-    let step = &last["training"]["steps"][0];
-    assert_eq!(step["updated"], true, "{last}");
-    assert!(step["loss"].as_f64().is_some_and(f64::is_finite) && step["grad_norm"].as_f64().is_some_and(f64::is_finite), "{last}");
+    assert_eq!(last["training"]["rewards"][0]["status"], "complete", "{last}");
+    let status = wait_for_steps(&server.url, None, 1);
+    assert_eq!(status["counters"]["failed_steps"], 0, "{status}");
+    let step = last_step(&status);
+    assert_eq!(step["updated"], true, "{status}");
+    assert!(step["loss"].as_f64().is_some_and(f64::is_finite) && step["grad_norm"].as_f64().is_some_and(f64::is_finite), "{status}");
     let metrics = client.get(url("/metrics")).send().expect("metrics").text().expect("text");
     assert!(metrics.contains("hicra_plugin_item_failures_total"), "{metrics}");
 }

@@ -207,3 +207,48 @@ fn kl_to_the_base_policy_is_zero_before_training_and_positive_after() {
     assert!(after.kl_sum > 1e-6, "trained adapters: KL {}", after.kl_sum);
     assert!(after.loss.is_finite() && after.entropies.iter().flatten().all(|h| *h >= 0.0));
 }
+
+#[test]
+fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
+    let _turn = serial();
+    let mut model = tiny_model();
+    let mut trainer = Trainer::new(&mut model, config(CreditScheme::default(), 1e-2)).expect("attach");
+    trainer.step(&model, &[group(sample_group(&model, 8, 8, 2))]).expect("step makes B non-zero");
+    let sampling = SamplingParams { temperature: 0.8, top_p: 0.6, top_k: 12, seed: 0 };
+    let requests: Vec<GenerationRequest> = (0..6)
+        .map(|i| GenerationRequest {
+            prompt_ids: PROMPT.to_vec(),
+            sampling: SamplingParams { seed: 900 + i, ..sampling.clone() },
+            max_new_tokens: 8,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            top_logprobs: 0,
+        })
+        .collect();
+    let generations = Engine::without_tokenizer(&model, 6, 64).generate(&requests).expect("generate");
+    let samples: Vec<TrainSample> = generations
+        .iter()
+        .map(|g| TrainSample {
+            prompt_ids: PROMPT.to_vec(),
+            completion_ids: g.tokens.iter().map(|t| t.id).collect(),
+            old_logprobs: g.tokens.iter().map(|t| t.sampling_logprob).collect(),
+            advantages: vec![1.0; g.tokens.len()],
+            sampling: sampling.clone(),
+        })
+        .collect();
+    // The truncation is real: the behaviour logprobs are above the untruncated ones.
+    let lifted = generations.iter().flat_map(|g| &g.tokens).filter(|t| t.sampling_logprob > t.logprob + 1e-3).count();
+    assert!(lifted > 0, "top-k/top-p should renormalise some draws");
+    let stats = loss::accumulate(&model, &samples, &LossConfig::default(), 48, 6);
+    let gap = stats.new_logprobs.iter().flatten().zip(samples.iter().flat_map(|s| &s.old_logprobs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(gap < 1e-4, "trainer and sampler disagree on the truncated distribution by {gap}");
+    assert_eq!(stats.clipped_tokens, 0);
+    hicra_core::train::optimizer::zero_grad(&trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
+    // Greedy members are refused on their own, and the rest of the step trains.
+    let mut greedy = group(sample_group(&model, 4, 6, 8));
+    greedy.id = "greedy".into();
+    greedy.members.iter_mut().for_each(|m| m.sampling = SamplingParams::greedy());
+    let report = trainer.step(&model, &[greedy, group(sample_group(&model, 8, 6, 9))]).expect("step");
+    assert!(report.updated && report.trained_groups == vec!["g".to_string()], "{report:?}");
+    assert!(report.rejected_groups.len() == 1 && report.rejected_groups[0].reason.contains("greedy"), "{report:?}");
+}
