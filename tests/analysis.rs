@@ -64,15 +64,56 @@ fn the_offline_loop_logs_rollouts_and_the_replayed_analysis_equals_the_live_one(
     // The last step evaluated on held-out prompts: metrics.jsonl's evaluation joins it.
     assert!(steps[1]["eval_pass1"].is_number() && steps[1]["eval_pass_k"].is_number(), "{}", steps[1]);
     let live = read_jsonl(&dir.join("metrics.jsonl"));
-    for (replayed, live) in steps.iter().zip(&live) {
+    for (step, (replayed, live)) in steps.iter().zip(&live).enumerate() {
         for key in ["rollouts", "accuracy", "pass_at_k", "sampled_length", "sampled_entropy_execution", "perplexity_execution", "semantic_entropy", "strategic_grams"] {
             assert_eq!(replayed[key], live[key], "{key}: replayed {} vs live {}", replayed[key], live[key]);
+        }
+        // Both must also equal numbers computed here from the raw log, by other code.
+        let records: Vec<&Value> = rollouts.iter().filter(|r| r["step"] == step as u64).collect();
+        let expected = independent_analysis(&records);
+        for (key, want) in expected {
+            let got = live[key].as_f64().unwrap_or(f64::NAN);
+            assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "step {step} {key}: analysis {got} vs independent {want}");
         }
     }
     // A broken log is refused with its line.
     std::fs::write(dir.join("broken.jsonl"), "{\"step\": 1}\n").expect("write");
     let output = Command::new(env!("CARGO_BIN_EXE_hicra")).arg("analyze").arg(dir.join("broken.jsonl")).output().expect("hicra runs");
     assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("broken.jsonl:1"));
+}
+
+/// Step metrics recomputed from logged records with this file's own arithmetic: counts,
+/// accuracy and pass@k from rewards, and execution-token entropy and perplexity with the
+/// planning tokens found by the tests' independent Strategic-Gram matcher.
+fn independent_analysis(records: &[&Value]) -> Vec<(&'static str, f64)> {
+    let floats = |v: &Value| v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect::<Vec<f64>>()).unwrap_or_default();
+    let (mut tokens, mut correct) = (0usize, 0usize);
+    let mut groups: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let (mut entropy_sum, mut logprob_sum, mut execution) = (0.0f64, 0.0f64, 0usize);
+    for record in records {
+        let pieces: Vec<String> = record["pieces"].as_array().expect("pieces").iter().map(|p| p.as_str().unwrap_or("").to_string()).collect();
+        let is_correct = record["reward"].as_f64().unwrap_or(0.0) >= 1.0;
+        correct += is_correct as usize;
+        *groups.entry(record["group"].as_str().unwrap_or("").to_string()).or_default() |= is_correct;
+        tokens += pieces.len();
+        let planning = common::strategic_gram_tokens(&pieces);
+        for ((h, lp), p) in floats(&record["entropies"]).iter().zip(floats(&record["logprobs"])).zip(planning) {
+            if !p {
+                entropy_sum += h;
+                logprob_sum += lp;
+                execution += 1;
+            }
+        }
+    }
+    let n = records.len() as f64;
+    vec![
+        ("rollouts", n),
+        ("accuracy", correct as f64 / n),
+        ("pass_at_k", groups.values().filter(|&&c| c).count() as f64 / groups.len() as f64),
+        ("sampled_length", tokens as f64 / n),
+        ("sampled_entropy_execution", entropy_sum / execution as f64),
+        ("perplexity_execution", (-logprob_sum / execution as f64).exp()),
+    ]
 }
 
 #[test]
@@ -90,10 +131,12 @@ fn a_training_server_logs_each_steps_rollouts_for_analysis() {
         .expect("json");
     let rewards: Vec<Value> = body["choices"].as_array().expect("choices").iter().enumerate().map(|(i, c)| json!({"rollout_id": c["hicra"]["rollout_id"], "reward": (i % 2) as f64})).collect();
     let reply: Value = client.post(format!("{}/v1/rewards", server.url)).json(&json!({"rewards": rewards})).send().expect("rewards").json().expect("json");
-    assert_eq!(reply["steps"][0]["updated"], true, "{reply}");
+    assert_eq!(reply["groups_completed"], 1, "{reply}");
+    assert_eq!(common::last_step(&common::wait_for_steps(&server.url, None, 1))["updated"], true);
     let logged = read_jsonl(&log);
     assert_eq!(logged.len(), 4);
-    assert!(logged.iter().all(|r| r["step"] == 0), "sampled by policy version 0");
+    assert!(logged.iter().all(|r| r["step"] == 0 && r["policy_version_first"] == 0), "sampled by policy version 0");
+    assert!(logged.iter().all(|r| r["advantages"].as_array().map(Vec::len) == r["pieces"].as_array().map(Vec::len)), "each token's advantage is logged");
     let metrics = client.get(format!("{}/metrics", server.url)).send().expect("metrics").text().expect("text");
     assert!(metrics.contains("hicra_train_pass_at_k 1"), "{metrics}");
     let out = dir.join("analysis");

@@ -3,10 +3,12 @@
 
 The agent loop a user would write: each round asks a few arithmetic questions with n samples
 each through the official OpenAI client, checks every answer, and posts the rewards to
-`/v1/rewards`. The server groups the n choices of each request, runs one HICRA step on its own
-engine thread when `--groups-per-step` groups are rewarded, and serves the next request with the
-updated adapters (the `policy_version` of each response says which). Greedy accuracy on held-out
-questions is measured before and after.
+`/v1/rewards`. The server groups the n choices of each request; the reward reply returns at once
+with each group's status. Once `--groups-per-step` groups are complete, the server's step worker
+runs one HICRA step on the engine thread and serves the next request with the updated adapters
+(the `policy_version` of each response says which). The client waits for that step by polling
+`GET /v1/training` and prints its report. Greedy accuracy on held-out questions is measured
+before and after.
 
     .deps/venv/bin/python examples/online_arithmetic/client.py --url http://127.0.0.1:8000 --rounds 8
 """
@@ -15,6 +17,7 @@ import json
 import random
 import re
 import sys
+import time
 
 import httpx
 from openai import OpenAI
@@ -39,6 +42,35 @@ def accuracy(client, model, items, max_tokens):
                                            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}])
         correct += last_number(r.choices[0].message.content) == answer
     return correct / len(items)
+
+
+def training_status(http) -> dict:
+    return http.get("/v1/training").raise_for_status().json()
+
+
+def finished_steps(status: dict) -> int:
+    counters = status["counters"]
+    return counters["steps"] + counters["failed_steps"]
+
+
+def wait_for_steps(http, steps: int, timeout_s: float = 600.0) -> dict:
+    """Polls `GET /v1/training` until `steps` steps have finished (ran or failed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = training_status(http)
+        if finished_steps(status) >= steps:
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"step {steps} did not finish within {timeout_s:.0f} s: {json.dumps(status)}")
+        time.sleep(0.1)
+
+
+def describe_step(step: dict) -> str:
+    if "error" in step:
+        return f"step failed: {step['error']}"
+    return (f"step {'updated' if step.get('updated') else 'skipped'} (zero-variance groups {step.get('zero_variance_groups', '-')},"
+            f" loss {step.get('loss', float('nan')):+.4f}, planning share {step.get('planning_share', float('nan')):.3f},"
+            f" {step.get('step_seconds', float('nan')):.1f}s)")
 
 
 def main() -> int:
@@ -73,13 +105,22 @@ def main() -> int:
                 version = ext["policy_version"]
                 rewards.append({"rollout_id": ext["rollout_id"], "reward": score})
                 scores.append(score)
+        before_reward = training_status(http)
         reply = http.post("/v1/rewards", json={"rewards": rewards}).raise_for_status().json()
-        steps = reply["steps"]
-        step = steps[-1] if steps else {}
-        print(f"round {round_:>2}: sampled with policy v{version}, mean reward {sum(scores) / len(scores):.3f}"
-              f" -> step {'updated' if step.get('updated') else 'skipped'} (zero-variance groups {step.get('zero_variance_groups', '-')},"
-              f" loss {step.get('loss', float('nan')):+.4f}, planning share {step.get('planning_share', float('nan')):.3f},"
-              f" {step.get('step_seconds', float('nan')):.1f}s), now serving v{reply['policy_version']}", flush=True)
+        # The reply only says which groups are complete; the steps they make run on the server's
+        # step worker. Wait for as many as the complete groups fill, then report the newest.
+        per_step = before_reward["settings"]["groups_per_step"]
+        new_steps = (before_reward["ready_groups"] + reply["groups_completed"]) // per_step
+        mean = sum(scores) / len(scores)
+        if new_steps == 0:
+            status = training_status(http)
+            print(f"round {round_:>2}: sampled with policy v{version}, mean reward {mean:.3f}"
+                  f" -> no step yet ({status['ready_groups']} of {per_step} groups ready), serving v{status['policy_version']}", flush=True)
+            continue
+        status = wait_for_steps(http, finished_steps(before_reward) + new_steps)
+        step = status["last_steps"][-1] if status["last_steps"] else {}
+        print(f"round {round_:>2}: sampled with policy v{version}, mean reward {mean:.3f}"
+              f" -> {describe_step(step)}, now serving v{status['policy_version']}", flush=True)
     after = accuracy(client, model, held_out, args.max_tokens)
     print(f"greedy accuracy after:  {after:.3f} (before {before:.3f})", flush=True)
     print(json.dumps({"accuracy_before": before, "accuracy_after": after, "rounds": args.rounds}))

@@ -194,17 +194,25 @@ pub(super) async fn reload(State(state): State<AppState>) -> Result<Json<Value>,
 
 /// Body of `POST /v1/rollouts/{id}/score`.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ScoreBody {
     /// Plugin name (the only plugin when omitted).
     plugin: Option<String>,
     /// Passed to the plugin as `metadata_json` (e.g. the reference answer).
     #[serde(default)]
     metadata: Value,
+    /// A client-named training group, as in a reward.
+    group_id: Option<String>,
+    /// Members of that group (its first reward fixes it).
+    group_size: Option<usize>,
 }
 
 pub(super) async fn score(State(state): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<ScoreBody>) -> Result<Response, ApiError> {
     let registry = state.plugins.clone().ok_or_else(|| ApiError::invalid("plugin", "no reward plugins configured (--plugin)"))?;
     let rollout = state.rollouts.get(&id).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
+    if let Some(previous) = rollout.reward {
+        return Err(ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous}); a rollout is rewarded once")));
+    }
     let generation = registry.current();
     let plugin = match &body.plugin {
         Some(name) => generation.iter().find(|p| &p.name == name),
@@ -237,7 +245,7 @@ pub(super) async fn score(State(state): State<AppState>, Path(id): Path<String>,
         }
         None => return Err(ApiError::Internal("plugin returned no result".into())),
     };
-    let reward = super::training::record_reward(&state, &id, score.score as f64, None).await?;
+    let reward = super::training::record_reward(&state, &id, score.score as f64, body.group_id.clone(), body.group_size).await?;
     Ok(Json(json!({
         "rollout_id": id,
         "plugin": plugin.name,

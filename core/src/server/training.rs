@@ -619,7 +619,7 @@ fn reward_many(state: &AppState, entries: Vec<RewardEntry>) -> Result<Value, Api
 
 /// Records a reward computed by a plugin (`POST /v1/rollouts/{id}/score`). Without training
 /// the reward is only stored on the rollout (once).
-pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group: Option<String>) -> Result<Value, ApiError> {
+pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group: Option<String>, group_size: Option<usize>) -> Result<Value, ApiError> {
     if state.training.is_none() {
         return match state.rollouts.set_reward(id, reward as f32, group) {
             Ok(_) => Ok(json!({"training": false})),
@@ -627,7 +627,7 @@ pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group
             Err(RewardRefusal::AlreadyRewarded(previous)) => Err(ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous})"))),
         };
     }
-    let entry = RewardEntry { rollout_id: id.to_string(), reward, group_id: group, group_size: None };
+    let entry = RewardEntry { rollout_id: id.to_string(), reward, group_id: group, group_size };
     let mut reply = reward_many(state, vec![entry])?;
     reply["training"] = json!(true);
     Ok(reply)

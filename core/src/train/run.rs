@@ -283,6 +283,9 @@ impl Run {
         if config.group_size < 2 || config.prompts_per_step == 0 {
             return Err(RunError::Config("group_size must be >= 2 and prompts_per_step >= 1".into()));
         }
+        if !(config.temperature.is_finite() && config.temperature > 0.0) {
+            return Err(RunError::Config(format!("temperature must be > 0 to train (got {}): greedy decoding draws from no distribution", config.temperature)));
+        }
         let mut examples = data::load(&config.data)?;
         let mut state = config.seed ^ 0xD1B5_4A32_D192_ED03;
         for i in (1..examples.len()).rev() {

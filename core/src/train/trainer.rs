@@ -118,6 +118,9 @@ pub struct StepReport {
     pub advantages: Vec<(String, Vec<f32>)>,
 }
 
+/// A group's training samples and each member's per-token advantages.
+type GroupSamples = (Vec<TrainSample>, Vec<Vec<f32>>);
+
 /// A group a step refused, and why.
 #[derive(Clone, Debug, Serialize)]
 pub struct RejectedGroup {
@@ -189,7 +192,7 @@ impl Trainer {
 
     /// One group's training samples and per-member advantages, `None` for a zero-variance
     /// group, or why the group cannot be trained on.
-    fn group_samples(&self, model: &Transformer, group: &RolloutGroup) -> Result<Option<(Vec<TrainSample>, Vec<Vec<f32>>)>, TrainError> {
+    fn group_samples(&self, model: &Transformer, group: &RolloutGroup) -> Result<Option<GroupSamples>, TrainError> {
         let rewards: Vec<f32> = group.members.iter().map(|m| m.reward).collect();
         if let Some(r) = rewards.iter().find(|r| !r.is_finite()) {
             return Err(TrainError::InvalidSample { index: 0, reason: format!("reward {r} is not finite") });
