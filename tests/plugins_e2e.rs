@@ -117,7 +117,8 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
     let (status, again) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({"metadata": {"answer": "4"}})));
     assert_eq!(status, 409, "{again}");
     // Without the answer the math plugin fails the item: masked, reported, not scored 0.
-    let (status, failed) = call(&client, "POST", url(&format!("/v1/rollouts/{id}/score")), "", Some(json!({})));
+    let other = body["choices"][1]["hicra"]["rollout_id"].as_str().expect("id").to_string();
+    let (status, failed) = call(&client, "POST", url(&format!("/v1/rollouts/{other}/score")), "", Some(json!({})));
     assert_eq!(status, 400, "{failed}");
     assert!(failed["error"]["message"].as_str().unwrap_or("").contains("stays unrewarded"), "{failed}");
 

@@ -423,7 +423,9 @@ impl TrainingBuffer {
 
     /// The whole state as `GET /v1/training` shows it.
     fn snapshot(&self, policy_version: u64) -> Value {
-        let state = self.lock();
+        let mut state = self.lock();
+        // Expiry is applied on every read, so what is shown never lags the worker's tick.
+        self.expire(&mut state, Instant::now());
         let pending_rollouts: usize = state.pending.values().map(|g| g.members.len()).sum();
         let s = &self.settings;
         json!({
@@ -447,7 +449,8 @@ impl TrainingBuffer {
 
     /// Prometheus lines for the queues and counters.
     pub fn render_metrics(&self) -> String {
-        let state = self.lock();
+        let mut state = self.lock();
+        self.expire(&mut state, Instant::now());
         let c = &state.counters;
         let pending_rollouts: usize = state.pending.values().map(|g| g.members.len()).sum();
         let lines: [(&str, &str, &str, f64); 14] = [
