@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use hicra_core::model::{load, LoadOptions, LoadedModel};
 
@@ -48,11 +48,13 @@ pub fn hicra(args: &[&str]) -> Run {
     run
 }
 
-/// A `hicra serve` child process on a free loopback port, killed on drop.
+/// A `hicra serve` child process on a free loopback port, killed on drop. Its stderr lines are
+/// kept (the pipe is always drained, so the child never blocks on it).
 pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -62,12 +64,24 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// Everything the server wrote to stderr so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// Starts `hicra serve --device cpu --port 0 ARGS` and waits for its `listening on` line.
 pub fn start_server<S: AsRef<OsStr>>(args: &[S]) -> Server {
+    start_server_logging(args, "warn")
+}
+
+/// [`start_server`] with `RUST_LOG` set to `filter`.
+pub fn start_server_logging<S: AsRef<OsStr>>(args: &[S], filter: &str) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hicra"))
         .args(["serve", "--device", "cpu", "--port", "0"])
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", filter)
         .stderr(Stdio::piped())
         .spawn()
         .expect("hicra serve starts");
@@ -80,9 +94,14 @@ pub fn start_server<S: AsRef<OsStr>>(args: &[S]) -> Server {
         }
         printed.push(line);
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, url }
+    let log = Arc::new(Mutex::new(printed));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+    });
+    Server { child, url, log }
 }
 
 /// A fresh, empty temporary folder for one test, unique to this test process.

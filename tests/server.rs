@@ -5,8 +5,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use common::{start_server, Server};
@@ -111,50 +110,19 @@ fn serves_chat_errors_rollouts_and_concurrency() {
 }
 
 /// A `hicra serve` child whose stderr (logs included) is kept for the test to read.
-struct LoggedServer {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<Vec<String>>>,
-}
+struct LoggedServer(Server);
 
-impl Drop for LoggedServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for LoggedServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.0
     }
 }
 
 impl LoggedServer {
     /// `hicra serve --device cpu --port 0 ARGS`, logging warnings and the server's debug lines.
     fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hicra"))
-            .args(["serve", "--device", "cpu", "--port", "0"])
-            .args(args)
-            .env("RUST_LOG", "warn,hicra_core::server=debug")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("hicra serve starts");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
-        let mut printed = Vec::new();
-        let url = loop {
-            let Some(Ok(line)) = lines.next() else { panic!("server exited before listening:\n{}", printed.join("\n")) };
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                break addr.trim().to_string();
-            }
-            printed.push(line);
-        };
-        let log = Arc::new(Mutex::new(printed));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            }
-        });
-        Self { child, url, log }
-    }
-
-    fn log_lines(&self) -> Vec<String> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        Self(common::start_server_logging(args, "warn,hicra_core::server=debug"))
     }
 
     fn post_with(&self, key: &str, path: &str, body: &Value) -> (u16, Value) {
