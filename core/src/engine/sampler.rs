@@ -95,7 +95,9 @@ impl Truncation {
         let top_p: Vec<f32> = rows.iter().map(|p| p_of(p)).collect();
         Some(Self {
             any_top_p: top_p.iter().any(|&p| p < 1.0),
-            max_k: top_k.iter().copied().max().unwrap_or(vocab),
+            // Over the rows that use top-k: an untruncated neighbour (k = vocab) must not
+            // switch the cut off for everyone.
+            max_k: top_k.iter().copied().filter(|&k| k < vocab).max().unwrap_or(vocab),
             top_k: Tensor::from_slice(&top_k).view([-1, 1]).to_device(device),
             top_p: Tensor::from_slice(&top_p).view([-1, 1]).to_device(device),
         })
@@ -126,12 +128,13 @@ impl Truncation {
                 }
                 if self.max_k == 1 {
                     // `topk` sorts its candidates; the best score alone is one reduction.
-                    return scores.lt_tensor(&scores.amax(-1, true));
+                    return scores.lt_tensor(&scores.amax(-1, true)).logical_and(&self.top_k.lt(vocab));
                 }
-                // The k-th best score of each row is its threshold.
+                // The k-th best score of each row is its threshold; rows without top-k (k =
+                // vocab) keep everything, whatever k their batch-mates use.
                 let (best, _) = scores.topk(self.max_k, -1, true, true);
                 let kth = best.gather(1, &(self.top_k.clamp_max(self.max_k) - 1), false);
-                return scores.lt_tensor(&kth);
+                return scores.lt_tensor(&kth).logical_and(&self.top_k.lt(vocab));
             }
             let (sorted, order) = scores.sort(-1, true);
             // By value, as in the top-k-only path, so a row's set never depends on its batch.
@@ -481,6 +484,29 @@ mod tests {
             for values in [&out.logprobs, &out.sampling_logprobs, &out.entropies] {
                 let values = Vec::<f32>::try_from(values).unwrap_or_default();
                 assert!(values.iter().all(|v| v.is_finite()), "step {step}: {values:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_rows_and_untruncated_rows_keep_their_own_distributions_in_one_batch() {
+        let logits = real_logits();
+        let plain = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 77 };
+        for k in [1usize, 40] {
+            let neighbour = SamplingParams { top_k: k, seed: 78, ..plain.clone() };
+            let alone = BatchSampling::new(&[&plain], REAL_VOCAB as usize, Device::Cpu);
+            let paired = BatchSampling::new(&[&neighbour, &plain], REAL_VOCAB as usize, Device::Cpu);
+            let both = logits.expand([2, REAL_VOCAB], true);
+            for step in 0..40i64 {
+                let a = alone.sample(&logits, &Tensor::full([1, 1], step, (Kind::Int64, Device::Cpu)), 0);
+                let b = paired.sample(&both, &Tensor::full([2, 1], step, (Kind::Int64, Device::Cpu)), 0);
+                assert_eq!(first_i64(&a.tokens), i64::try_from(b.tokens.get(1)).unwrap_or(-1), "k={k} step {step}");
+                let (la, lb) = (f64::try_from(a.sampling_logprobs.get(0)).unwrap_or(0.0), f64::try_from(b.sampling_logprobs.get(1)).unwrap_or(1.0));
+                assert!((la - lb).abs() < 1e-6, "k={k} step {step}: the untruncated row's distribution changed ({la} vs {lb})");
+                // And the neighbour keeps its own cut: within its k best.
+                let drawn = i64::try_from(b.tokens.get(0)).unwrap_or(-1);
+                let (_, best) = logits.topk(k as i64, -1, true, true);
+                assert!(Vec::<i64>::try_from(best.view([-1])).unwrap_or_default().contains(&drawn), "k={k} step {step}: drew {drawn} outside the top {k}");
             }
         }
     }
