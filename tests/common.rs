@@ -129,6 +129,15 @@ pub fn built_plugin(name: &str) -> PathBuf {
 /// Polls `GET /v1/training` until at least `steps` training steps have finished (ran or
 /// failed) and returns its last answer. Steps run off the reward requests, so tests wait here.
 pub fn wait_for_steps(url: &str, key: Option<&str>, steps: u64) -> serde_json::Value {
+    wait_for_training(url, key, &format!("step {steps}"), |status| {
+        let counters = &status["counters"];
+        counters["steps"].as_u64().unwrap_or(0) + counters["failed_steps"].as_u64().unwrap_or(0) >= steps
+    })
+}
+
+/// Polls `GET /v1/training` until `done` holds (at most 180 s, else the test fails naming
+/// `what`) and returns that answer.
+pub fn wait_for_training(url: &str, key: Option<&str>, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let client = reqwest::blocking::Client::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
     loop {
@@ -137,12 +146,10 @@ pub fn wait_for_steps(url: &str, key: Option<&str>, steps: u64) -> serde_json::V
             request = request.bearer_auth(key);
         }
         let status: serde_json::Value = request.send().and_then(|r| r.json()).expect("GET /v1/training");
-        let counters = &status["counters"];
-        let done = counters["steps"].as_u64().unwrap_or(0) + counters["failed_steps"].as_u64().unwrap_or(0);
-        if done >= steps {
+        if done(&status) {
             return status;
         }
-        assert!(std::time::Instant::now() < deadline, "no step {steps} within 180 s: {status}");
+        assert!(std::time::Instant::now() < deadline, "no {what} within 180 s: {status}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

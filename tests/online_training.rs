@@ -197,14 +197,7 @@ fn steps_drop_rollouts_older_than_max_staleness_and_responses_name_both_versions
     // Version 1 now; `old` was sampled at 0, beyond max_staleness 0: dropped and counted.
     let batch: Vec<Value> = old.iter().enumerate().map(|(i, id)| json!({"rollout_id": id, "reward": i as f64})).collect();
     post(&client, &format!("{}/v1/rewards", server.url), json!({"rewards": batch}));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        let status = training(&client, &server);
-        if status["counters"]["stale_groups"] == 1 || std::time::Instant::now() > deadline {
-            break status;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let status = common::wait_for_training(&server.url, None, "stale group", |s| s["counters"]["stale_groups"] == 1);
     assert!(status["counters"]["stale_rollouts"] == 2 && status["counters"]["stale_groups"] == 1 && status["policy_version"] == 1, "{status}");
     let stored: Value = client.get(format!("{}/v1/rollouts/{}", server.url, old[0])).send().expect("get").json().expect("json");
     assert!(stored["policy_version_first"] == 0 && stored["sampling"]["temperature"] == 1.0, "{stored}");

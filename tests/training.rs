@@ -33,12 +33,17 @@ fn config(credit: CreditScheme, lr: f64) -> TrainerConfig {
 
 const PROMPT: [u32; 5] = [5, 17, 99, 3, 42];
 
-/// Samples `g` completions of `len` tokens of PROMPT with the model as it is now.
+/// Samples `g` completions of `len` tokens of PROMPT with the model as it is now (T = 1).
 fn generate(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<Generation> {
+    generate_with(model, &SamplingParams::default(), g, len, seed)
+}
+
+/// [`generate`] with `sampling` (its seed is replaced per completion).
+fn generate_with(model: &Transformer, sampling: &SamplingParams, g: usize, len: usize, seed: u64) -> Vec<Generation> {
     let requests: Vec<GenerationRequest> = (0..g)
         .map(|i| GenerationRequest {
             prompt_ids: PROMPT.to_vec(),
-            sampling: SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: seed * 1000 + i as u64 },
+            sampling: SamplingParams { seed: seed * 1000 + i as u64, ..sampling.clone() },
             max_new_tokens: len,
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
@@ -51,6 +56,11 @@ fn generate(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<Generat
 /// (completion ids, sampling logprobs) of `generate`.
 fn sample_group(model: &Transformer, g: usize, len: usize, seed: u64) -> Vec<(Vec<u32>, Vec<f32>)> {
     generate(model, g, len, seed).into_iter().map(|gen| (gen.tokens.iter().map(|t| t.id).collect(), gen.tokens.iter().map(|t| t.sampling_logprob).collect())).collect()
+}
+
+/// Largest gap between the trainer's logprobs (before its update) and the samples' recorded ones.
+fn logprob_gap(stats: &loss::LossStats, samples: &[TrainSample]) -> f32 {
+    stats.new_logprobs.iter().flatten().zip(samples.iter().flat_map(|s| &s.old_logprobs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)
 }
 
 /// The synthetic task: the share of completion tokens in the lower half of the vocabulary.
@@ -112,7 +122,7 @@ fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
         .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), completion_ids: ids.clone(), old_logprobs: lps.clone(), advantages: vec![1.0; ids.len()], sampling: SamplingParams::default() })
         .collect();
     let stats = loss::accumulate(&model, &samples, &LossConfig::default(), 32, 4);
-    let gap = stats.new_logprobs.iter().flatten().zip(samples.iter().flat_map(|s| &s.old_logprobs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let gap = logprob_gap(&stats, &samples);
     assert!(gap < 1e-4, "sampler and trainer logprobs differ by {gap}");
     assert_eq!(stats.clipped_tokens, 0);
     // The entropies recorded while sampling are the trainer's own measure of them.
@@ -215,17 +225,7 @@ fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
     let mut trainer = Trainer::new(&mut model, config(CreditScheme::default(), 1e-2)).expect("attach");
     trainer.step(&model, &[group(sample_group(&model, 8, 8, 2))]).expect("step makes B non-zero");
     let sampling = SamplingParams { temperature: 0.8, top_p: 0.6, top_k: 12, seed: 0 };
-    let requests: Vec<GenerationRequest> = (0..6)
-        .map(|i| GenerationRequest {
-            prompt_ids: PROMPT.to_vec(),
-            sampling: SamplingParams { seed: 900 + i, ..sampling.clone() },
-            max_new_tokens: 8,
-            stop_token_ids: Vec::new(),
-            stop_strings: Vec::new(),
-            top_logprobs: 0,
-        })
-        .collect();
-    let generations = Engine::without_tokenizer(&model, 6, 64).generate(&requests).expect("generate");
+    let generations = generate_with(&model, &sampling, 6, 8, 9);
     let samples: Vec<TrainSample> = generations
         .iter()
         .map(|g| TrainSample {
@@ -240,7 +240,7 @@ fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
     let lifted = generations.iter().flat_map(|g| &g.tokens).filter(|t| t.sampling_logprob > t.logprob + 1e-3).count();
     assert!(lifted > 0, "top-k/top-p should renormalise some draws");
     let stats = loss::accumulate(&model, &samples, &LossConfig::default(), 48, 6);
-    let gap = stats.new_logprobs.iter().flatten().zip(samples.iter().flat_map(|s| &s.old_logprobs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let gap = logprob_gap(&stats, &samples);
     assert!(gap < 1e-4, "trainer and sampler disagree on the truncated distribution by {gap}");
     assert_eq!(stats.clipped_tokens, 0);
     hicra_core::train::optimizer::zero_grad(&trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());

@@ -159,6 +159,8 @@ pub struct BatchSampling {
     seeds: Tensor,
     truncation: Option<Truncation>,
     any_sampled: bool,
+    /// A greedy row shares a batch that samples (it then needs its own argmax).
+    any_greedy: bool,
 }
 
 /// One step's choice for every row.
@@ -189,6 +191,7 @@ impl BatchSampling {
             seeds: Tensor::from_slice(&rows.iter().map(|p| p.seed as i64).collect::<Vec<i64>>()).view([-1, 1]).to_device(device),
             truncation: Truncation::new(rows, vocab_size, device),
             any_sampled: rows.iter().any(|p| p.is_sampled()),
+            any_greedy: rows.iter().any(|p| !p.is_sampled()),
         }
     }
 
@@ -205,7 +208,11 @@ impl BatchSampling {
             let drawn = inverse_cdf(&drawn_from, &uniform(&self.seeds, steps));
             // Greedy rows take the argmax of their untruncated scores (their best token is in
             // every set anyway) and report a point mass.
-            let tokens = drawn.where_self(&self.sampled_rows, &scaled.argmax(-1, true)).squeeze_dim(1);
+            let tokens = match self.any_greedy {
+                true => drawn.where_self(&self.sampled_rows, &scaled.argmax(-1, true)),
+                false => drawn,
+            }
+            .squeeze_dim(1);
             let picked = drawn_from.gather(1, &tokens.unsqueeze(1), false);
             let picked = picked.where_self(&self.sampled_rows, &picked.zeros_like()).squeeze_dim(1);
             (tokens, picked)

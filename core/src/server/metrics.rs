@@ -91,16 +91,14 @@ impl ServerMetrics {
         *self.last_step.lock().unwrap_or_else(|p| p.into_inner()) = Some((report.clone(), batch.clone()));
     }
 
-    /// The exposition text.
+    /// The exposition text of the request and engine metrics.
     pub fn render(&self, engine: &SchedulerStats, rollouts: (usize, u64)) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP hicra_requests_total HTTP requests by endpoint and status.\n# TYPE hicra_requests_total counter");
         for ((endpoint, status), count) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let _ = writeln!(out, "hicra_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {count}");
         }
-        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-        };
+        let gauge = write_metric;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         gauge(&mut out, "hicra_queue_depth", "Sequences waiting for a batch slot.", "gauge", engine.queued_sequences.load(Ordering::Relaxed) as f64);
         gauge(&mut out, "hicra_queued_prompt_tokens", "Prompt tokens waiting.", "gauge", engine.queued_tokens.load(Ordering::Relaxed) as f64);
@@ -149,4 +147,10 @@ impl ServerMetrics {
         self.time_to_first_token.render(&mut out, "hicra_time_to_first_token_seconds", "Time to the first generated token.");
         out
     }
+}
+
+/// Appends one metric in Prometheus' text format: its help line, its `kind` (`gauge` or
+/// `counter`) and its value. Every unlabelled metric the server exports is written here.
+pub(crate) fn write_metric(out: &mut String, name: &str, help: &str, kind: &str, value: f64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
 }

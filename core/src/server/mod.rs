@@ -191,7 +191,7 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
         text.push_str(&registry.render_metrics());
     }
     let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
-    text.push_str(&format!("# HELP hicra_policy_version Version of the weights being served.\n# TYPE hicra_policy_version gauge\nhicra_policy_version {version}\n"));
+    metrics::write_metric(&mut text, "hicra_policy_version", "Version of the weights being served.", "gauge", version as f64);
     if let Some(buffer) = &state.training {
         text.push_str(&buffer.render_metrics());
     }

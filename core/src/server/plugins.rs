@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiJson};
+use super::metrics::write_metric;
 use super::AppState;
 use crate::plugins::{self, Plugin, PluginError};
 use abi_stable::std_types::RVec;
@@ -93,16 +94,13 @@ impl PluginRegistry {
     /// Prometheus lines for the generations held, the memory they pin and the call threads
     /// still hung.
     pub fn render_metrics(&self) -> String {
-        let mut out = format!(
-            "# HELP hicra_plugin_generations_loaded Plugin library generations loaded since start (never unloaded).\n# TYPE hicra_plugin_generations_loaded gauge\nhicra_plugin_generations_loaded {}\n",
-            self.generations_loaded()
-        );
-        out.push_str(&format!(
-            "# HELP hicra_plugin_hung_calls Plugin calls still running after their time-out, over all generations.\n# TYPE hicra_plugin_hung_calls gauge\nhicra_plugin_hung_calls {}\n",
-            plugins::hung_calls()
-        ));
+        let mut out = String::new();
+        let loaded = self.generations_loaded() as f64;
+        write_metric(&mut out, "hicra_plugin_generations_loaded", "Plugin library generations loaded since start (never unloaded).", "gauge", loaded);
+        let hung = plugins::hung_calls() as f64;
+        write_metric(&mut out, "hicra_plugin_hung_calls", "Plugin calls still running after their time-out, over all generations.", "gauge", hung);
         if let Some(bytes) = plugins::pinned_bytes() {
-            out.push_str(&format!("# HELP hicra_plugin_pinned_bytes Address space mapped from loaded plugin libraries.\n# TYPE hicra_plugin_pinned_bytes gauge\nhicra_plugin_pinned_bytes {bytes}\n"));
+            write_metric(&mut out, "hicra_plugin_pinned_bytes", "Address space mapped from loaded plugin libraries.", "gauge", bytes as f64);
         }
         out
     }
@@ -211,7 +209,7 @@ pub(super) async fn score(State(state): State<AppState>, Path(id): Path<String>,
     let registry = state.plugins.clone().ok_or_else(|| ApiError::invalid("plugin", "no reward plugins configured (--plugin)"))?;
     let rollout = state.rollouts.get(&id).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
     if let Some(previous) = rollout.reward {
-        return Err(ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous}); a rollout is rewarded once")));
+        return Err(super::training::already_rewarded(&id, previous));
     }
     let generation = registry.current();
     let plugin = match &body.plugin {

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiJson};
+use super::metrics::write_metric;
 use super::plugins::PluginRegistry;
 use super::rollouts::{RewardRefusal, Rollout, RolloutStore};
 use super::AppState;
@@ -140,6 +141,18 @@ struct BufferState {
     history: VecDeque<Value>,
 }
 
+impl BufferState {
+    /// Rewarded rollouts waiting in incomplete groups.
+    fn pending_rollouts(&self) -> usize {
+        self.pending.values().map(|g| g.members.len()).sum()
+    }
+}
+
+/// The 409 for a rollout that already has a reward (`previous`): a rollout is rewarded once.
+pub(super) fn already_rewarded(id: &str, previous: f32) -> ApiError {
+    ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous}); a rollout is rewarded once"))
+}
+
 /// One reward as a client sends it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,7 +252,7 @@ impl TrainingBuffer {
         }
         let rollout = store.get(id).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
         if let Some(previous) = rollout.reward {
-            return Err(ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous}); a rollout is rewarded once")));
+            return Err(already_rewarded(id, previous));
         }
         if !rollout.sampling.is_sampled() {
             return Err(ApiError::invalid("rollout_id", format!("rollout '{id}' was decoded greedily (temperature 0): its tokens were not drawn from a distribution, so there is no behaviour policy to train against; sample with temperature > 0 to train")));
@@ -426,7 +439,7 @@ impl TrainingBuffer {
         let mut state = self.lock();
         // Expiry is applied on every read, so what is shown never lags the worker's tick.
         self.expire(&mut state, Instant::now());
-        let pending_rollouts: usize = state.pending.values().map(|g| g.members.len()).sum();
+        let pending_rollouts = state.pending_rollouts();
         let s = &self.settings;
         json!({
             "training": true,
@@ -452,7 +465,7 @@ impl TrainingBuffer {
         let mut state = self.lock();
         self.expire(&mut state, Instant::now());
         let c = &state.counters;
-        let pending_rollouts: usize = state.pending.values().map(|g| g.members.len()).sum();
+        let pending_rollouts = state.pending_rollouts();
         let lines: [(&str, &str, &str, f64); 14] = [
             ("hicra_training_pending_groups", "gauge", "Groups still collecting rewards.", state.pending.len() as f64),
             ("hicra_training_pending_rollouts", "gauge", "Rewarded rollouts in incomplete groups.", pending_rollouts as f64),
@@ -471,7 +484,7 @@ impl TrainingBuffer {
         ];
         let mut out = String::new();
         for (name, kind, help, value) in lines {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+            write_metric(&mut out, name, help, kind, value);
         }
         out
     }
@@ -491,8 +504,9 @@ fn scored_completion(rollout: &Rollout) -> ScoredCompletion {
     }
 }
 
-/// A step's rollouts as analysis records (`step` = the policy version of the last token).
-fn records(groups: &[ReadyGroup], advantages: &HashMap<String, Vec<f32>>) -> Vec<RolloutRecord> {
+/// A step's rollouts as analysis records (`step` = the policy version of the last token);
+/// their advantages are filled in once the step has run.
+fn records(groups: &[ReadyGroup]) -> Vec<RolloutRecord> {
     groups
         .iter()
         .flat_map(|g| g.members.iter().map(move |r| (g, r)))
@@ -505,7 +519,7 @@ fn records(groups: &[ReadyGroup], advantages: &HashMap<String, Vec<f32>>) -> Vec
             entropies: r.entropies.clone(),
             rollout_id: Some(r.id.clone()),
             policy_version_first: Some(r.policy_version_first),
-            advantages: advantages.get(&r.id).cloned().unwrap_or_default(),
+            advantages: Vec::new(),
         })
         .collect()
 }
@@ -542,12 +556,14 @@ async fn step_once(state: &AppState, buffer: &std::sync::Arc<TrainingBuffer>, ba
     let registry = state.plugins.clone();
     let builder = buffer.clone();
     let built = tokio::task::spawn_blocking(move || {
-        let analysis = analyze_step(&records(&batch, &HashMap::new()), &builder.grams);
+        let records = records(&batch);
+        let analysis = analyze_step(&records, &builder.grams);
         let (groups, report) = builder.build_groups(&batch, registry.as_deref());
-        (batch, groups, report, analysis)
+        let group_ids: Vec<String> = batch.iter().map(|g| g.id.clone()).collect();
+        (records, group_ids, groups, report, analysis)
     })
     .await;
-    let (batch, groups, plugin_report, analysis) = match built {
+    let (mut records, group_ids, groups, plugin_report, analysis) = match built {
         Ok(built) => built,
         Err(err) => {
             tracing::error!(%err, "building a training step panicked; its groups are counted as a failed step");
@@ -555,12 +571,17 @@ async fn step_once(state: &AppState, buffer: &std::sync::Arc<TrainingBuffer>, ba
             return;
         }
     };
-    let group_ids: Vec<String> = batch.iter().map(|g| g.id.clone()).collect();
     match state.engine.train(groups).await {
         Ok(report) => {
             state.metrics.record_step(&report, &analysis);
             if let Some(path) = &buffer.settings.rollout_log {
-                append_log(path, &records(&batch, &member_advantages(&report)));
+                let mut advantages: HashMap<&str, &Vec<f32>> = report.advantages.iter().map(|(id, a)| (id.as_str(), a)).collect();
+                for record in &mut records {
+                    if let Some(given) = record.rollout_id.as_deref().and_then(|id| advantages.remove(id)) {
+                        record.advantages = given.clone();
+                    }
+                }
+                append_log(path, &records);
             }
             let entry = step_entry(&report, &analysis, &plugin_report, &group_ids);
             buffer.record_step(entry, Some(&report), &plugin_report);
@@ -570,11 +591,6 @@ async fn step_once(state: &AppState, buffer: &std::sync::Arc<TrainingBuffer>, ba
             buffer.record_step(json!({"error": message, "groups": group_ids}), None, &plugin_report);
         }
     }
-}
-
-/// Per rollout id, the advantages the step gave its tokens.
-fn member_advantages(report: &StepReport) -> HashMap<String, Vec<f32>> {
-    report.advantages.iter().cloned().collect()
 }
 
 /// One history entry: the trainer's report, the step's analyses and the plugins' report.
@@ -627,7 +643,7 @@ pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group
         return match state.rollouts.set_reward(id, reward as f32, group) {
             Ok(_) => Ok(json!({"training": false})),
             Err(RewardRefusal::Unknown) => Err(ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)"))),
-            Err(RewardRefusal::AlreadyRewarded(previous)) => Err(ApiError::Conflict(format!("rollout '{id}' was already rewarded ({previous})"))),
+            Err(RewardRefusal::AlreadyRewarded(previous)) => Err(already_rewarded(id, previous)),
         };
     }
     let entry = RewardEntry { rollout_id: id.to_string(), reward, group_id: group, group_size };
