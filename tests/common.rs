@@ -54,6 +54,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// Its state folder (`--state-dir`): a fresh one per server unless the test gave one.
+    pub state_dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -72,15 +74,23 @@ impl Server {
 }
 
 /// Starts `hicra serve --device cpu --port 0 ARGS` and waits for its `listening on` line.
+/// Without `--state-dir` in ARGS the server gets a fresh one of its own, so tests running in
+/// parallel never share (or resume from) each other's state.
 pub fn start_server<S: AsRef<OsStr>>(args: &[S]) -> Server {
     start_server_logging(args, "warn")
 }
 
 /// [`start_server`] with `RUST_LOG` set to `filter`.
 pub fn start_server_logging<S: AsRef<OsStr>>(args: &[S], filter: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hicra"))
-        .args(["serve", "--device", "cpu", "--port", "0"])
-        .args(args)
+    static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let given = args.iter().position(|a| a.as_ref() == "--state-dir").and_then(|i| args.get(i + 1)).map(|d| PathBuf::from(d.as_ref()));
+    let state_dir = given.clone().unwrap_or_else(|| scratch_dir(&format!("state-{}", SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed))));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hicra"));
+    command.args(["serve", "--device", "cpu", "--port", "0"]).args(args);
+    if given.is_none() {
+        command.arg("--state-dir").arg(&state_dir);
+    }
+    let mut child = command
         .env("RUST_LOG", filter)
         .stderr(Stdio::piped())
         .spawn()
@@ -101,7 +111,7 @@ pub fn start_server_logging<S: AsRef<OsStr>>(args: &[S], filter: &str) -> Server
             sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
         }
     });
-    Server { child, url, log }
+    Server { child, url, state_dir, log }
 }
 
 /// A fresh, empty temporary folder for one test, unique to this test process.

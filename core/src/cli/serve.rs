@@ -2,7 +2,7 @@
 //! (`--config`); flags given on the command line win over the file.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -13,7 +13,13 @@ use super::ModelArgs;
 use crate::device::DeviceChoice;
 use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::model::{source::DEFAULT_MODEL, DType};
+use crate::model::LoadedModel;
+use crate::server::checkpoints::{CheckpointPolicy, Checkpointer, StateFolder};
+use crate::server::journal::Journal;
+use crate::server::training::TrainingBuffer;
 use crate::server::{self, metrics::ServerMetrics, rollouts::RolloutStore, AppState, ServerOptions};
+use crate::train::checkpoint::{CheckpointStore, Restored};
+use crate::train::trainer::{Trainer, TrainerConfig};
 
 /// Arguments of `hicra serve`; unset ones come from `--config`, then from the defaults.
 #[derive(Debug, Default, Args, Deserialize)]
@@ -63,9 +69,27 @@ pub(crate) struct ServeArgs {
     /// Completion length when a request sets none [default: 2048].
     #[arg(long)]
     default_max_tokens: Option<usize>,
-    /// A PEFT LoRA adapter directory to serve (not combinable with --train).
+    /// A PEFT LoRA adapter directory to serve; with --train, training starts from it (fresh
+    /// optimizer) unless the state folder already holds a checkpoint.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// The state folder: journal of rollouts, rewards, groups and steps, and checkpoints; a
+    /// restarted server continues from it [default: ./hicra-state when training].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Write a checkpoint after this many weight updates; 0 disables [default: 10].
+    #[arg(long)]
+    checkpoint_every_steps: Option<u64>,
+    /// Write a checkpoint this often when the weights changed; 0 disables [default: 300].
+    #[arg(long)]
+    checkpoint_every_s: Option<f64>,
+    /// Checkpoints kept in the state folder, newest first [default: 3].
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    /// Rollouts the journal keeps, oldest pruned first (those of groups still collecting or
+    /// waiting are kept) [default: 200000].
+    #[arg(long)]
+    journal_retention: Option<usize>,
     /// Plugin libraries: rewards, detectors, credit schemes (repeatable); `plugin_config.<name>` in
     /// the TOML configures them.
     #[arg(long = "plugin")]
@@ -149,6 +173,11 @@ impl ServeArgs {
             rollout_capacity: self.rollout_capacity.or(file.rollout_capacity),
             default_max_tokens: self.default_max_tokens.or(file.default_max_tokens),
             adapter: self.adapter.or(file.adapter),
+            state_dir: self.state_dir.or(file.state_dir),
+            checkpoint_every_steps: self.checkpoint_every_steps.or(file.checkpoint_every_steps),
+            checkpoint_every_s: self.checkpoint_every_s.or(file.checkpoint_every_s),
+            keep_checkpoints: self.keep_checkpoints.or(file.keep_checkpoints),
+            journal_retention: self.journal_retention.or(file.journal_retention),
             plugins: if self.plugins.is_empty() { file.plugins } else { self.plugins },
             plugin_config: self.plugin_config.or(file.plugin_config),
             plugin_dir: self.plugin_dir.or(file.plugin_dir),
@@ -176,28 +205,40 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device: DeviceChoice = args.device.as_deref().unwrap_or("auto").parse()?;
     let dtype = args.dtype.as_deref().map(str::parse::<DType>).transpose().map_err(anyhow::Error::msg)?;
     let max_context = args.max_context.unwrap_or(2048);
-    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter: args.adapter.clone() };
+    let training_requested = args.train || args.train_config.is_some();
+    // With training, the adapter is the trainer's starting point (see `start_trainer`).
+    let adapter = if training_requested { None } else { args.adapter.clone() };
+    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter };
     let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let addr: SocketAddr = format!("{host}:{}", args.port.unwrap_or(8000))
         .parse()
         .or_else(|_| format!("[{host}]:{}", args.port.unwrap_or(8000)).parse())
         .with_context(|| format!("invalid --host '{host}'"))?;
-    let training_requested = args.train || args.train_config.is_some();
-    if training_requested && args.adapter.is_some() {
-        anyhow::bail!("--adapter and --train cannot be combined yet: online training starts from fresh adapters");
-    }
-    let training = if training_requested {
-        Some(match &args.train_config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str::<crate::train::trainer::TrainerConfig>(&text).with_context(|| format!("invalid trainer configuration {}", path.display()))?
-            }
-            None => crate::train::trainer::TrainerConfig::default(),
-        })
-    } else {
-        None
+    let trainer_config = match (&args.train_config, training_requested) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Some(toml::from_str::<TrainerConfig>(&text).with_context(|| format!("invalid trainer configuration {}", path.display()))?)
+        }
+        (None, true) => Some(TrainerConfig::default()),
+        (None, false) => None,
     };
-    let loaded = model_args.load()?;
+    let folder = match (&args.state_dir, training_requested) {
+        (Some(dir), _) => Some(StateFolder::open(dir)?),
+        (None, true) => Some(StateFolder::open(Path::new(DEFAULT_STATE_DIR))?),
+        (None, false) => None,
+    };
+    let mut loaded = model_args.load()?;
+    let (trainer, restored) = match trainer_config {
+        Some(config) => {
+            let (trainer, restored) = start_trainer(&mut loaded, config, args.adapter.as_deref(), folder.as_ref(), args.keep_checkpoints.unwrap_or(3))?;
+            (Some(trainer), restored)
+        }
+        None => (None, None),
+    };
+    let journal = match &folder {
+        Some(folder) => Some(Journal::open(&folder.journal_path(), args.journal_retention.unwrap_or(200_000))?),
+        None => None,
+    };
     let max_batch = args.max_batch.unwrap_or(16);
     let engine = scheduler::spawn(
         loaded,
@@ -207,7 +248,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_queued_requests: args.max_queue.unwrap_or(256),
             max_queued_tokens: args.max_queue_tokens.unwrap_or(262_144),
         },
-        training.clone(),
+        trainer,
     )?;
     let plugins = if args.plugins.is_empty() && args.plugin_dir.is_none() {
         None
@@ -240,15 +281,72 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_body_bytes: args.max_body_bytes.unwrap_or(8 << 20),
             default_max_tokens: args.default_max_tokens.unwrap_or(2048),
         }),
-        training: match training {
-            Some(_) => Some(Arc::new(crate::server::training::TrainingBuffer::new(training_settings(&args)?))),
-            None => None,
-        },
+        training: None,
         plugins,
+        journal: journal.clone(),
+        checkpoints: None,
     };
+    let state = match (training_requested, &folder) {
+        (true, Some(folder)) => {
+            let version = restored.as_ref().map(|r| r.policy_version).unwrap_or(0);
+            let buffer = TrainingBuffer::new(training_settings(&args)?, journal.clone());
+            if let Some(journal) = &journal {
+                let recovery = journal.recover(version)?;
+                eprintln!(
+                    "journal {}: {} complete groups waiting ({} retrained: their step came after the checkpoint), {} collecting",
+                    journal.path().display(),
+                    recovery.ready.len(),
+                    recovery.retrained_groups,
+                    recovery.pending.len()
+                );
+                buffer.restore(recovery);
+            }
+            let store = CheckpointStore::open(folder.root(), args.keep_checkpoints.unwrap_or(3))?;
+            let checkpointer = Checkpointer::new(store, checkpoint_policy(&args)?, state.engine.info.name.clone(), restored.as_ref());
+            AppState { training: Some(Arc::new(buffer)), checkpoints: Some(Arc::new(checkpointer)), ..state }
+        }
+        _ => state,
+    };
+    // Keeps the state folder locked until the server has stopped.
+    let _folder = folder;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(server::serve(state, addr))?;
     Ok(())
+}
+
+/// The state folder used when training without `--state-dir`.
+const DEFAULT_STATE_DIR: &str = "hicra-state";
+
+/// Builds the trainer: fresh adapters, or `adapter`'s (optimizer fresh); then, when the state
+/// folder holds a checkpoint, everything it saved (adapters, optimizer, versions).
+fn start_trainer(loaded: &mut LoadedModel, config: TrainerConfig, adapter: Option<&Path>, folder: Option<&StateFolder>, keep: usize) -> anyhow::Result<(Trainer, Option<Restored>)> {
+    let mut trainer = match adapter {
+        Some(dir) => {
+            let lora = crate::model::lora::load_peft(&mut loaded.model, dir).with_context(|| format!("--adapter {}", dir.display()))?;
+            Trainer::from_attached(&mut loaded.model, lora, config)?
+        }
+        None => Trainer::new(&mut loaded.model, config)?,
+    };
+    let Some(folder) = folder else { return Ok((trainer, None)) };
+    let store = CheckpointStore::open(folder.root(), keep)?;
+    let restored = store.load_newest(&mut trainer).with_context(|| format!("resuming from the state folder {}", folder.root().display()))?;
+    match (&restored, adapter) {
+        (Some(r), Some(dir)) => eprintln!("resumed from {} (policy version {}); --adapter {} was its starting point", r.path.display(), r.policy_version, dir.display()),
+        (Some(r), None) => eprintln!("resumed from {} (policy version {}, optimizer step {})", r.path.display(), r.policy_version, r.step),
+        (None, _) => eprintln!("state folder {}: no checkpoint yet, training starts at policy version 0", folder.root().display()),
+    }
+    Ok((trainer, restored))
+}
+
+/// When checkpoints are written, from the flags.
+fn checkpoint_policy(args: &ServeArgs) -> anyhow::Result<CheckpointPolicy> {
+    let every = match args.checkpoint_every_s {
+        None => Some(std::time::Duration::from_secs(300)),
+        Some(s) if s == 0.0 => None,
+        Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+        Some(s) => anyhow::bail!("--checkpoint-every-s must be a positive number of seconds or 0, got {s}"),
+    };
+    Ok(CheckpointPolicy { every_steps: args.checkpoint_every_steps.unwrap_or(10), every })
 }
 
 /// Online training settings from the flags, defaults where unset.

@@ -21,6 +21,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::generate::{validate_request, Engine, FinishReason, GeneratedToken, GenerationRequest, TokenEvent};
 use super::EngineError;
 use crate::model::LoadedModel;
+use crate::train::checkpoint::TrainerSnapshot;
 use crate::train::trainer::{RolloutGroup, StepReport, Trainer, TrainerConfig};
 use crate::tokenizer::Tokenizer;
 
@@ -185,6 +186,8 @@ enum Command {
     Generate(Submission),
     /// Run one training step on these groups between decode steps.
     Train(Vec<RolloutGroup>, tokio::sync::oneshot::Sender<Result<StepReport, String>>),
+    /// Copy the trainer's state for a checkpoint, between decode steps.
+    Snapshot(tokio::sync::oneshot::Sender<Option<TrainerSnapshot>>),
 }
 
 /// A cloneable handle to the engine thread.
@@ -267,22 +270,28 @@ impl EngineHandle {
         self.commands.send(Command::Train(groups, reply)).map_err(|_| "the engine has stopped".to_string())?;
         answer.await.map_err(|_| "the engine dropped the training step".to_string())?
     }
+
+    /// A copy of the trainer's state (adapters, optimizer, versions) taken between decode
+    /// steps, for a checkpoint; `None` without training.
+    pub async fn snapshot(&self) -> Result<Option<TrainerSnapshot>, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands.send(Command::Snapshot(reply)).map_err(|_| "the engine has stopped".to_string())?;
+        answer.await.map_err(|_| "the engine dropped the snapshot".to_string())
+    }
 }
 
-/// Starts the engine thread, which takes ownership of the model. With `training`, LoRA
-/// adapters are attached first and the thread accepts training steps.
-pub fn spawn(loaded: LoadedModel, config: SchedulerConfig, training: Option<TrainerConfig>) -> std::io::Result<EngineHandle> {
+/// Starts the engine thread, which takes ownership of the model. With a `trainer` (built on
+/// this model, adapters attached and possibly restored from a checkpoint) the thread accepts
+/// training steps and serves from the trainer's policy version on.
+pub fn spawn(loaded: LoadedModel, config: SchedulerConfig, trainer: Option<Trainer>) -> std::io::Result<EngineHandle> {
     let capacity = config.capacity.min(loaded.model.max_positions());
     let config = SchedulerConfig { capacity, max_batch: config.max_batch.max(1), ..config };
     let info = Arc::new(ModelInfo { name: loaded.name.clone(), vocab_size: loaded.model.config().vocab_size, max_context: capacity });
     let stats = Arc::new(SchedulerStats::default());
-    let policy_version = Arc::new(AtomicU64::new(0));
+    let policy_version = Arc::new(AtomicU64::new(trainer.as_ref().map(Trainer::policy_version).unwrap_or(0)));
     let (commands, inbox) = mpsc::channel();
-    let LoadedModel { mut model, tokenizer, .. } = loaded;
-    let trainer = match &training {
-        Some(trainer_config) => Some(Trainer::new(&mut model, trainer_config.clone()).map_err(std::io::Error::other)?),
-        None => None,
-    };
+    let LoadedModel { model, tokenizer, .. } = loaded;
+    let training = trainer.as_ref().map(|t| t.config().clone());
     let tokenizer = Arc::new(tokenizer);
     let handle = EngineHandle {
         commands,
@@ -391,6 +400,9 @@ impl Scheduler<'_> {
                     self.policy_version.store(report.policy_version, Ordering::Release);
                 }
                 let _ = reply.send(result);
+            }
+            Command::Snapshot(reply) => {
+                let _ = reply.send(self.trainer.as_mut().map(TrainerSnapshot::capture));
             }
         }
     }

@@ -12,9 +12,11 @@
 //! `/admin/*` (behind the admin key, refused without one).
 
 mod chat;
+pub mod checkpoints;
 mod completions;
 pub mod plugins;
 pub mod error;
+pub mod journal;
 pub mod metrics;
 pub mod openai;
 mod requests;
@@ -70,6 +72,10 @@ pub struct AppState {
     pub training: Option<Arc<training::TrainingBuffer>>,
     /// Plugins (rewards, detectors, credit schemes), when configured.
     pub plugins: Option<Arc<plugins::PluginRegistry>>,
+    /// The state folder's journal (served rollouts, rewards, groups, steps), when there is one.
+    pub journal: Option<Arc<journal::Journal>>,
+    /// Online checkpoints, when the server trains with a state folder.
+    pub checkpoints: Option<Arc<checkpoints::Checkpointer>>,
 }
 
 /// The router with every route and layer.
@@ -78,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/rollouts", get(list_rollouts))
         .route("/v1/rollouts/{id}", get(get_rollout))
         .route("/v1/training", get(training::status))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
@@ -90,6 +97,7 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/plugins", get(plugins::list))
         .route("/admin/plugins/reload", post(plugins::reload))
+        .route("/admin/checkpoint", post(checkpoints::admin_checkpoint))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
     Router::new()
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
@@ -103,7 +111,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr`, prints `listening on http://ADDR` to stderr, and serves until Ctrl-C.
+/// How long open connections may take to finish after a stop signal.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds `addr`, prints `listening on http://ADDR` to stderr, and serves until SIGTERM or
+/// SIGINT. A stop writes the last checkpoint first (when training with a state folder), then
+/// lets open connections finish for up to 10 s.
 pub async fn serve(state: AppState, addr: SocketAddr) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -112,12 +125,26 @@ pub async fn serve(state: AppState, addr: SocketAddr) -> std::io::Result<()> {
     if state.training.is_some() {
         // Steps run here, decoupled from the requests whose rewards completed their groups.
         tokio::spawn(training::run_steps(state.clone()));
+        tokio::spawn(checkpoints::run_timer(state.clone()));
     }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(async {
+        let _ = drained.await;
+    });
+    let stopping = async {
+        checkpoints::stop_signal().await;
+        eprintln!("stopping");
+        checkpoints::on_stop(&state).await;
+        let _ = drain.send(());
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::select! {
+        served = server => served,
+        () = stopping => {
+            tracing::warn!("connections still open {} s after the stop signal; exiting", DRAIN.as_secs());
+            Ok(())
+        }
+    }
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header.
@@ -182,7 +209,50 @@ async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn get_rollout(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<rollouts::Rollout>, ApiError> {
-    state.rollouts.get(&id).map(Json).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))
+    if let Some(rollout) = state.rollouts.get(&id) {
+        return Ok(Json(rollout));
+    }
+    // Evicted from memory, or served before a restart: the journal still has it.
+    let journaled = match &state.journal {
+        Some(journal) => journal.rollout(&id).map_err(|e| ApiError::Internal(e.to_string()))?,
+        None => None,
+    };
+    journaled.map(Json).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))
+}
+
+/// Query of `GET /v1/rollouts`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutPage {
+    /// Only rows after this one (the `last` of the previous page); 0 from the start.
+    #[serde(default)]
+    after: i64,
+    /// Rows per page, at most 1000 [default: 100].
+    limit: Option<usize>,
+    /// Only rewarded rollouts.
+    #[serde(default)]
+    rewarded: bool,
+}
+
+/// Largest page of `GET /v1/rollouts`.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /v1/rollouts?after=&limit=&rewarded=`: pages through the journal, oldest first.
+async fn list_rollouts(State(state): State<AppState>, query: Result<axum::extract::Query<RolloutPage>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let axum::extract::Query(page) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let Some(journal) = state.journal.clone() else {
+        return Err(ApiError::NotFound("this server keeps no rollout log: start it with --train or --state-dir".into()));
+    };
+    let limit = page.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::invalid("limit", format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
+    }
+    let (data, last) = tokio::task::spawn_blocking(move || journal.page(page.after, limit, page.rewarded))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let has_more = data.len() == limit;
+    Ok(Json(serde_json::json!({"object": "list", "data": data, "last": last.unwrap_or(page.after), "has_more": has_more})))
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -178,7 +178,7 @@ pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, index: 
     let id = state.rollouts.next_id();
     let completion: Vec<u32> = choice.tokens.iter().map(|t| t.id).collect();
     let first = choice.policy_version_first.unwrap_or(choice.policy_version);
-    state.rollouts.insert(Rollout {
+    let rollout = Rollout {
         id: id.clone(),
         model: state.engine.info.name.clone(),
         policy_version: choice.policy_version,
@@ -197,7 +197,11 @@ pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, index: 
         group: ctx.group.clone(),
         group_size: ctx.group_size,
         reward: None,
-    });
+    };
+    if let Some(journal) = &state.journal {
+        journal.served(&rollout);
+    }
+    state.rollouts.insert(rollout);
     ChoiceExtension {
         rollout_id: id,
         policy_version: choice.policy_version,

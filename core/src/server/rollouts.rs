@@ -9,12 +9,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::SamplingParams;
 
 /// One served completion.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Rollout {
     /// `ro-...`, unique within the process.
     pub id: String,
@@ -63,6 +63,8 @@ pub struct Rollout {
 #[derive(Debug)]
 pub struct RolloutStore {
     capacity: usize,
+    /// Distinguishes this process's ids from those of earlier runs (the journal keeps them).
+    boot: String,
     inner: Mutex<StoreInner>,
 }
 
@@ -77,14 +79,16 @@ struct StoreInner {
 impl RolloutStore {
     /// A store holding at most `capacity` rollouts.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), inner: Mutex::new(StoreInner::default()) }
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let boot = format!("{:x}", (nanos ^ ((std::process::id() as u64) << 40)) & 0xff_ffff_ffff);
+        Self { capacity: capacity.max(1), boot, inner: Mutex::new(StoreInner::default()) }
     }
 
-    /// A fresh rollout id.
+    /// A fresh rollout id, unique across restarts (request ids derive from it too).
     pub fn next_id(&self) -> String {
         let mut inner = self.lock();
         inner.next += 1;
-        format!("ro-{:x}-{}", std::process::id(), inner.next)
+        format!("ro-{}-{}", self.boot, inner.next)
     }
 
     /// Keeps `rollout`, evicting the oldest if full.

@@ -23,7 +23,7 @@
 //! the last steps' reports.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiJson};
 use super::metrics::write_metric;
 use super::plugins::PluginRegistry;
+use super::journal::{self, GroupOutcome, GroupRef, Journal, NewGroup, Recovery, RewardRow, StepRecord};
 use super::rollouts::{RewardRefusal, Rollout, RolloutStore};
 use super::AppState;
 use crate::analysis::{analyze_step, RolloutRecord, StepAnalysis};
@@ -113,6 +114,11 @@ pub struct GroupCounters {
     pub steps: u64,
     /// Steps that failed as a whole (their groups are counted here, not trained).
     pub failed_steps: u64,
+    /// Complete groups found waiting in the journal at start (including `retrained`).
+    pub recovered_groups: u64,
+    /// Groups trained by steps after the checkpoint the server restarted from: that training
+    /// was lost with the process, so they were queued again.
+    pub retrained_groups: u64,
 }
 
 /// A group still collecting rewards.
@@ -120,6 +126,8 @@ pub struct GroupCounters {
 struct PendingGroup {
     /// The id clients see (the request id or their own group id).
     id: String,
+    /// Its row in the journal, when the server has a state folder.
+    seq: Option<i64>,
     members: Vec<Rollout>,
     expected: usize,
     opened: Instant,
@@ -129,6 +137,7 @@ struct PendingGroup {
 #[derive(Debug)]
 struct ReadyGroup {
     id: String,
+    seq: Option<i64>,
     members: Vec<Rollout>,
 }
 
@@ -181,12 +190,25 @@ pub(super) struct BatchBody {
 
 /// Where a validated reward goes.
 struct Placement {
+    /// The rollout, not yet rewarded.
     rollout: Rollout,
     reward: f32,
     key: String,
     group_id: String,
     expected: usize,
     named: bool,
+}
+
+impl Placement {
+    /// The rollout as it is once this reward is recorded.
+    fn rewarded(&self) -> Rollout {
+        let mut rollout = self.rollout.clone();
+        rollout.reward = Some(self.reward);
+        if self.named {
+            rollout.group = self.group_id.clone();
+        }
+        rollout
+    }
 }
 
 /// Complete groups waiting and incomplete groups collecting rewards, plus the step history.
@@ -197,13 +219,66 @@ pub struct TrainingBuffer {
     grams: StrategicGrams,
     state: Mutex<BufferState>,
     wake: tokio::sync::Notify,
+    /// Where rewards, groups and steps are made durable, when the server has a state folder.
+    journal: Option<Arc<Journal>>,
+    /// Held across a step (the engine's update and its journal record) and across a
+    /// checkpoint's snapshot, so a checkpoint of version v always comes with the journal's
+    /// record of every step up to v.
+    pub(super) step_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Set when the journal failed to record an update (see [`Self::journal_step`]).
+    journal_behind: std::sync::atomic::AtomicBool,
 }
 
 impl TrainingBuffer {
-    /// A buffer with `settings`.
-    pub fn new(settings: TrainingSettings) -> Self {
+    /// A buffer with `settings`; with a `journal`, every reward, group and step is recorded
+    /// there before it takes effect.
+    pub fn new(settings: TrainingSettings, journal: Option<Arc<Journal>>) -> Self {
         let settings = TrainingSettings { groups_per_step: settings.groups_per_step.max(1), group_size: settings.group_size.max(2), ..settings };
-        Self { settings, grams: StrategicGrams::paper(), state: Mutex::new(BufferState::default()), wake: tokio::sync::Notify::new() }
+        Self {
+            settings,
+            grams: StrategicGrams::paper(),
+            state: Mutex::new(BufferState::default()),
+            wake: tokio::sync::Notify::new(),
+            journal,
+            step_gate: Arc::new(tokio::sync::Mutex::new(())),
+            journal_behind: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The journal, when the server has a state folder.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
+    }
+
+    /// Refills the queues from what the journal held at start: incomplete groups keep
+    /// collecting (their time-out counts from their first reward), complete ones wait for steps.
+    pub fn restore(&self, recovery: Recovery) {
+        let mut state = self.lock();
+        let now_unix = journal::now();
+        let counts = |name: &str| recovery.counts.get(name).copied().unwrap_or(0);
+        let c = &mut state.counters;
+        c.rewards = counts("rewards");
+        c.steps = counts("steps");
+        c.trained = counts("trained");
+        c.zero_variance = counts("zero_variance");
+        c.expired = counts("expired");
+        c.stale_groups = counts("stale");
+        c.rejected = counts("rejected");
+        c.plugin_dropped = counts("plugin_dropped");
+        c.completed = ["ready", "trained", "zero_variance", "stale", "rejected", "plugin_dropped", "failed"].iter().map(|s| counts(s)).sum();
+        c.recovered_groups = recovery.ready.len() as u64;
+        c.retrained_groups = recovery.retrained_groups as u64;
+        for group in recovery.pending {
+            let age = Duration::from_secs_f64((now_unix - group.opened_at).max(0.0));
+            let opened = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            state.pending.insert(group.key, PendingGroup { id: group.id, seq: Some(group.seq), members: group.members, expected: group.expected, opened });
+        }
+        for group in recovery.ready {
+            state.ready.push_back(ReadyGroup { id: group.id, seq: Some(group.seq), members: group.members });
+        }
+        if !state.ready.is_empty() {
+            self.wake.notify_one();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BufferState> {
@@ -217,9 +292,10 @@ impl TrainingBuffer {
         let mut state = self.lock();
         self.expire(&mut state, Instant::now());
         let placements = self.validate(&state, store, entries)?;
+        let seqs = self.journal_rewards(&state, &placements)?;
         let mut outcomes = Vec::with_capacity(placements.len());
-        for placement in placements {
-            outcomes.push(self.place(&mut state, store, placement));
+        for (placement, seq) in placements.into_iter().zip(seqs) {
+            outcomes.push(self.place(&mut state, store, placement, seq));
         }
         if state.ready.len() >= self.settings.groups_per_step {
             self.wake.notify_one();
@@ -250,7 +326,15 @@ impl TrainingBuffer {
         if !reward.is_finite() {
             return Err(ApiError::invalid("reward", format!("reward {} for '{id}' is not a finite 32-bit float (|r| must be below 3.4e38)", entry.reward)));
         }
-        let rollout = store.get(id).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?;
+        let journaled = || match &self.journal {
+            // Evicted from memory, or served before a restart.
+            Some(journal) => journal.rollout(id).map_err(|e| ApiError::Internal(e.to_string())),
+            None => Ok(None),
+        };
+        let rollout = match store.get(id) {
+            Some(rollout) => rollout,
+            None => journaled()?.ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))?,
+        };
         if let Some(previous) = rollout.reward {
             return Err(already_rewarded(id, previous));
         }
@@ -319,8 +403,44 @@ impl TrainingBuffer {
         Ok(())
     }
 
+    /// Commits a validated batch to the journal (one synchronous transaction) before anything
+    /// changes in memory; returns each placement's group row. Without a journal, `None`s.
+    fn journal_rewards(&self, state: &BufferState, placements: &[Placement]) -> Result<Vec<Option<i64>>, ApiError> {
+        let Some(journal) = &self.journal else { return Ok(vec![None; placements.len()]) };
+        let mut new_groups: Vec<NewGroup> = Vec::new();
+        let mut members: HashMap<&str, (GroupRef, usize, usize)> = HashMap::new();
+        let mut refs = Vec::with_capacity(placements.len());
+        for p in placements {
+            let entry = members.entry(p.key.as_str()).or_insert_with(|| match state.pending.get(&p.key) {
+                Some(PendingGroup { seq: Some(seq), members, expected, .. }) => (GroupRef::Journaled(*seq), members.len(), *expected),
+                pending => {
+                    // With a journal every pending group has a row; one without is given one.
+                    let (have, expected) = pending.map(|g| (g.members.len(), g.expected)).unwrap_or((0, p.expected));
+                    new_groups.push(NewGroup { key: p.key.clone(), id: p.group_id.clone(), expected, named: p.named, opened_at: journal::now() });
+                    (GroupRef::New(new_groups.len() - 1), have, expected)
+                }
+            });
+            entry.1 += 1;
+            refs.push(entry.0);
+        }
+        let completed: Vec<GroupRef> = members.values().filter(|(_, have, expected)| have >= expected).map(|(r, _, _)| *r).collect();
+        let rewarded: Vec<Rollout> = placements.iter().map(Placement::rewarded).collect();
+        let rows: Vec<RewardRow<'_>> = rewarded.iter().zip(&refs).map(|(rollout, group)| RewardRow { rollout, group: *group }).collect();
+        let opened = journal.record_rewards(&new_groups, &rows, &completed).map_err(|err| {
+            tracing::error!(%err, "rewards not recorded");
+            ApiError::Internal(format!("the rewards could not be recorded durably, so none was accepted: {err}"))
+        })?;
+        Ok(refs
+            .into_iter()
+            .map(|r| match r {
+                GroupRef::Journaled(seq) => Some(seq),
+                GroupRef::New(i) => opened.get(i).copied(),
+            })
+            .collect())
+    }
+
     /// Records one validated reward and files it into its group.
-    fn place(&self, state: &mut BufferState, store: &RolloutStore, placement: Placement) -> Value {
+    fn place(&self, state: &mut BufferState, store: &RolloutStore, placement: Placement, seq: Option<i64>) -> Value {
         let Placement { mut rollout, reward, key, group_id, expected, named } = placement;
         // The store may have evicted the rollout since validation; the buffer's copy is what
         // trains, so the reward still counts.
@@ -333,12 +453,12 @@ impl TrainingBuffer {
         }
         state.counters.rewards += 1;
         let rollout_id = rollout.id.clone();
-        let group = state.pending.entry(key.clone()).or_insert_with(|| PendingGroup { id: group_id.clone(), members: Vec::new(), expected, opened: Instant::now() });
+        let group = state.pending.entry(key.clone()).or_insert_with(|| PendingGroup { id: group_id.clone(), seq, members: Vec::new(), expected, opened: Instant::now() });
         group.members.push(rollout);
         let (rewarded, size) = (group.members.len(), group.expected);
         if rewarded >= size {
             if let Some(done) = state.pending.remove(&key) {
-                state.ready.push_back(ReadyGroup { id: done.id, members: done.members });
+                state.ready.push_back(ReadyGroup { id: done.id, seq: done.seq, members: done.members });
                 state.counters.completed += 1;
             }
         }
@@ -350,6 +470,16 @@ impl TrainingBuffer {
     fn expire(&self, state: &mut BufferState, now: Instant) {
         let timeout = self.settings.group_timeout;
         let expired: Vec<String> = state.pending.iter().filter(|(_, g)| now.duration_since(g.opened) >= timeout).map(|(k, _)| k.clone()).collect();
+        if expired.is_empty() {
+            return;
+        }
+        if let Some(journal) = &self.journal {
+            let rows: Vec<i64> = expired.iter().filter_map(|k| state.pending.get(k).and_then(|g| g.seq)).collect();
+            if let Err(err) = journal.expire(&rows) {
+                // Not fatal: a restart finds them pending and expires them again.
+                tracing::warn!(%err, "expired groups not recorded in the journal");
+            }
+        }
         for key in expired {
             if let Some(group) = state.pending.remove(&key) {
                 tracing::info!(group = %group.id, rewarded = group.members.len(), expected = group.expected, "incomplete group expired");
@@ -370,8 +500,9 @@ impl TrainingBuffer {
     }
 
     /// Drops members whose first token is older than `max_staleness` versions before
-    /// `version`, and groups left with fewer than two members.
-    fn drop_stale(&self, groups: Vec<ReadyGroup>, version: u64) -> Vec<ReadyGroup> {
+    /// `version`, and groups left with fewer than two members (their journal rows are
+    /// collected in `dropped`).
+    fn drop_stale(&self, groups: Vec<ReadyGroup>, version: u64, dropped: &mut Vec<(i64, GroupOutcome)>) -> Vec<ReadyGroup> {
         let Some(max) = self.settings.max_staleness else { return groups };
         let (mut stale_rollouts, mut stale_groups) = (0u64, 0u64);
         let fresh: Vec<ReadyGroup> = groups
@@ -382,6 +513,7 @@ impl TrainingBuffer {
                 stale_rollouts += (before - group.members.len()) as u64;
                 if group.members.len() < 2 {
                     stale_groups += 1;
+                    dropped.extend(group.seq.map(|seq| (seq, GroupOutcome::Stale)));
                     tracing::info!(group = %group.id, version, max_staleness = max, "group dropped: too few rollouts within max_staleness");
                     return None;
                 }
@@ -412,6 +544,33 @@ impl TrainingBuffer {
             groups.extend(step_plugins.build_group(group.id.clone(), completions, &self.grams, &mut report));
         }
         (groups, report)
+    }
+
+    /// Records what a step did with its groups in the journal. If that fails after the weights
+    /// changed, the journal no longer describes them: checkpoints are refused from then on
+    /// (a checkpoint would make those groups look untrained after a restart, and train them
+    /// twice).
+    fn journal_step(&self, version_before: u64, step: Option<(&StepReport, &Value)>, outcomes: &[(i64, GroupOutcome)], advantages: &[(String, Vec<f32>)]) {
+        let Some(journal) = &self.journal else { return };
+        let record = StepRecord {
+            version_before,
+            policy_version: step.map(|(r, _)| r.policy_version).unwrap_or(version_before),
+            updated: step.is_some_and(|(r, _)| r.updated),
+            report: step.map(|(_, entry)| entry),
+            outcomes,
+            advantages,
+        };
+        if let Err(err) = journal.record_step(&record) {
+            tracing::error!(%err, "a step's outcome was not recorded in the journal; checkpoints are off until restart");
+            if record.updated {
+                self.journal_behind.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether a step's update is missing from the journal (checkpoints must not be written).
+    pub fn journal_behind(&self) -> bool {
+        self.journal_behind.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Records a finished (or failed) step in the counters and the history.
@@ -541,17 +700,23 @@ pub async fn run_steps(state: AppState) {
         // Woken by a reward that completes enough groups; the tick also expires old groups.
         let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
         while let Some(batch) = buffer.take_batch() {
-            step_once(&state, &buffer, batch).await;
+            if step_once(&state, &buffer, batch).await {
+                super::checkpoints::after_update(&state);
+            }
         }
     }
 }
 
-/// Runs one step on `batch` and records its outcome; never loses the report.
-async fn step_once(state: &AppState, buffer: &std::sync::Arc<TrainingBuffer>, batch: Vec<ReadyGroup>) {
+/// Runs one step on `batch` and records its outcome; never loses the report. The step gate
+/// is held from before the update until the journal has recorded it.
+async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<ReadyGroup>) -> bool {
+    let _gate = buffer.step_gate.lock().await;
     let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
-    let batch = buffer.drop_stale(batch, version);
+    let mut outcomes = Vec::new();
+    let batch = buffer.drop_stale(batch, version, &mut outcomes);
     if batch.is_empty() {
-        return;
+        buffer.journal_step(version, None, &outcomes, &[]);
+        return false;
     }
     let registry = state.plugins.clone();
     let builder = buffer.clone();
@@ -559,36 +724,58 @@ async fn step_once(state: &AppState, buffer: &std::sync::Arc<TrainingBuffer>, ba
         let records = records(&batch);
         let analysis = analyze_step(&records, &builder.grams);
         let (groups, report) = builder.build_groups(&batch, registry.as_deref());
-        let group_ids: Vec<String> = batch.iter().map(|g| g.id.clone()).collect();
-        (records, group_ids, groups, report, analysis)
+        (batch, records, groups, report, analysis)
     })
     .await;
-    let (mut records, group_ids, groups, plugin_report, analysis) = match built {
+    let (batch, mut records, groups, plugin_report, analysis) = match built {
         Ok(built) => built,
         Err(err) => {
+            // The groups stay ready in the journal: a restart offers them again.
             tracing::error!(%err, "building a training step panicked; its groups are counted as a failed step");
             buffer.record_step(json!({"error": "building the step failed"}), None, &StepPluginReport::default());
-            return;
+            return false;
         }
     };
+    let group_ids: Vec<String> = batch.iter().map(|g| g.id.clone()).collect();
+    let offered: HashSet<String> = groups.iter().map(|g| g.id.clone()).collect();
     match state.engine.train(groups).await {
         Ok(report) => {
             state.metrics.record_step(&report, &analysis);
-            if let Some(path) = &buffer.settings.rollout_log {
-                let mut advantages: HashMap<&str, &Vec<f32>> = report.advantages.iter().map(|(id, a)| (id.as_str(), a)).collect();
-                for record in &mut records {
-                    if let Some(given) = record.rollout_id.as_deref().and_then(|id| advantages.remove(id)) {
-                        record.advantages = given.clone();
-                    }
+            let mut advantages: HashMap<&str, &Vec<f32>> = report.advantages.iter().map(|(id, a)| (id.as_str(), a)).collect();
+            for record in &mut records {
+                if let Some(given) = record.rollout_id.as_deref().and_then(|id| advantages.remove(id)) {
+                    record.advantages = given.clone();
                 }
+            }
+            if let Some(path) = &buffer.settings.rollout_log {
                 append_log(path, &records);
             }
+            let trained: HashSet<&str> = report.trained_groups.iter().map(String::as_str).collect();
+            let rejected: HashSet<&str> = report.rejected_groups.iter().map(|r| r.group.as_str()).collect();
+            for group in &batch {
+                let outcome = match group.id.as_str() {
+                    id if !offered.contains(id) => GroupOutcome::PluginDropped,
+                    id if trained.contains(id) => GroupOutcome::Trained,
+                    id if rejected.contains(id) => GroupOutcome::Rejected,
+                    _ => GroupOutcome::ZeroVariance,
+                };
+                outcomes.extend(group.seq.map(|seq| (seq, outcome)));
+            }
             let entry = step_entry(&report, &analysis, &plugin_report, &group_ids);
+            buffer.journal_step(version, Some((&report, &entry)), &outcomes, &report.advantages);
             buffer.record_step(entry, Some(&report), &plugin_report);
+            report.updated
         }
         Err(message) => {
             tracing::error!(%message, groups = ?group_ids, "training step failed; its groups are not trained");
-            buffer.record_step(json!({"error": message, "groups": group_ids}), None, &plugin_report);
+            for group in &batch {
+                let outcome = if offered.contains(&group.id) { GroupOutcome::Failed } else { GroupOutcome::PluginDropped };
+                outcomes.extend(group.seq.map(|seq| (seq, outcome)));
+            }
+            let entry = json!({"error": message, "groups": group_ids});
+            buffer.journal_step(version, None, &outcomes, &[]);
+            buffer.record_step(entry, None, &plugin_report);
+            false
         }
     }
 }
@@ -617,7 +804,22 @@ pub(super) async fn reward_batch(State(state): State<AppState>, ApiJson(body): A
 pub(super) async fn status(State(state): State<AppState>) -> Json<Value> {
     let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
     match &state.training {
-        Some(buffer) => Json(buffer.snapshot(version)),
+        Some(buffer) => {
+            let mut snapshot = buffer.snapshot(version);
+            if let Some(checkpointer) = &state.checkpoints {
+                snapshot["checkpoint"] = json!({
+                    "last": checkpointer.last(),
+                    "kept": checkpointer.list(),
+                    "written": checkpointer.written.load(std::sync::atomic::Ordering::Relaxed),
+                    "every_steps": checkpointer.policy().every_steps,
+                    "every_s": checkpointer.policy().every.map(|d| d.as_secs_f64()),
+                });
+            }
+            if let Some(journal) = &state.journal {
+                snapshot["journal"] = json!(journal.path().display().to_string());
+            }
+            Json(snapshot)
+        }
         None => Json(json!({"training": false, "policy_version": version})),
     }
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint;
+use super::checkpoint::{self, CheckpointStore, TrainerSnapshot};
 use super::data::{self, DataConfig, Example};
 use super::planning::StrategicGrams;
 use super::reward;
@@ -100,6 +100,8 @@ pub struct RunConfig {
     pub output_dir: PathBuf,
     /// Checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
+    /// Checkpoints kept in the output folder, newest first (at least 1).
+    pub keep_checkpoints: usize,
     /// Append every rewarded rollout to `rollouts.jsonl` in the output folder (`hicra analyze`
     /// reads it).
     pub log_rollouts: bool,
@@ -137,6 +139,7 @@ impl Default for RunConfig {
             strategic_grams: None,
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 0,
+            keep_checkpoints: 2,
             log_rollouts: true,
             trainer: TrainerConfig::default(),
         }
@@ -331,16 +334,26 @@ impl Run {
         }
     }
 
-    /// The checkpoint directory.
+    /// The newest checkpoint (a link to `checkpoint-<next step>` in the output folder).
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.config.output_dir.join("checkpoint")
     }
 
-    /// Restores the last checkpoint; returns the loop step to continue from (steps whose
-    /// groups all had equal rewards advance the loop but not the optimizer).
+    fn checkpoints(&self) -> Result<CheckpointStore, RunError> {
+        Ok(CheckpointStore::open(&self.config.output_dir, self.config.keep_checkpoints)?)
+    }
+
+    /// Restores the newest valid checkpoint; returns the loop step to continue from (steps
+    /// whose groups all had equal rewards advance the loop but not the optimizer). Without
+    /// any checkpoint (a run killed before its first one) the run starts over at step 0.
     pub fn resume(&mut self) -> Result<u64, RunError> {
-        let restored = checkpoint::load(&self.checkpoint_dir(), &mut self.trainer)?;
-        Ok(restored.extra.get("next_step").and_then(|v| v.as_u64()).unwrap_or(restored.step))
+        match self.checkpoints()?.load_newest(&mut self.trainer)? {
+            Some(restored) => Ok(restored.extra.get("next_step").and_then(|v| v.as_u64()).unwrap_or(restored.label)),
+            None => {
+                tracing::warn!(dir = %self.config.output_dir.display(), "no checkpoint to resume from; starting at step 0");
+                Ok(0)
+            }
+        }
     }
 
     /// The trainer (for tests and tools).
@@ -381,8 +394,20 @@ impl Run {
         Ok(prompts.into_iter().map(|ids| (ids, generations.by_ref().take(samples).collect())).collect())
     }
 
-    /// Runs steps `start..config.steps`, writing metrics and checkpoints.
+    /// Runs steps `start..config.steps`, writing metrics and checkpoints. `metrics.jsonl` and
+    /// `rollouts.jsonl` are first cut back to the steps before `start`, so a resumed run never
+    /// repeats a line; a checkpoint newer than `start` (an earlier run's) is refused rather
+    /// than overwritten.
     pub fn run(&mut self, start: u64, mut progress: impl FnMut(&StepMetrics)) -> Result<Vec<StepMetrics>, RunError> {
+        let checkpoints = self.checkpoints()?;
+        if let Some((label, path)) = checkpoints.list().into_iter().find(|(label, _)| *label > start) {
+            return Err(RunError::Config(format!(
+                "{} holds a checkpoint of step {label} from an earlier run; continue it with --resume or choose another output_dir",
+                path.display()
+            )));
+        }
+        keep_lines_before(&self.metrics_path, "run_step", start)?;
+        keep_lines_before(&self.config.output_dir.join("rollouts.jsonl"), "step", start)?;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -405,8 +430,8 @@ impl Run {
             progress(&metrics);
             let last = step + 1 == self.config.steps;
             if last || (self.config.checkpoint_every > 0 && (step + 1) % self.config.checkpoint_every == 0) {
-                let dir = self.checkpoint_dir();
-                checkpoint::save(&dir, &mut self.trainer, &self.loaded.name, serde_json::json!({"next_step": step + 1}))?;
+                let snapshot = TrainerSnapshot::capture(&mut self.trainer);
+                checkpoints.write(step + 1, &snapshot, &self.loaded.name, serde_json::json!({"next_step": step + 1}))?;
             }
             all.push(metrics);
         }
@@ -560,4 +585,30 @@ mod tests {
         assert_eq!(reward::regex_reward("It is Paris.", &pattern), 1.0);
         assert_eq!(reward::regex_reward("Parisian", &pattern), 0.0);
     }
+}
+
+/// Rewrites the JSON-lines file `path` keeping only lines whose `field` is below `before`
+/// (a torn last line from a kill is dropped too). Written to a temporary file, fsynced and
+/// renamed over the old one, so a crash leaves either version.
+fn keep_lines_before(path: &std::path::Path, field: &str, before: u64) -> Result<(), RunError> {
+    let io = |source| RunError::Io { path: path.to_path_buf(), source };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io(err)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v[field].as_u64()).is_some_and(|step| step < before))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(kept.as_bytes()).and_then(|()| file.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    tracing::info!(path = %path.display(), before, "log cut back to the resumed step");
+    Ok(())
 }

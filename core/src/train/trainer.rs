@@ -165,6 +165,20 @@ impl Trainer {
         Ok(Self { config, params, optimizer, policy_version: 0 })
     }
 
+    /// Trains the adapters already attached to `model` (a PEFT adapter loaded with
+    /// [`lora::load_peft`], whose shape is `lora`) with a fresh optimizer, at policy version 0.
+    /// The adapter's rank, alpha and targets replace `config.lora`'s; dropout and seed stay.
+    pub fn from_attached(model: &mut Transformer, lora: LoraConfig, config: TrainerConfig) -> Result<Self, TrainError> {
+        let config = TrainerConfig { lora: LoraConfig { dropout: config.lora.dropout, seed: config.lora.seed, ..lora }, ..config };
+        let params = lora::parameters(model);
+        if params.is_empty() {
+            return Err(TrainError::Model(crate::model::ModelError::InvalidConfig("the model has no LoRA adapters to train".into())));
+        }
+        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let optimizer = AdamW::new(config.optim.clone(), &tensors);
+        Ok(Self { config, params, optimizer, policy_version: 0 })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TrainerConfig {
         &self.config
