@@ -67,6 +67,19 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Kills the server with SIGKILL (no chance to save anything) and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the server to exit; returns whether it exited with 0.
+    pub fn terminate(mut self) -> bool {
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().map(|s| s.success()).unwrap_or(false);
+        assert!(sent, "kill -TERM failed");
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
     /// Everything the server wrote to stderr so far.
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -82,6 +95,11 @@ pub fn start_server<S: AsRef<OsStr>>(args: &[S]) -> Server {
 
 /// [`start_server`] with `RUST_LOG` set to `filter`.
 pub fn start_server_logging<S: AsRef<OsStr>>(args: &[S], filter: &str) -> Server {
+    start_server_env(args, filter, &[])
+}
+
+/// [`start_server_logging`] with extra environment variables.
+pub fn start_server_env<S: AsRef<OsStr>>(args: &[S], filter: &str, env: &[(&str, &str)]) -> Server {
     static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let given = args.iter().position(|a| a.as_ref() == "--state-dir").and_then(|i| args.get(i + 1)).map(|d| PathBuf::from(d.as_ref()));
     let state_dir = given.clone().unwrap_or_else(|| scratch_dir(&format!("state-{}", SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed))));
@@ -92,6 +110,7 @@ pub fn start_server_logging<S: AsRef<OsStr>>(args: &[S], filter: &str) -> Server
     }
     let mut child = command
         .env("RUST_LOG", filter)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .expect("hicra serve starts");

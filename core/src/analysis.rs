@@ -259,13 +259,22 @@ pub enum AnalysisError {
 pub fn analyze_file(path: &Path, grams: &StrategicGrams) -> Result<RunAnalysis, AnalysisError> {
     let io = |source| AnalysisError::Io { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(io)?;
-    let mut by_step: BTreeMap<u64, Vec<RolloutRecord>> = BTreeMap::new();
+    let mut records = Vec::new();
     for (i, line) in std::io::BufRead::lines(std::io::BufReader::new(file)).enumerate() {
         let line = line.map_err(io)?;
         if line.trim().is_empty() {
             continue;
         }
-        let record: RolloutRecord = serde_json::from_str(&line).map_err(|e| AnalysisError::Record { path: path.to_path_buf(), line: i + 1, message: e.to_string() })?;
+        records.push(serde_json::from_str(&line).map_err(|e| AnalysisError::Record { path: path.to_path_buf(), line: i + 1, message: e.to_string() })?);
+    }
+    analyze_records(path, records, grams)
+}
+
+/// The per-step analyses of `records` (read from `source`: a rollout log or a journal).
+pub fn analyze_records(source: &Path, records: Vec<RolloutRecord>, grams: &StrategicGrams) -> Result<RunAnalysis, AnalysisError> {
+    let path = source;
+    let mut by_step: BTreeMap<u64, Vec<RolloutRecord>> = BTreeMap::new();
+    for record in records {
         by_step.entry(record.step).or_default().push(record);
     }
     if by_step.is_empty() {

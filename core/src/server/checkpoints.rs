@@ -151,6 +151,7 @@ pub async fn checkpoint_now(state: &AppState, reason: &str, freeze: bool) -> Res
     } else {
         drop(gate);
     }
+    tracing::info!(policy_version = snapshot.policy_version, reason, "writing checkpoint");
     let started = Instant::now();
     let store = checkpointer.store.clone();
     let base_model = checkpointer.base_model.clone();
