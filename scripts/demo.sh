@@ -19,22 +19,38 @@ done
 echo
 echo "[demo] online HICRA session: hicra serve --train, examples/online_arithmetic/client.py"
 port="${HICRA_DEMO_PORT:-8765}"
-rm -f target/demo-rollouts.jsonl
-"$hicra" serve --port "$port" --max-batch 32 --max-context 512 \
-  --train-config examples/online_arithmetic/trainer.toml --groups-per-step 4 \
-  --rollout-log target/demo-rollouts.jsonl 2> target/demo-serve.log &
-server=$!
+state=target/demo-state
+rm -rf "$state"
+serve() {
+  "$hicra" serve --port "$port" --max-batch 32 --max-context 512 \
+    --train-config examples/online_arithmetic/trainer.toml --groups-per-step 4 \
+    --state-dir "$state" 2>> target/demo-serve.log &
+  server=$!
+  for _ in $(seq 1 120); do
+    .deps/venv/bin/python -c "import httpx,sys; httpx.get('http://127.0.0.1:$port/health').raise_for_status()" 2>/dev/null && return
+    sleep 1
+  done
+}
+: > target/demo-serve.log
+serve
 trap 'kill $server 2>/dev/null' EXIT
-for _ in $(seq 1 120); do
-  .deps/venv/bin/python -c "import httpx,sys; httpx.get('http://127.0.0.1:$port/health').raise_for_status()" 2>/dev/null && break
-  sleep 1
-done
 .deps/venv/bin/python examples/online_arithmetic/client.py --url "http://127.0.0.1:$port" --rounds "${HICRA_DEMO_ROUNDS:-4}"
-kill $server 2>/dev/null || true
-# The paper's analyses of the session (entropy, perplexity, semantic entropy, accuracy per step).
+# Durability: stop the server (SIGTERM writes a last checkpoint), start it again on the same
+# state folder, and check it serves the same policy version and the same greedy answers.
 echo
-echo "[demo] hicra analyze target/demo-rollouts.jsonl -> target/demo-analysis/"
-"$hicra" analyze target/demo-rollouts.jsonl --out target/demo-analysis
+echo "[demo] stop and restart on the same state folder ($state)"
+.deps/venv/bin/python examples/online_arithmetic/restart_check.py --url "http://127.0.0.1:$port" --save target/demo-before-stop.json
+kill -TERM $server; wait $server || true
+grep -E "checkpoint written:" target/demo-serve.log | tail -1
+serve
+grep -E "^resumed from" target/demo-serve.log | tail -1
+.deps/venv/bin/python examples/online_arithmetic/restart_check.py --url "http://127.0.0.1:$port" --compare target/demo-before-stop.json
+kill -TERM $server; wait $server || true
+# The paper's analyses of the session (entropy, perplexity, semantic entropy, accuracy per
+# step), read from the state folder's journal.
+echo
+echo "[demo] hicra analyze $state -> target/demo-analysis/"
+"$hicra" analyze "$state" --out target/demo-analysis
 
 if [ -t 0 ]; then
   echo

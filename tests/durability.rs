@@ -230,6 +230,38 @@ fn a_stopped_server_restarts_at_the_same_policy_with_its_groups_and_rollout_log(
     assert!(server.terminate());
 }
 
+/// The optimizer state survives a stop: a server stopped and restarted between steps, fed the
+/// same seeded requests and rewards, ends with the same weights as one that never stopped
+/// (AdamW's moments shape every step after the first).
+#[test]
+fn a_restart_between_steps_trains_exactly_like_an_uninterrupted_server() {
+    let config = trainer_config("same");
+    let client = Client::new();
+    let run = |tag: &str, restart_before: Option<u64>| {
+        let state = scratch_dir(tag);
+        let args = server_args(&state, &config, &[]);
+        let mut server = start_server_env(&args, "warn", &[]);
+        for group in 0..4u64 {
+            if restart_before == Some(group) {
+                assert!(server.terminate());
+                server = start_server_env(&args, "warn", &[]);
+                assert_eq!(training(&client, &server)["policy_version"], group);
+            }
+            let ids = sample(&client, &server, 2, 100 + group);
+            reward_all(&client, &server, &ids);
+            wait_for_training(&server.url, None, "the group's step", |s| s["policy_version"] == group + 1);
+        }
+        let (logprobs, version) = probe(&client, &server);
+        assert_eq!(version, 4);
+        assert!(server.terminate());
+        logprobs
+    };
+    let straight = run("durable-straight", None);
+    let restarted = run("durable-restarted", Some(2));
+    let gap = largest_gap(&straight, &restarted);
+    assert!(gap <= 1e-6, "a restart changed training: {straight:?} vs {restarted:?}");
+}
+
 /// SplitMix64: the kill schedule, reproducible from the seed the test prints.
 struct Random(u64);
 

@@ -587,3 +587,59 @@ pub fn trained_records(path: &Path) -> Result<Vec<RolloutRecord>, JournalError> 
     }
     Ok(records)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::SamplingParams;
+
+    fn rollout(id: &str) -> Rollout {
+        Rollout {
+            id: id.into(),
+            model: "m".into(),
+            policy_version: 0,
+            policy_version_first: 0,
+            prompt_token_ids: vec![1, 2],
+            completion_token_ids: vec![3],
+            logprobs: vec![-0.5],
+            sampling_logprobs: vec![-0.4],
+            entropies: vec![1.0],
+            token_texts: vec![" x".into()],
+            finish_reason: "stop".into(),
+            text: " x".into(),
+            sampling: SamplingParams::default(),
+            created: 0,
+            user: None,
+            group: "req".into(),
+            group_size: 2,
+            reward: None,
+        }
+    }
+
+    #[test]
+    fn retention_prunes_the_oldest_rollouts_but_never_a_waiting_groups() -> Result<(), JournalError> {
+        let path = std::env::temp_dir().join(format!("hicra-journal-retention-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let journal = Journal::open(&path, 5)?;
+        // The oldest rollout is rewarded into a group that is still collecting.
+        let mut first = rollout("ro-0");
+        first.reward = Some(1.0);
+        let group = NewGroup { key: "named/g".into(), id: "g".into(), expected: 2, named: true, opened_at: 0.0 };
+        journal.record_rewards(&[group], &[RewardRow { rollout: &first, group: GroupRef::New(0) }], &[])?;
+        for i in 1..12 {
+            journal.served(&rollout(&format!("ro-{i}")));
+        }
+        journal.close();
+        assert_eq!(journal.prune()?, 6, "12 rollouts, 5 kept by retention, 1 kept by its pending group");
+        let (page, _) = journal.page(0, 100, false)?;
+        let ids: Vec<&str> = page.iter().filter_map(|r| r["id"].as_str()).collect();
+        assert_eq!(ids, ["ro-0", "ro-7", "ro-8", "ro-9", "ro-10", "ro-11"]);
+        assert_eq!(journal.rollout("ro-0")?.and_then(|r| r.reward), Some(1.0));
+        assert_eq!(journal.rollout("ro-0")?.map(|r| r.token_texts), Some(vec![" x".to_string()]));
+        assert!(journal.rollout("ro-3")?.is_none());
+        let recovery = journal.recover(0)?;
+        assert_eq!(recovery.pending.len(), 1);
+        assert_eq!(recovery.pending[0].members.len(), 1);
+        std::fs::remove_file(&path).map_err(|e| JournalError::Corrupt { path: path.clone(), what: e.to_string() })
+    }
+}
