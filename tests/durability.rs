@@ -30,10 +30,21 @@ fn trainer_config(tag: &str) -> PathBuf {
     path
 }
 
+/// The tiny test model, or `HICRA_CRASH_MODEL` (scripts/durability.sh measures the default
+/// model's recovery time that way).
+fn model() -> OsString {
+    std::env::var_os("HICRA_CRASH_MODEL").unwrap_or_else(|| tiny_model_file().into())
+}
+
+/// The `model` requests name: the served model's name.
+fn served_name() -> String {
+    std::env::var("HICRA_CRASH_MODEL").unwrap_or_else(|_| "model".into())
+}
+
 fn server_args(state: &Path, config: &Path, extra: &[&str]) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--model".into(),
-        tiny_model_file().into(),
+        model(),
         "--max-context".into(),
         "160".into(),
         "--train-config".into(),
@@ -64,7 +75,7 @@ fn training(client: &Client, server: &Server) -> Value {
 /// while a step lands mid-completion (its first and last tokens then differ in version).
 fn probe(client: &Client, server: &Server) -> (Vec<f64>, u64) {
     loop {
-        let (status, body) = post(client, &format!("{}/v1/completions", server.url), json!({"model": "model", "prompt": PROBE, "max_tokens": 8, "temperature": 0, "logprobs": 1}));
+        let (status, body) = post(client, &format!("{}/v1/completions", server.url), json!({"model": served_name(), "prompt": PROBE, "max_tokens": 8, "temperature": 0, "logprobs": 1}));
         assert_eq!(status, 200, "{body}");
         let hicra = &body["choices"][0]["hicra"];
         if hicra["policy_version_first"] != hicra["policy_version_last"] {
@@ -83,7 +94,7 @@ fn largest_gap(a: &[f64], b: &[f64]) -> f64 {
 /// Rollout ids of one request with `n` sampled choices (one reward group).
 fn sample(client: &Client, server: &Server, n: usize, seed: u64) -> Vec<String> {
     let prompt = [7u32, 11 + (seed % 50) as u32, 13, 2];
-    let body = json!({"model": "model", "prompt": prompt, "n": n, "temperature": 1.0, "max_tokens": 6, "seed": seed});
+    let body = json!({"model": served_name(), "prompt": prompt, "n": n, "temperature": 1.0, "max_tokens": 6, "seed": seed});
     let (status, body) = post(client, &format!("{}/v1/completions", server.url), body);
     assert_eq!(status, 200, "{body}");
     body["choices"].as_array().expect("choices").iter().map(|c| c["hicra"]["rollout_id"].as_str().expect("id").to_string()).collect()
@@ -214,6 +225,22 @@ fn a_stopped_server_restarts_at_the_same_policy_with_its_groups_and_rollout_log(
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
     assert!(summary["steps"].as_array().is_some_and(|s| s.len() >= 2), "{summary}");
 
+    // A state folder of another base model is refused, not loaded because shapes happen to fit.
+    let other = scratch_dir("durable-other-model");
+    let copied = other.join("checkpoint-000000004");
+    std::fs::create_dir_all(&copied).expect("copy");
+    for file in ["adapter_config.json", "adapter_model.safetensors", "trainer_state.safetensors"] {
+        std::fs::copy(state.join("checkpoint-000000004").join(file), copied.join(file)).expect("copy");
+    }
+    let mut saved: Value = serde_json::from_str(&std::fs::read_to_string(state.join("checkpoint-000000004/trainer_state.json")).expect("state")).expect("json");
+    saved["base_model"] = json!("another-model");
+    std::fs::write(copied.join("trainer_state.json"), saved.to_string()).expect("write");
+    let refused: Vec<String> = server_args(&other, &config, &[]).iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut command = vec!["serve", "--device", "cpu", "--port", "0"];
+    command.extend(refused.iter().map(String::as_str));
+    let run = common::hicra(&command);
+    assert!(!run.success && run.stderr.contains("another-model"), "{}", run.stderr);
+
     // A checkpoint is a PEFT adapter: `--adapter DIR --train` serves it and trains on from it
     // (policy version 0, fresh optimizer) in a new state folder.
     let adapter = state.join("checkpoint-000000004");
@@ -282,6 +309,7 @@ impl Random {
 /// What the crash test measured (README's durability table).
 #[derive(Debug, Default, serde::Serialize)]
 struct Figures {
+    model: String,
     seed: u64,
     kills: usize,
     kills_while_decoding: usize,
@@ -310,7 +338,7 @@ fn sigkill_at_random_instants_loses_no_reward_and_trains_every_group_once() {
     // Each checkpoint file takes 25 ms more, so a kill lands inside a write often.
     let slow = [("HICRA_TEST_SLOW_CHECKPOINT_MS", "25")];
     let client = Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
-    let mut figures = Figures { seed, ..Figures::default() };
+    let mut figures = Figures { seed, model: std::env::var("HICRA_CRASH_MODEL").unwrap_or_else(|_| "tiny test model".into()), ..Figures::default() };
     let mut acknowledged: Vec<String> = Vec::new();
     let mut rewards_acknowledged = 0u64;
     let mut durable: HashMap<u64, Vec<f64>> = HashMap::new();
@@ -368,7 +396,7 @@ fn sigkill_at_random_instants_loses_no_reward_and_trains_every_group_once() {
                 }
                 let url = server.url.clone();
                 std::thread::spawn(move || {
-                    let body = json!({"model": "model", "prompt": PROBE, "n": 4, "temperature": 1.0, "max_tokens": 120, "stream": true});
+                    let body = json!({"model": served_name(), "prompt": PROBE, "n": 4, "temperature": 1.0, "max_tokens": 120, "stream": true});
                     let _ = Client::new().post(format!("{url}/v1/completions")).json(&body).send().and_then(|r| r.text());
                 });
                 std::thread::sleep(Duration::from_millis(20) + random.millis(150));

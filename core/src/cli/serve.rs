@@ -329,7 +329,7 @@ fn start_trainer(loaded: &mut LoadedModel, config: TrainerConfig, adapter: Optio
     };
     let Some(folder) = folder else { return Ok((trainer, None)) };
     let store = CheckpointStore::open(folder.root(), keep)?;
-    let restored = store.load_newest(&mut trainer).with_context(|| format!("resuming from the state folder {}", folder.root().display()))?;
+    let restored = store.load_newest(&mut trainer, &loaded.name).with_context(|| format!("resuming from the state folder {}", folder.root().display()))?;
     match (&restored, adapter) {
         (Some(r), Some(dir)) => eprintln!("resumed from {} (policy version {}); --adapter {} was its starting point", r.path.display(), r.policy_version, dir.display()),
         (Some(r), None) => eprintln!("resumed from {} (policy version {}, optimizer step {})", r.path.display(), r.policy_version, r.step),
@@ -342,7 +342,7 @@ fn start_trainer(loaded: &mut LoadedModel, config: TrainerConfig, adapter: Optio
 fn checkpoint_policy(args: &ServeArgs) -> anyhow::Result<CheckpointPolicy> {
     let every = match args.checkpoint_every_s {
         None => Some(std::time::Duration::from_secs(300)),
-        Some(s) if s == 0.0 => None,
+        Some(0.0) => None,
         Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
         Some(s) => anyhow::bail!("--checkpoint-every-s must be a positive number of seconds or 0, got {s}"),
     };

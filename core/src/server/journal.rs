@@ -182,6 +182,9 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// Bumped, with a migration, whenever the tables change.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rollouts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -242,6 +245,12 @@ impl Journal {
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(err)?;
+        match version {
+            0 => conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(err)?,
+            SCHEMA_VERSION => {}
+            newer => return Err(JournalError::Corrupt { path: path.to_path_buf(), what: format!("schema version {newer} was written by a newer hicra (this one reads {SCHEMA_VERSION})") }),
+        }
         let journal = Arc::new(Self { path: path.to_path_buf(), conn: Mutex::new(conn), served: Mutex::new(None), writer: Mutex::new(None), retention: retention.max(1) });
         let (sender, receiver) = mpsc::channel();
         *journal.served.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);

@@ -177,7 +177,7 @@ impl CheckpointStore {
                     .collect()
             })
             .unwrap_or_default();
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|(label, _)| std::cmp::Reverse(*label));
         found
     }
 
@@ -204,6 +204,7 @@ impl CheckpointStore {
             "step": snapshot.step,
             "policy_version": snapshot.policy_version,
             "label": label,
+            "base_model": base_model,
             "config": snapshot.config,
             "parameter_names": snapshot.adapters.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
             "extra": extra,
@@ -263,13 +264,13 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// Restores the newest checkpoint that loads completely into `trainer`; `None` when there
-    /// is none. A checkpoint that fails to load (damaged files, another trainer's shapes) is
-    /// reported and the next older one is tried.
-    pub fn load_newest(&self, trainer: &mut Trainer) -> Result<Option<Restored>, CheckpointError> {
+    /// Restores the newest checkpoint of `base_model` that loads completely into `trainer`;
+    /// `None` when there is none. A checkpoint that fails to load (damaged files, another
+    /// trainer's shapes, another base model) is reported and the next older one is tried.
+    pub fn load_newest(&self, trainer: &mut Trainer, base_model: &str) -> Result<Option<Restored>, CheckpointError> {
         let mut last_error = None;
         for (label, path) in self.list() {
-            match load(&path, trainer) {
+            match load(&path, trainer, Some(base_model)) {
                 Ok(restored) => return Ok(Some(Restored { label, ..restored })),
                 Err(err) => {
                     tracing::warn!(path = %path.display(), %err, "checkpoint does not load; trying an older one");
@@ -295,14 +296,20 @@ fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
 
 /// Restores adapters, optimizer moments, step and policy version from checkpoint folder `dir`
 /// into `trainer`. Every tensor is read and checked before any is copied, so a damaged or
-/// mismatched checkpoint leaves the trainer as it was.
-pub fn load(dir: &Path, trainer: &mut Trainer) -> Result<Restored, CheckpointError> {
+/// mismatched checkpoint leaves the trainer as it was. With `base_model`, a checkpoint that
+/// records another base model is refused (same shapes would load silently).
+pub fn load(dir: &Path, trainer: &mut Trainer, base_model: Option<&str>) -> Result<Restored, CheckpointError> {
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(io(&state_path))?;
     let mismatch = |reason: String| CheckpointError::Mismatch { path: dir.to_path_buf(), reason };
     let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| mismatch(format!("trainer_state.json is not valid JSON: {e}")))?;
     let step = state["step"].as_u64().ok_or_else(|| mismatch("trainer_state.json lacks 'step'".into()))?;
     let policy_version = state["policy_version"].as_u64().unwrap_or(step);
+    if let (Some(expected), Some(recorded)) = (base_model, state["base_model"].as_str()) {
+        if expected != recorded {
+            return Err(mismatch(format!("trained on base model '{recorded}', not '{expected}': use another state or output folder for another model")));
+        }
+    }
     let read = |name: &str| {
         let path = dir.join(name);
         Tensor::read_safetensors(&path).map_err(|e| CheckpointError::Tensors { path, message: e.to_string() })

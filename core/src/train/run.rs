@@ -347,7 +347,7 @@ impl Run {
     /// whose groups all had equal rewards advance the loop but not the optimizer). Without
     /// any checkpoint (a run killed before its first one) the run starts over at step 0.
     pub fn resume(&mut self) -> Result<u64, RunError> {
-        match self.checkpoints()?.load_newest(&mut self.trainer)? {
+        match self.checkpoints()?.load_newest(&mut self.trainer, &self.loaded.name)? {
             Some(restored) => Ok(restored.extra.get("next_step").and_then(|v| v.as_u64()).unwrap_or(restored.label)),
             None => {
                 tracing::warn!(dir = %self.config.output_dir.display(), "no checkpoint to resume from; starting at step 0");
@@ -568,25 +568,6 @@ impl Run {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn last_number_reward_reads_the_final_number() {
-        assert_eq!(last_number("so 3 + 4 = 7."), Some("7".into()));
-        assert_eq!(last_number("the answer is -12"), Some("-12".into()));
-        assert_eq!(last_number("1,234 apples"), Some("1234".into()));
-        assert_eq!(last_number("none"), None);
-        assert_eq!(score(RewardKind::MathLastNumber, "It is 7", "7"), 1.0);
-        assert_eq!(score(RewardKind::Math, "It is 7", "7"), 0.0);
-        assert_eq!(score(RewardKind::Math, "#### 7", "7"), 1.0);
-        let pattern = regex::Regex::new(r"\bParis\b").expect("valid pattern");
-        assert_eq!(reward::regex_reward("It is Paris.", &pattern), 1.0);
-        assert_eq!(reward::regex_reward("Parisian", &pattern), 0.0);
-    }
-}
-
 /// Rewrites the JSON-lines file `path` keeping only lines whose `field` is below `before`
 /// (a torn last line from a kill is dropped too). Written to a temporary file, fsynced and
 /// renamed over the old one, so a crash leaves either version.
@@ -611,4 +592,23 @@ fn keep_lines_before(path: &std::path::Path, field: &str, before: u64) -> Result
     std::fs::rename(&tmp, path).map_err(io)?;
     tracing::info!(path = %path.display(), before, "log cut back to the resumed step");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_number_reward_reads_the_final_number() {
+        assert_eq!(last_number("so 3 + 4 = 7."), Some("7".into()));
+        assert_eq!(last_number("the answer is -12"), Some("-12".into()));
+        assert_eq!(last_number("1,234 apples"), Some("1234".into()));
+        assert_eq!(last_number("none"), None);
+        assert_eq!(score(RewardKind::MathLastNumber, "It is 7", "7"), 1.0);
+        assert_eq!(score(RewardKind::Math, "It is 7", "7"), 0.0);
+        assert_eq!(score(RewardKind::Math, "#### 7", "7"), 1.0);
+        let pattern = regex::Regex::new(r"\bParis\b").expect("valid pattern");
+        assert_eq!(reward::regex_reward("It is Paris.", &pattern), 1.0);
+        assert_eq!(reward::regex_reward("Parisian", &pattern), 0.0);
+    }
 }
