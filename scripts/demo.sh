@@ -33,7 +33,7 @@ serve() {
 }
 : > target/demo-serve.log
 serve
-trap 'kill $server 2>/dev/null' EXIT
+trap 'kill $server 2>/dev/null || true' EXIT
 .deps/venv/bin/python examples/online_arithmetic/client.py --url "http://127.0.0.1:$port" --rounds "${HICRA_DEMO_ROUNDS:-4}"
 # Durability: stop the server (SIGTERM writes a last checkpoint), start it again on the same
 # state folder, and check it serves the same policy version and the same greedy answers.

@@ -793,11 +793,17 @@ fn step_entry(report: &StepReport, analysis: &StepAnalysis, plugins: &StepPlugin
 
 pub(super) async fn reward_one(State(state): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<RewardBody>) -> Result<Json<Value>, ApiError> {
     let entry = RewardEntry { rollout_id: id, reward: body.reward, group_id: body.group_id, group_size: body.group_size };
-    reward_many(&state, vec![entry]).map(Json)
+    reward_off_runtime(state, vec![entry]).await.map(Json)
 }
 
 pub(super) async fn reward_batch(State(state): State<AppState>, ApiJson(body): ApiJson<BatchBody>) -> Result<Json<Value>, ApiError> {
-    reward_many(&state, body.rewards).map(Json)
+    reward_off_runtime(state, body.rewards).await.map(Json)
+}
+
+/// [`reward_many`] on a blocking thread: recording a reward waits for the journal's fsync,
+/// which must not stall the runtime's few worker threads.
+async fn reward_off_runtime(state: AppState, entries: Vec<RewardEntry>) -> Result<Value, ApiError> {
+    tokio::task::spawn_blocking(move || reward_many(&state, entries)).await.map_err(|e| ApiError::Internal(format!("recording the rewards panicked: {e}")))?
 }
 
 /// `GET /v1/training`.
@@ -849,7 +855,7 @@ pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group
         };
     }
     let entry = RewardEntry { rollout_id: id.to_string(), reward, group_id: group, group_size };
-    let mut reply = reward_many(state, vec![entry])?;
+    let mut reply = reward_off_runtime(state.clone(), vec![entry]).await?;
     reply["training"] = json!(true);
     Ok(reply)
 }
