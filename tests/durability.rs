@@ -255,6 +255,19 @@ fn a_stopped_server_restarts_at_the_same_policy_with_its_groups_and_rollout_log(
     reward_all(&client, &server, &ids);
     wait_for_training(&server.url, None, "a step from the adapter", |s| s["policy_version"] == 1);
     assert!(server.terminate());
+
+    // A damaged newest checkpoint (a disk error, not a crash: crashes cannot produce one) is
+    // moved aside and the previous one is loaded.
+    std::fs::write(state.join("checkpoint-000000004/adapter_model.safetensors"), b"not a safetensors file").expect("damage");
+    let server = start_server_env(&args, "warn", &[]);
+    assert_eq!(training(&client, &server)["policy_version"], 3);
+    assert!(state.join("damaged-checkpoint-000000004").is_dir());
+    assert!(server.terminate());
+
+    // Settings that cannot be a duration are refused by name.
+    let unused = scratch_dir("durable-bad-flag");
+    let run = common::hicra(&["serve", "--device", "cpu", "--port", "0", "--train", "--state-dir", unused.to_str().expect("utf-8 path"), "--checkpoint-every-s", "1e300"]);
+    assert!(!run.success && run.stderr.contains("--checkpoint-every-s"), "{}", run.stderr);
 }
 
 /// The optimizer state survives a stop: a server stopped and restarted between steps, fed the

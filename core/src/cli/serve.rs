@@ -206,6 +206,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let dtype = args.dtype.as_deref().map(str::parse::<DType>).transpose().map_err(anyhow::Error::msg)?;
     let max_context = args.max_context.unwrap_or(2048);
     let training_requested = args.train || args.train_config.is_some();
+    // Checked before the model loads, so a typo fails at once.
+    let (settings, policy) = (training_settings(&args)?, checkpoint_policy(&args)?);
     // With training, the adapter is the trainer's starting point (see `start_trainer`).
     let adapter = if training_requested { None } else { args.adapter.clone() };
     let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter };
@@ -289,8 +291,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let state = match (training_requested, &folder) {
         (true, Some(folder)) => {
             let version = restored.as_ref().map(|r| r.policy_version).unwrap_or(0);
-            let buffer = TrainingBuffer::new(training_settings(&args)?, journal.clone());
+            let buffer = TrainingBuffer::new(settings, journal.clone());
             if let Some(journal) = &journal {
+                journal.set_checkpoint_version(version);
                 let recovery = journal.recover(version)?;
                 eprintln!(
                     "journal {}: {} complete groups waiting ({} retrained: their step came after the checkpoint), {} collecting",
@@ -302,7 +305,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
                 buffer.restore(recovery);
             }
             let store = CheckpointStore::open(folder.root(), args.keep_checkpoints.unwrap_or(3))?;
-            let checkpointer = Checkpointer::new(store, checkpoint_policy(&args)?, state.engine.info.name.clone(), restored.as_ref());
+            let checkpointer = Checkpointer::new(store, policy, state.engine.info.name.clone(), restored.as_ref());
             AppState { training: Some(Arc::new(buffer)), checkpoints: Some(Arc::new(checkpointer)), ..state }
         }
         _ => state,
@@ -343,8 +346,7 @@ fn checkpoint_policy(args: &ServeArgs) -> anyhow::Result<CheckpointPolicy> {
     let every = match args.checkpoint_every_s {
         None => Some(std::time::Duration::from_secs(300)),
         Some(0.0) => None,
-        Some(s) if s.is_finite() && s > 0.0 => Some(std::time::Duration::from_secs_f64(s)),
-        Some(s) => anyhow::bail!("--checkpoint-every-s must be a positive number of seconds or 0, got {s}"),
+        Some(s) => Some(std::time::Duration::try_from_secs_f64(s).ok().filter(|d| !d.is_zero()).with_context(|| format!("--checkpoint-every-s must be a positive number of seconds or 0, got {s}"))?),
     };
     Ok(CheckpointPolicy { every_steps: args.checkpoint_every_steps.unwrap_or(10), every })
 }
@@ -353,8 +355,7 @@ fn checkpoint_policy(args: &ServeArgs) -> anyhow::Result<CheckpointPolicy> {
 fn training_settings(args: &ServeArgs) -> anyhow::Result<crate::server::training::TrainingSettings> {
     let defaults = crate::server::training::TrainingSettings::default();
     let group_timeout = match args.group_timeout_s {
-        Some(s) if s.is_finite() && s > 0.0 => std::time::Duration::from_secs_f64(s),
-        Some(s) => anyhow::bail!("--group-timeout-s must be a positive number of seconds, got {s}"),
+        Some(s) => std::time::Duration::try_from_secs_f64(s).ok().filter(|d| !d.is_zero()).with_context(|| format!("--group-timeout-s must be a positive number of seconds, got {s}"))?,
         None => defaults.group_timeout,
     };
     let max_staleness = match args.max_staleness.as_deref() {

@@ -99,6 +99,8 @@ pub struct Checkpointer {
     writing: tokio::sync::Mutex<()>,
     last: Mutex<Option<CheckpointInfo>>,
     updates_since: AtomicU64,
+    /// Set by the shutdown checkpoint: no checkpoint may follow it (steps are frozen).
+    stopping: std::sync::atomic::AtomicBool,
     /// Checkpoints written by this process.
     pub written: AtomicU64,
 }
@@ -114,7 +116,7 @@ impl Checkpointer {
             write_seconds: 0.0,
             reason: "restored".into(),
         });
-        Self { store, policy, base_model, writing: tokio::sync::Mutex::new(()), last: Mutex::new(last), updates_since: AtomicU64::new(0), written: AtomicU64::new(0) }
+        Self { store, policy, base_model, writing: tokio::sync::Mutex::new(()), last: Mutex::new(last), updates_since: AtomicU64::new(0), stopping: std::sync::atomic::AtomicBool::new(false), written: AtomicU64::new(0) }
     }
 
     /// The newest checkpoint written or restored.
@@ -139,13 +141,23 @@ pub async fn checkpoint_now(state: &AppState, reason: &str, freeze: bool) -> Res
     let (Some(buffer), Some(checkpointer)) = (&state.training, &state.checkpoints) else {
         return Err("this server writes no checkpoints: it does not train".into());
     };
+    let behind = "a step's outcome is missing from the journal (see the log); a checkpoint now could make its groups train twice after a restart";
     if buffer.journal_behind() {
-        return Err("a step's outcome is missing from the journal (see the log); a checkpoint now could make its groups train twice after a restart".into());
+        return Err(behind.into());
     }
     let _writing = checkpointer.writing.lock().await;
+    if checkpointer.stopping.load(Ordering::Acquire) {
+        return Err("the server is stopping; its last checkpoint is written".into());
+    }
     let gate = buffer.step_gate.clone().lock_owned().await;
+    // Again under the gate: the step that held it may just have failed to record itself.
+    if buffer.journal_behind() {
+        return Err(behind.into());
+    }
     let snapshot = state.engine.snapshot().await?.ok_or("the engine has no trainer")?;
+    checkpointer.updates_since.store(0, Ordering::Release);
     if freeze {
+        checkpointer.stopping.store(true, Ordering::Release);
         // Dropping the guard never happens: steps wait on the gate until the process exits.
         std::mem::forget(gate);
     } else {
@@ -163,7 +175,9 @@ pub async fn checkpoint_now(state: &AppState, reason: &str, freeze: bool) -> Res
     let info = CheckpointInfo { path: path.display().to_string(), policy_version: version, step, at: super::unix_now(), write_seconds: started.elapsed().as_secs_f64(), reason: reason.into() };
     tracing::info!(path = %info.path, policy_version = version, reason, seconds = info.write_seconds, "checkpoint written");
     *checkpointer.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
-    checkpointer.updates_since.store(0, Ordering::Release);
+    if let Some(journal) = &state.journal {
+        journal.set_checkpoint_version(version);
+    }
     checkpointer.written.fetch_add(1, Ordering::Relaxed);
     Ok(info)
 }

@@ -174,6 +174,9 @@ pub struct Journal {
     served: Mutex<Option<mpsc::Sender<Rollout>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     retention: usize,
+    /// Policy version of the newest checkpoint: groups trained after it must survive pruning,
+    /// since a crash now would train them again.
+    checkpoint_version: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -229,8 +232,12 @@ pub(crate) fn now() -> f64 {
 }
 
 /// The stored form of a rollout: the API's JSON, plus the token texts the API leaves out.
+/// Non-finite floats (which JSON cannot hold and would not read back) are stored as 0.
 fn encode(rollout: &Rollout) -> (String, String) {
-    (serde_json::to_string(rollout).unwrap_or_default(), serde_json::to_string(&rollout.token_texts).unwrap_or_default())
+    let finite = |values: &[f32]| values.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<f32>>();
+    let clean = Rollout { logprobs: finite(&rollout.logprobs), sampling_logprobs: finite(&rollout.sampling_logprobs), entropies: finite(&rollout.entropies), ..rollout.clone() };
+    let body = serde_json::to_string(&clean).unwrap_or_else(|e| format!("{{\"unencodable\": {:?}}}", e.to_string()));
+    (body, serde_json::to_string(&rollout.token_texts).unwrap_or_else(|_| "[]".into()))
 }
 
 impl Journal {
@@ -251,7 +258,7 @@ impl Journal {
             SCHEMA_VERSION => {}
             newer => return Err(JournalError::Corrupt { path: path.to_path_buf(), what: format!("schema version {newer} was written by a newer hicra (this one reads {SCHEMA_VERSION})") }),
         }
-        let journal = Arc::new(Self { path: path.to_path_buf(), conn: Mutex::new(conn), served: Mutex::new(None), writer: Mutex::new(None), retention: retention.max(1) });
+        let journal = Arc::new(Self { path: path.to_path_buf(), conn: Mutex::new(conn), served: Mutex::new(None), writer: Mutex::new(None), retention: retention.max(1), checkpoint_version: std::sync::atomic::AtomicU64::new(0) });
         let (sender, receiver) = mpsc::channel();
         *journal.served.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
         let writer = journal.clone();
@@ -275,6 +282,11 @@ impl Journal {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells pruning which policy version the newest checkpoint holds.
+    pub fn set_checkpoint_version(&self, version: u64) {
+        self.checkpoint_version.fetch_max(version, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn sqlite(&self) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
@@ -330,14 +342,17 @@ impl Journal {
     }
 
     /// Deletes the oldest rollouts beyond the retention, except members of groups that are
-    /// still pending or ready, and groups left without rollouts. Returns rollouts removed.
+    /// still pending or ready or were trained after the newest checkpoint (a restart trains
+    /// those again), and groups left without rollouts. Returns rollouts removed.
     pub fn prune(&self) -> Result<usize, JournalError> {
         let conn = self.lock();
+        let checkpoint = self.checkpoint_version.load(std::sync::atomic::Ordering::Acquire) as i64;
         let removed = conn
             .execute(
                 "DELETE FROM rollouts WHERE seq <= (SELECT MAX(seq) FROM rollouts) - ?1
-                 AND (group_seq IS NULL OR group_seq NOT IN (SELECT seq FROM groups WHERE state IN ('pending', 'ready')))",
-                params![self.retention as i64],
+                 AND (group_seq IS NULL OR group_seq NOT IN (SELECT seq FROM groups
+                      WHERE state IN ('pending', 'ready') OR (state = 'trained' AND trained_version > ?2)))",
+                params![self.retention as i64, checkpoint],
             )
             .map_err(self.sqlite())?;
         if removed > 0 {
@@ -488,7 +503,14 @@ impl Journal {
                 .map_err(self.sqlite())?;
             for row in rows {
                 let (body, texts, reward) = row.map_err(self.sqlite())?;
-                let mut rollout = self.decode(&body, &texts)?;
+                // One unreadable row costs its group a member, not the whole restart.
+                let mut rollout = match self.decode(&body, &texts) {
+                    Ok(rollout) => rollout,
+                    Err(err) => {
+                        tracing::error!(group = %group.id, %err, "a journaled rollout does not parse; its group goes on without it");
+                        continue;
+                    }
+                };
                 rollout.reward = reward.map(|r| r as f32);
                 rollout.group = group.id.clone();
                 group.members.push(rollout);

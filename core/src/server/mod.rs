@@ -214,7 +214,7 @@ async fn get_rollout(State(state): State<AppState>, Path(id): Path<String>) -> R
     }
     // Evicted from memory, or served before a restart: the journal still has it.
     let journaled = match &state.journal {
-        Some(journal) => journal.rollout(&id).map_err(|e| ApiError::Internal(e.to_string()))?,
+        Some(journal) => tokio::task::block_in_place(|| journal.rollout(&id)).map_err(|e| ApiError::Internal(e.to_string()))?,
         None => None,
     };
     journaled.map(Json).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))

@@ -269,9 +269,16 @@ impl TrainingBuffer {
         c.recovered_groups = recovery.ready.len() as u64;
         c.retrained_groups = recovery.retrained_groups as u64;
         for group in recovery.pending {
-            let age = Duration::from_secs_f64((now_unix - group.opened_at).max(0.0));
+            let age = Duration::try_from_secs_f64(now_unix - group.opened_at).unwrap_or_default();
             let opened = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            state.pending.insert(group.key, PendingGroup { id: group.id, seq: Some(group.seq), members: group.members, expected: group.expected, opened });
+            let replaced = state.pending.insert(group.key, PendingGroup { id: group.id, seq: Some(group.seq), members: group.members, expected: group.expected, opened });
+            // Two pending rows of one key (an expiry that failed to record): the newer wins,
+            // the older is expired now.
+            if let (Some(older), Some(journal)) = (replaced, &self.journal) {
+                if let Err(err) = journal.expire(&older.seq.into_iter().collect::<Vec<_>>()) {
+                    tracing::warn!(%err, group = %older.id, "a duplicate pending group could not be expired");
+                }
+            }
         }
         for group in recovery.ready {
             state.ready.push_back(ReadyGroup { id: group.id, seq: Some(group.seq), members: group.members });
@@ -496,7 +503,17 @@ impl TrainingBuffer {
         if state.ready.len() < self.settings.groups_per_step {
             return None;
         }
-        Some(state.ready.drain(..self.settings.groups_per_step).collect())
+        let mut batch: Vec<ReadyGroup> = state.ready.drain(..self.settings.groups_per_step).collect();
+        // Outcomes are matched by id: a client reusing a group name must not make two groups
+        // of one step indistinguishable.
+        let mut seen = HashSet::new();
+        for (i, group) in batch.iter_mut().enumerate() {
+            if !seen.insert(group.id.clone()) {
+                group.id = format!("{}#{}", group.id, group.seq.map_or(i as i64, |s| s));
+                seen.insert(group.id.clone());
+            }
+        }
+        Some(batch)
     }
 
     /// Drops members whose first token is older than `max_staleness` versions before
@@ -699,7 +716,8 @@ pub async fn run_steps(state: AppState) {
     loop {
         // Woken by a reward that completes enough groups; the tick also expires old groups.
         let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
-        while let Some(batch) = buffer.take_batch() {
+        // `take_batch` may record expiries in the journal: blocking work.
+        while let Some(batch) = tokio::task::block_in_place(|| buffer.take_batch()) {
             if step_once(&state, &buffer, batch).await {
                 super::checkpoints::after_update(&state);
             }
@@ -715,7 +733,7 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
     let mut outcomes = Vec::new();
     let batch = buffer.drop_stale(batch, version, &mut outcomes);
     if batch.is_empty() {
-        buffer.journal_step(version, None, &outcomes, &[]);
+        tokio::task::block_in_place(|| buffer.journal_step(version, None, &outcomes, &[]));
         return false;
     }
     let registry = state.plugins.clone();
@@ -762,7 +780,7 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
                 outcomes.extend(group.seq.map(|seq| (seq, outcome)));
             }
             let entry = step_entry(&report, &analysis, &plugin_report, &group_ids);
-            buffer.journal_step(version, Some((&report, &entry)), &outcomes, &report.advantages);
+            tokio::task::block_in_place(|| buffer.journal_step(version, Some((&report, &entry)), &outcomes, &report.advantages));
             buffer.record_step(entry, Some(&report), &plugin_report);
             report.updated
         }
@@ -773,7 +791,7 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
                 outcomes.extend(group.seq.map(|seq| (seq, outcome)));
             }
             let entry = json!({"error": message, "groups": group_ids});
-            buffer.journal_step(version, None, &outcomes, &[]);
+            tokio::task::block_in_place(|| buffer.journal_step(version, None, &outcomes, &[]));
             buffer.record_step(entry, None, &plugin_report);
             false
         }

@@ -181,7 +181,16 @@ impl ChatTemplate {
                 )))
             }
         }
-        let messages: Vec<JValue> = messages.iter().map(ChatMessage::to_jinja).collect();
+        // A template that knows nothing of tool calls (SmolLM2's) concatenates `content` as a
+        // string; give it the calls as text instead of a null it cannot add.
+        let knows_tool_calls = self.source.contains("tool_calls");
+        let messages: Vec<JValue> = messages
+            .iter()
+            .map(|m| match (&m.content, knows_tool_calls) {
+                (None, false) => ChatMessage { content: Some(Value::String(tool_calls_as_text(m.tool_calls.as_ref()))), ..m.clone() }.to_jinja(),
+                _ => m.to_jinja(),
+            })
+            .collect();
         ctx.insert("messages".into(), JValue::from(messages));
         let tools = tools.map_or(JValue::from(()), |t| {
             JValue::from(t.iter().map(to_jinja).collect::<Vec<_>>())
@@ -198,6 +207,26 @@ impl ChatTemplate {
             .map_err(template_error)?;
         template.render(JValue::from(ctx)).map_err(template_error)
     }
+}
+
+/// An assistant turn's tool calls as plain text, one JSON object per call
+/// (`{"name": ..., "arguments": ...}`), for templates without a tool-call format; empty when
+/// there are none.
+fn tool_calls_as_text(calls: Option<&Value>) -> String {
+    let Some(Value::Array(calls)) = calls else { return String::new() };
+    calls
+        .iter()
+        .map(|call| {
+            let function = call.get("function").unwrap_or(call);
+            let arguments = match function.get("arguments") {
+                Some(Value::String(text)) => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone())),
+                Some(other) => other.clone(),
+                None => Value::Object(Default::default()),
+            };
+            serde_json::json!({"name": function.get("name").cloned().unwrap_or(Value::Null), "arguments": arguments}).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A JSON object for the template: a map that keeps its keys in insertion order whatever

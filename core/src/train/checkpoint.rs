@@ -53,6 +53,14 @@ pub enum CheckpointError {
         /// libtorch's explanation.
         message: String,
     },
+    /// A file of the checkpoint is unreadable or malformed (damaged on disk).
+    #[error("{}: {reason}", path.display())]
+    Damaged {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The checkpoint does not match this trainer.
     #[error("{}: {reason}", path.display())]
     Mismatch {
@@ -182,9 +190,9 @@ impl CheckpointStore {
     }
 
     /// Writes `snapshot` as checkpoint `label` atomically, points the `checkpoint` link at it and
-    /// deletes checkpoints beyond the newest `keep`. A checkpoint with this label already
-    /// exists only when the state is the same (labels are policy versions or loop steps), so
-    /// it is kept as it is.
+    /// deletes checkpoints beyond the newest `keep`. A complete checkpoint with this label can
+    /// only hold this same state (labels are policy versions or loop steps, and a damaged one
+    /// was moved aside by [`Self::load_newest`]), so it is kept as it is.
     pub fn write(&self, label: u64, snapshot: &TrainerSnapshot, base_model: &str, extra: serde_json::Value) -> Result<PathBuf, CheckpointError> {
         let target = self.folder(label);
         if target.is_dir() {
@@ -215,7 +223,10 @@ impl CheckpointStore {
         fs::rename(&tmp, &target).map_err(io(&target))?;
         sync_dir(&self.root)?;
         self.point_link(&target);
-        self.prune()?;
+        // The checkpoint exists from here on: a failed clean-up is not a failed checkpoint.
+        if let Err(err) = self.prune() {
+            tracing::warn!(%err, "old checkpoints could not be deleted");
+        }
         Ok(target)
     }
 
@@ -265,21 +276,26 @@ impl CheckpointStore {
     }
 
     /// Restores the newest checkpoint of `base_model` that loads completely into `trainer`;
-    /// `None` when there is none. A checkpoint that fails to load (damaged files, another
-    /// trainer's shapes, another base model) is reported and the next older one is tried.
+    /// `None` when there is none. A damaged checkpoint (unreadable or malformed files) is
+    /// moved aside to `damaged-checkpoint-<label>` and the next older one is tried; one of
+    /// another base model or LoRA shape is an error (older ones would not fit either).
     pub fn load_newest(&self, trainer: &mut Trainer, base_model: &str) -> Result<Option<Restored>, CheckpointError> {
         let mut last_error = None;
         for (label, path) in self.list() {
             match load(&path, trainer, Some(base_model)) {
                 Ok(restored) => return Ok(Some(Restored { label, ..restored })),
+                Err(err @ CheckpointError::Mismatch { .. }) => return Err(err),
                 Err(err) => {
-                    tracing::warn!(path = %path.display(), %err, "checkpoint does not load; trying an older one");
+                    let aside = self.root.join(format!("damaged-{PREFIX}-{label:09}"));
+                    tracing::warn!(path = %path.display(), %err, aside = %aside.display(), "checkpoint is damaged; moved aside, trying an older one");
+                    let _ = fs::remove_dir_all(&aside);
+                    fs::rename(&path, &aside).map_err(io(&path))?;
                     last_error = Some(err);
                 }
             }
         }
         match last_error {
-            // Every checkpoint failed: starting over silently would throw their training away.
+            // Every checkpoint was damaged: starting over silently would throw their training away.
             Some(err) => Err(err),
             None => Ok(None),
         }
@@ -302,8 +318,9 @@ pub fn load(dir: &Path, trainer: &mut Trainer, base_model: Option<&str>) -> Resu
     let state_path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&state_path).map_err(io(&state_path))?;
     let mismatch = |reason: String| CheckpointError::Mismatch { path: dir.to_path_buf(), reason };
-    let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| mismatch(format!("trainer_state.json is not valid JSON: {e}")))?;
-    let step = state["step"].as_u64().ok_or_else(|| mismatch("trainer_state.json lacks 'step'".into()))?;
+    let damaged = |reason: String| CheckpointError::Damaged { path: dir.to_path_buf(), reason };
+    let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| damaged(format!("trainer_state.json is not valid JSON: {e}")))?;
+    let step = state["step"].as_u64().ok_or_else(|| damaged("trainer_state.json lacks 'step'".into()))?;
     let policy_version = state["policy_version"].as_u64().unwrap_or(step);
     if let (Some(expected), Some(recorded)) = (base_model, state["base_model"].as_str()) {
         if expected != recorded {
@@ -317,7 +334,8 @@ pub fn load(dir: &Path, trainer: &mut Trainer, base_model: Option<&str>) -> Resu
     let adapters = read("adapter_model.safetensors")?;
     let moments = read("trainer_state.safetensors")?;
     let find = |from: &[(String, Tensor)], name: &str, target: &Tensor| -> Result<Tensor, CheckpointError> {
-        let (_, source) = from.iter().find(|(n, _)| n == name).ok_or_else(|| mismatch(format!("'{name}' missing")))?;
+        // A missing tensor means other target modules: a configuration change, not damage.
+        let (_, source) = from.iter().find(|(n, _)| n == name).ok_or_else(|| mismatch(format!("'{name}' missing (another LoRA configuration?)")))?;
         if source.size() != target.size() {
             return Err(mismatch(format!("'{name}' has shape {:?}, this trainer's is {:?} (another LoRA configuration?)", source.size(), target.size())));
         }

@@ -590,6 +590,9 @@ fn keep_lines_before(path: &std::path::Path, field: &str, before: u64) -> Result
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
     file.write_all(kept.as_bytes()).and_then(|()| file.sync_all()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+    }
     tracing::info!(path = %path.display(), before, "log cut back to the resumed step");
     Ok(())
 }
