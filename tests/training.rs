@@ -84,6 +84,7 @@ fn group(samples: Vec<(Vec<u32>, Vec<f32>)>) -> RolloutGroup {
                 completion_ids: ids,
                 logprobs,
                 entropies: Vec::new(),
+                sampled_mask: Vec::new(),
             })
             .collect(),
         advantages: None,
@@ -119,7 +120,7 @@ fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
     let fresh = sample_group(&model, 4, 8, 3);
     let samples: Vec<TrainSample> = fresh
         .iter()
-        .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), completion_ids: ids.clone(), old_logprobs: lps.clone(), advantages: vec![1.0; ids.len()], sampling: SamplingParams::default() })
+        .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), completion_ids: ids.clone(), old_logprobs: lps.clone(), advantages: vec![1.0; ids.len()], sampling: SamplingParams::default(), sampled_mask: Vec::new() })
         .collect();
     let stats = loss::accumulate(&model, &samples, &LossConfig::default(), 32, 4);
     let gap = logprob_gap(&stats, &samples);
@@ -147,7 +148,7 @@ fn loss_gradient_matches_finite_differences() {
     let samples: Vec<TrainSample> = sample_group(&model, 3, 6, 5)
         .into_iter()
         .enumerate()
-        .map(|(i, (ids, lps))| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![i as f32 - 1.0; ids.len()], completion_ids: ids, old_logprobs: lps, sampling: SamplingParams::default() })
+        .map(|(i, (ids, lps))| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![i as f32 - 1.0; ids.len()], completion_ids: ids, old_logprobs: lps, sampling: SamplingParams::default(), sampled_mask: Vec::new() })
         .collect();
     let params: Vec<_> = trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect();
     let config = LossConfig { clip_low: 10.0, clip_high: 10.0, ..LossConfig::default() };
@@ -202,7 +203,7 @@ fn kl_to_the_base_policy_is_zero_before_training_and_positive_after() {
     let samples = |model: &Transformer| -> Vec<TrainSample> {
         sample_group(model, 4, 6, 7)
             .into_iter()
-            .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![0.5; ids.len()], completion_ids: ids, old_logprobs: lps, sampling: SamplingParams::default() })
+            .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), advantages: vec![0.5; ids.len()], completion_ids: ids, old_logprobs: lps, sampling: SamplingParams::default(), sampled_mask: Vec::new() })
             .collect()
     };
     let with_kl = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, ..LossConfig::default() };
@@ -234,6 +235,7 @@ fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
             old_logprobs: g.tokens.iter().map(|t| t.sampling_logprob).collect(),
             advantages: vec![1.0; g.tokens.len()],
             sampling: sampling.clone(),
+            sampled_mask: Vec::new(),
         })
         .collect();
     // The truncation is real: the behaviour logprobs are above the untruncated ones.

@@ -16,6 +16,7 @@ and run `.deps/venv/bin/python -m pytest tests/python`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
@@ -78,23 +79,16 @@ def model_id() -> str:
     return os.environ.get("HICRA_MODEL_ID", DEFAULT_MODEL_ID)
 
 
-@pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
-    """Starts `hicra serve` on a free port, waits for /health, yields `http://127.0.0.1:PORT`."""
+@contextlib.contextmanager
+def start_hicra(args: list[str]) -> Iterator[str]:
+    """Starts `hicra serve --device cpu --host 127.0.0.1 --port FREE ARGS`, waits for /health,
+    yields `http://127.0.0.1:PORT`, and stops the server."""
     global _server_log
     binary = Path(os.environ.get("HICRA_BIN", REPO / "target" / "release" / "hicra"))
     if not binary.is_file():
         pytest.fail(f"{binary} not found: run `cargo build --release` or set HICRA_BIN")
     port = _free_port()
-    cmd = [
-        str(binary), "serve",
-        "--device", "cpu",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--api-key", API_KEY,
-        "--max-context", str(MAX_CONTEXT),
-        *shlex.split(os.environ.get("HICRA_SERVE_ARGS", "")),
-    ]
+    cmd = [str(binary), "serve", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), *args]
     fd, log_name = tempfile.mkstemp(prefix="hicra-serve-", suffix=".log")
     os.close(fd)
     _server_log = Path(log_name)
@@ -122,6 +116,14 @@ def server_url() -> Iterator[str]:
         yield url
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """The session's server: the default model, a fixed API key, a small context."""
+    args = ["--api-key", API_KEY, "--max-context", str(MAX_CONTEXT), *shlex.split(os.environ.get("HICRA_SERVE_ARGS", ""))]
+    with start_hicra(args) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

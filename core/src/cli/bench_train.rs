@@ -58,6 +58,7 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
                 reward: (b % 2) as f32,
                 planning_mask: (0..args.completion_tokens).map(|t| t % 10 == 0).collect(),
                 entropies: Vec::new(),
+                sampled_mask: Vec::new(),
             })
             .collect(),
         advantages: None,

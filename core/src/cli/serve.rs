@@ -114,6 +114,9 @@ pub(crate) struct ServeArgs {
     /// Name of a loaded credit plugin for online training.
     #[arg(long)]
     credit_plugin: Option<String>,
+    /// A Jinja chat template file to use instead of the model's own.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Bearer token for /admin routes (plugin listing and reload); none disables them.
     #[arg(long)]
     admin_key: Option<String>,
@@ -173,6 +176,7 @@ impl ServeArgs {
             rollout_capacity: self.rollout_capacity.or(file.rollout_capacity),
             default_max_tokens: self.default_max_tokens.or(file.default_max_tokens),
             adapter: self.adapter.or(file.adapter),
+            chat_template: self.chat_template.or(file.chat_template),
             state_dir: self.state_dir.or(file.state_dir),
             checkpoint_every_steps: self.checkpoint_every_steps.or(file.checkpoint_every_steps),
             checkpoint_every_s: self.checkpoint_every_s.or(file.checkpoint_every_s),
@@ -230,6 +234,10 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
     let mut loaded = model_args.load()?;
+    if let Some(path) = &args.chat_template {
+        let source = std::fs::read_to_string(path).with_context(|| format!("reading --chat-template {}", path.display()))?;
+        loaded.tokenizer.set_chat_template(&source).with_context(|| format!("--chat-template {}", path.display()))?;
+    }
     let (trainer, restored) = match trainer_config {
         Some(config) => {
             let (trainer, restored) = start_trainer(&mut loaded, config, args.adapter.as_deref(), folder.as_ref(), args.keep_checkpoints.unwrap_or(3))?;
@@ -287,6 +295,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         plugins,
         journal: journal.clone(),
         checkpoints: None,
+        episodes: Arc::new(crate::server::episodes::EpisodeStore::default()),
     };
     let state = match (training_requested, &folder) {
         (true, Some(folder)) => {

@@ -60,6 +60,16 @@ pub struct ScoredCompletion {
     pub entropies: Vec<f32>,
     /// The reward.
     pub reward: f32,
+    /// Which completion tokens were sampled (an episode interleaves context); empty: all.
+    pub sampled_mask: Vec<bool>,
+}
+
+/// `planning` restricted to the sampled tokens (`sampled` empty: every token was sampled).
+fn only_sampled(planning: Vec<bool>, sampled: &[bool]) -> Vec<bool> {
+    if sampled.is_empty() {
+        return planning;
+    }
+    planning.iter().zip(sampled).map(|(&p, &s)| p && s).collect()
 }
 
 impl StepPlugins {
@@ -82,8 +92,11 @@ impl StepPlugins {
                     completion_ids: completion.completion_ids,
                     logprobs: completion.logprobs,
                     reward: completion.reward,
-                    planning_mask,
+                    // Planning tokens are the model's own: a Strategic Gram in a tool result or
+                    // a user turn is context, not planning.
+                    planning_mask: only_sampled(planning_mask, &completion.sampled_mask),
                     entropies: completion.entropies,
+                    sampled_mask: completion.sampled_mask,
                 }),
                 None => report.masked_items += 1,
             }

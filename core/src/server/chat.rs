@@ -4,13 +4,15 @@
 use std::time::Instant;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::{ApiError, ApiJson};
-use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, FunctionCall, ToolCall, Usage};
+use super::episodes::{PreparedTurn, EPISODE_HEADER};
+use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChoiceExtension, FunctionCall, ToolCall, Usage};
 use super::requests::{self, FinishedChoice, Plan};
 use super::stream::{finish_stream, send_event, sse_channel, StopHoldback, StreamError};
 use super::{unix_now, AppState};
@@ -29,6 +31,8 @@ struct ChatJob {
     return_token_ids: bool,
     user: Option<String>,
     started: Instant,
+    /// The agent episode this call continues, when it names one.
+    episode: Option<PreparedTurn>,
 }
 
 impl ChatJob {
@@ -44,7 +48,7 @@ impl ChatJob {
     }
 }
 
-pub(super) async fn chat_completions(State(state): State<AppState>, ApiJson(request): ApiJson<ChatCompletionRequest>) -> Result<Response, ApiError> {
+pub(super) async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, ApiJson(request): ApiJson<ChatCompletionRequest>) -> Result<Response, ApiError> {
     let started = Instant::now();
     if request.model != state.engine.info.name {
         return Err(ApiError::invalid("model", format!("model '{}' is not served here (this server serves '{}')", request.model, state.engine.info.name)));
@@ -60,8 +64,17 @@ pub(super) async fn chat_completions(State(state): State<AppState>, ApiJson(requ
     let template = tokenizer.chat_template().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
     let tools_off = request.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
     let tools = request.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
-    let text = template.render(&request.messages, tools, true, None)?;
-    let prompt_ids = tokenizer.encode(&text, false)?;
+    let episode_id = request.hicra.as_ref().and_then(|h| h.episode_id.clone()).or_else(|| headers.get(EPISODE_HEADER).and_then(|v| v.to_str().ok()).map(String::from));
+    let (prompt_ids, episode) = match episode_id {
+        Some(id) => {
+            if plan.n != 1 {
+                return Err(ApiError::invalid("n", "an episode call takes n = 1: an episode is one trajectory (run several episodes of a task and reward them with a shared group_id)"));
+            }
+            let prepared = state.episodes.prepare(&id, template, &tokenizer, &request.messages, tools, &plan.sampling)?;
+            (prepared.prompt_ids.clone(), Some(prepared))
+        }
+        None => (tokenizer.encode(&template.render(&request.messages, tools, true, None)?, false)?, None),
+    };
     let engine_requests = requests::engine_requests(&plan, &prompt_ids, &state);
     let events = state.engine.submit(engine_requests)?;
     let job = ChatJob {
@@ -75,12 +88,25 @@ pub(super) async fn chat_completions(State(state): State<AppState>, ApiJson(requ
         return_token_ids: request.sampling.return_token_ids,
         user: request.sampling.user.clone(),
         started,
+        episode,
     };
     if request.sampling.stream {
         return Ok(stream_chat(state, job, events));
     }
     let choices = requests::collect(events, job.plan.n, &state, started).await?;
     Ok(Json(whole_response(&state, &job, choices)).into_response())
+}
+
+/// Records a finished choice as a rollout and, for an episode call, as the episode's next turn.
+fn record_choice(state: &AppState, job: &ChatJob, index: usize, choice: &FinishedChoice, finish_reason: &str, content: &Option<String>, tool_calls: &[ToolCall]) -> ChoiceExtension {
+    let mut hicra = requests::record_rollout(state, &job.rollout_context(), index, choice, finish_reason);
+    if let Some(prepared) = &job.episode {
+        let versions = (choice.policy_version_first.unwrap_or(choice.policy_version), choice.policy_version);
+        let call_ids = tool_calls.iter().map(|c| c.id.clone()).collect();
+        state.episodes.record(prepared, &state.engine.tokenizer, &job.plan.sampling, &hicra.rollout_id, &choice.tokens, versions, content.clone(), call_ids);
+        hicra.episode = Some(prepared.reply());
+    }
+    hicra
 }
 
 /// Content and tool calls of a finished text, per the template's tool format.
@@ -109,7 +135,7 @@ fn whole_response(state: &AppState, job: &ChatJob, choices: Vec<FinishedChoice>)
         .map(|(index, choice)| {
             let (content, tool_calls) = split_tool_calls(job, &choice.text, index);
             let finish_reason = if tool_calls.is_empty() { requests::finish_reason_str(choice.reason) } else { "tool_calls" };
-            let hicra = requests::record_rollout(state, &job.rollout_context(), index, &choice, finish_reason);
+            let hicra = record_choice(state, job, index, &choice, finish_reason, &content, &tool_calls);
             let logprobs = job.logprobs.then(|| ChatLogprobs { content: choice.tokens.iter().map(|t| requests::token_logprob(tokenizer, t)).collect() });
             ChatChoice { index, message: AssistantMessage { role: "assistant", content, tool_calls }, logprobs, finish_reason, hicra }
         })
@@ -210,6 +236,8 @@ impl ChunkWriter {
         } else {
             (Some(holdback.finish(&choice.text)), Vec::new())
         };
+        // What the client ends up holding: the whole text (the stream sent it in pieces).
+        let whole_content = if self.job.tool_format.is_some() { content.clone() } else { Some(choice.text.clone()) };
         let finish_reason = if tool_calls.is_empty() { requests::finish_reason_str(choice.reason) } else { "tool_calls" };
         let mut delta = json!({});
         if let Some(content) = content.filter(|c| !c.is_empty()) {
@@ -223,7 +251,7 @@ impl ChunkWriter {
                 .collect();
             delta["tool_calls"] = json!(calls);
         }
-        let hicra = requests::record_rollout(&self.state, &self.job.rollout_context(), index, choice, finish_reason);
+        let hicra = record_choice(&self.state, &self.job, index, choice, finish_reason, &whole_content, &tool_calls);
         self.send(json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason, "hicra": hicra}]), None)
     }
 }

@@ -644,6 +644,7 @@ mod tests {
             group: "req".into(),
             group_size: 2,
             reward: None,
+            sampled_mask: Vec::new(),
         }
     }
 

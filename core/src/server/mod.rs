@@ -14,6 +14,7 @@
 mod chat;
 pub mod checkpoints;
 mod completions;
+pub mod episodes;
 pub mod plugins;
 pub mod error;
 pub mod journal;
@@ -76,6 +77,8 @@ pub struct AppState {
     pub journal: Option<Arc<journal::Journal>>,
     /// Online checkpoints, when the server trains with a state folder.
     pub checkpoints: Option<Arc<checkpoints::Checkpointer>>,
+    /// Agent episodes.
+    pub episodes: Arc<episodes::EpisodeStore>,
 }
 
 /// The router with every route and layer.
@@ -86,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/rollouts", get(list_rollouts))
         .route("/v1/rollouts/{id}", get(get_rollout))
+        .route("/v1/episodes/{id}", get(get_episode))
         .route("/v1/training", get(training::status))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // Rewards and scores move the weights, so they may need more than the inference key.
@@ -93,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rollouts/{id}/reward", post(training::reward_one))
         .route("/v1/rewards", post(training::reward_batch))
         .route("/v1/rollouts/{id}/score", post(plugins::score))
+        .route("/v1/episodes/{id}/reward", post(training::reward_episode))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_train_key));
     let admin = Router::new()
         .route("/admin/plugins", get(plugins::list))
@@ -218,6 +223,12 @@ async fn get_rollout(State(state): State<AppState>, Path(id): Path<String>) -> R
         None => None,
     };
     journaled.map(Json).ok_or_else(|| ApiError::NotFound(format!("no rollout '{id}' (unknown or evicted)")))
+}
+
+/// `GET /v1/episodes/{id}`: the episode's segments, with each span marked sampled (logprobs,
+/// policy versions, rollout) or context.
+async fn get_episode(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.episodes.describe(&id).map(Json).ok_or_else(|| ApiError::NotFound(format!("no episode '{id}' (unknown, or dropped as least recently used)")))
 }
 
 /// Query of `GET /v1/rollouts`.

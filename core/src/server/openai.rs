@@ -94,6 +94,16 @@ pub struct ChatCompletionRequest {
     /// Sampling and output controls.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// hicra's own options (`extra_body={"hicra": {...}}` in the `openai` client).
+    pub hicra: Option<HicraOptions>,
+}
+
+/// hicra's request options.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HicraOptions {
+    /// Ties this call to an agent episode (see `server::episodes`).
+    pub episode_id: Option<String>,
 }
 
 /// The roles a request may use. Templates see `developer` as `system`: OpenAI introduced it
@@ -335,6 +345,9 @@ pub struct ChoiceExtension {
     /// Completion token ids, with `return_token_ids`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
+    /// The episode this call belongs to, when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub episode: Option<super::episodes::EpisodeReply>,
 }
 
 /// The assistant message of a chat choice.

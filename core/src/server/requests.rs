@@ -197,6 +197,7 @@ pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, index: 
         group: ctx.group.clone(),
         group_size: ctx.group_size,
         reward: None,
+        sampled_mask: Vec::new(),
     };
     if let Some(journal) = &state.journal {
         journal.served(&rollout);
@@ -209,6 +210,7 @@ pub(crate) fn record_rollout(state: &AppState, ctx: &RolloutContext<'_>, index: 
         policy_version_last: choice.policy_version,
         prompt_token_ids: ctx.return_token_ids.then(|| ctx.prompt_ids.to_vec()),
         token_ids: ctx.return_token_ids.then_some(completion),
+        episode: None,
     }
 }
 

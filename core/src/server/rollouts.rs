@@ -57,6 +57,11 @@ pub struct Rollout {
     pub group_size: usize,
     /// The reward, once given.
     pub reward: Option<f32>,
+    /// Which completion tokens the model sampled, for an episode's rollout whose completion
+    /// interleaves context (tool results, user turns); empty when every token was sampled.
+    /// Only sampled tokens carry loss.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sampled_mask: Vec<bool>,
 }
 
 /// A bounded map of rollouts by id, evicting the oldest.
@@ -171,6 +176,7 @@ mod tests {
             group: "g".into(),
             group_size: 1,
             reward: None,
+            sampled_mask: Vec::new(),
         }
     }
 

@@ -677,6 +677,7 @@ fn scored_completion(rollout: &Rollout) -> ScoredCompletion {
         logprobs: rollout.sampling_logprobs.clone(),
         entropies: rollout.entropies.clone(),
         reward: rollout.reward.unwrap_or(0.0),
+        sampled_mask: rollout.sampled_mask.clone(),
     }
 }
 
@@ -822,6 +823,27 @@ pub(super) async fn reward_batch(State(state): State<AppState>, ApiJson(body): A
 /// which must not stall the runtime's few worker threads.
 async fn reward_off_runtime(state: AppState, entries: Vec<RewardEntry>) -> Result<Value, ApiError> {
     tokio::task::spawn_blocking(move || reward_many(&state, entries)).await.map_err(|e| ApiError::Internal(format!("recording the rewards panicked: {e}")))?
+}
+
+/// `POST /v1/episodes/{id}/reward` `{"reward": r, "group_id": "task", "group_size"?: G}`:
+/// rewards the episode's last segment as one rollout whose sampled tokens carry the loss;
+/// episodes sharing a `group_id` form a GRPO group whatever their number of turns.
+pub(super) async fn reward_episode(State(state): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<RewardBody>) -> Result<Json<Value>, ApiError> {
+    if state.training.is_none() {
+        return Err(ApiError::invalid("reward", "this server does not train: start it with --train"));
+    }
+    if body.group_id.is_none() {
+        return Err(ApiError::invalid("group_id", "an episode is compared with other episodes of its task: pass \"group_id\" (and \"group_size\") shared by those episodes"));
+    }
+    let rollout = state.episodes.training_rollout(&id, &state.engine.info.name)?;
+    let rollout_id = rollout.id.clone();
+    if state.rollouts.get(&rollout_id).is_none() {
+        state.rollouts.insert(rollout);
+    }
+    let entry = RewardEntry { rollout_id, reward: body.reward, group_id: body.group_id, group_size: body.group_size };
+    let mut reply = reward_off_runtime(state, vec![entry]).await?;
+    reply["episode_id"] = json!(id);
+    Ok(Json(reply))
 }
 
 /// `GET /v1/training`.

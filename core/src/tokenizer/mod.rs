@@ -335,6 +335,12 @@ impl Tokenizer {
         self.chat_template.as_ref()
     }
 
+    /// Replaces the chat template (`hicra serve --chat-template FILE`).
+    pub fn set_chat_template(&mut self, source: &str) -> Result<(), TokenizerError> {
+        self.chat_template = self.compile_template(Some(source))?;
+        Ok(())
+    }
+
     /// The "tool_use" template, for models that ship a separate one for tool calling.
     pub fn tool_use_template(&self) -> Option<&ChatTemplate> {
         self.tool_use_template.as_ref()

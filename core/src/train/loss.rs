@@ -66,6 +66,25 @@ pub struct TrainSample {
     pub advantages: Vec<f32>,
     /// How the completion was sampled (temperature, top-k, top-p; the seed is unused).
     pub sampling: SamplingParams,
+    /// Which completion tokens carry loss: those the model sampled, when the completion
+    /// interleaves context (an agent episode's tool results and user turns). Empty: all.
+    pub sampled_mask: Vec<bool>,
+}
+
+impl TrainSample {
+    /// Tokens that carry loss.
+    pub fn loss_tokens(&self) -> usize {
+        if self.sampled_mask.is_empty() {
+            self.completion_ids.len()
+        } else {
+            self.sampled_mask.iter().filter(|&&m| m).count()
+        }
+    }
+
+    /// 1.0 for each completion token that carries loss, 0.0 for context.
+    fn loss_weights(&self) -> impl Iterator<Item = f32> + '_ {
+        (0..self.completion_ids.len()).map(|i| if self.sampled_mask.get(i).copied().unwrap_or(true) { 1.0 } else { 0.0 })
+    }
 }
 
 /// What a backward pass over some samples measured.
@@ -105,6 +124,12 @@ pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize
         }
         if s.old_logprobs.len() != n || s.advantages.len() != n {
             return Err(TrainError::InvalidSample { index: i, reason: format!("{n} tokens but {} logprobs and {} advantages", s.old_logprobs.len(), s.advantages.len()) });
+        }
+        if !s.sampled_mask.is_empty() && s.sampled_mask.len() != n {
+            return Err(TrainError::InvalidSample { index: i, reason: format!("{n} tokens but a sampled mask of {}", s.sampled_mask.len()) });
+        }
+        if s.loss_tokens() == 0 {
+            return Err(TrainError::InvalidSample { index: i, reason: "no sampled token to train on".into() });
         }
         if s.prompt_ids.len() + n > max_positions {
             return Err(TrainError::InvalidSample { index: i, reason: format!("{} tokens exceed the context {max_positions}", s.prompt_ids.len() + n) });
@@ -212,11 +237,13 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     let old_lp = flat(&|s| &s.old_logprobs);
     let adv = flat(&|s| &s.advantages);
 
+    // Context tokens of an episode (weight 0) were not sampled: no ratio, no loss, not counted.
+    let weights = Tensor::from_slice(&samples.iter().flat_map(TrainSample::loss_weights).collect::<Vec<f32>>()).to_device(device);
     let ratio = (&new_lp - &old_lp).exp();
     let unclipped = &ratio * &adv;
     let clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * &adv;
     let mut per_token = -unclipped.minimum(&clipped);
-    let clipped_active = clipped.lt_tensor(&unclipped);
+    let clipped_active = clipped.lt_tensor(&unclipped).logical_and(&weights.gt(0.0));
     let entropy = entropy_of(&logprobs);
     if config.entropy_coef != 0.0 {
         per_token = per_token - &entropy * config.entropy_coef;
@@ -228,14 +255,15 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
         // KL between the tempered distributions (truncation would make it infinite).
         let log_ratio = ref_lp - logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
         let k3 = log_ratio.exp() - &log_ratio - 1.0;
-        kl_sum = f64::try_from(k3.detach().sum(Kind::Double)).unwrap_or(f64::NAN);
+        kl_sum = f64::try_from((k3.detach() * &weights).sum(Kind::Double)).unwrap_or(f64::NAN);
         per_token = per_token + k3 * config.kl_coef;
     }
+    let per_token = per_token * &weights;
     let loss = match config.aggregation {
         Aggregation::Token => per_token.sum(Kind::Float) / total_tokens.max(1) as f64,
         Aggregation::SequenceMean => {
-            let weights: Vec<f32> = samples.iter().flat_map(|s| std::iter::repeat_n(1.0 / s.completion_ids.len() as f32, s.completion_ids.len())).collect();
-            (per_token * Tensor::from_slice(&weights).to_device(device)).sum(Kind::Float) / total_sequences.max(1) as f64
+            let per_sequence: Vec<f32> = samples.iter().flat_map(|s| std::iter::repeat_n(1.0 / s.loss_tokens().max(1) as f32, s.completion_ids.len())).collect();
+            (per_token * Tensor::from_slice(&per_sequence).to_device(device)).sum(Kind::Float) / total_sequences.max(1) as f64
         }
     };
     // Under `no_grad` (evaluation, finite-difference checks) there is nothing to propagate.
@@ -244,7 +272,7 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     }
     LossStats {
         loss: f64::try_from(loss.detach()).unwrap_or(f64::NAN),
-        tokens: targets.size()[0] as usize,
+        tokens: samples.iter().map(TrainSample::loss_tokens).sum(),
         clipped_tokens: i64::try_from(clipped_active.sum(Kind::Int64)).unwrap_or(0) as usize,
         kl_sum,
         entropies: per_sample(&entropy, samples),

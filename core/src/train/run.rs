@@ -488,6 +488,7 @@ impl Run {
                     logprobs: generation.tokens.iter().map(|t| t.sampling_logprob).collect(),
                     entropies: generation.tokens.iter().map(|t| t.entropy).collect(),
                     reward,
+                    sampled_mask: Vec::new(),
                 })
             })
             .collect();

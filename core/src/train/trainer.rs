@@ -55,6 +55,9 @@ pub struct GroupMember {
     /// Entropy of the sampling distribution at each completion token, as recorded when the
     /// tokens were drawn; empty when unknown (the entropy-gated scheme then measures it).
     pub entropies: Vec<f32>,
+    /// Which completion tokens the model sampled (an agent episode interleaves tool results
+    /// and user turns as context); empty when all were. Only sampled tokens carry loss.
+    pub sampled_mask: Vec<bool>,
 }
 
 /// Completions compared with each other (GRPO's group), with their rewards.
@@ -218,6 +221,7 @@ impl Trainer {
             old_logprobs: m.logprobs.clone(),
             advantages,
             sampling: m.sampling.clone(),
+            sampled_mask: m.sampled_mask.clone(),
         };
         let probe: Vec<TrainSample> = group.members.iter().map(|m| to_sample(m, vec![0.0; m.completion_ids.len()])).collect();
         loss::validate(&probe, model.config().vocab_size, model.max_positions())?;
@@ -261,7 +265,8 @@ impl Trainer {
             match self.group_samples(model, group) {
                 Ok(None) => report.zero_variance_groups += 1,
                 Ok(Some((group_samples, advantages))) => {
-                    masks.extend(group.members.iter().map(|m| m.planning_mask.clone()));
+                    // Context tokens of an episode count as neither planning nor execution.
+                    masks.extend(group.members.iter().map(|m| m.planning_mask.iter().enumerate().map(|(i, &p)| (p, m.sampled_mask.get(i).copied().unwrap_or(true))).collect::<Vec<_>>()));
                     samples.extend(group_samples);
                     report.trained_groups.push(group.id.clone());
                     report.advantages.extend(group.members.iter().map(|m| m.id.clone()).zip(advantages));
@@ -280,7 +285,7 @@ impl Trainer {
             report.step_seconds = started.elapsed().as_secs_f64();
             return Ok(report);
         }
-        let total_tokens: usize = samples.iter().map(|s| s.completion_ids.len()).sum();
+        let total_tokens: usize = samples.iter().map(TrainSample::loss_tokens).sum();
         let tensors = self.tensors();
         optimizer::zero_grad(&tensors);
         let stats = loss::accumulate(model, &samples, &self.config.loss, total_tokens, samples.len());
@@ -299,7 +304,10 @@ impl Trainer {
 
         let (mut planning_h, mut planning_n, mut exec_h, mut exec_n) = (0.0f64, 0usize, 0.0f64, 0usize);
         for (entropies, mask) in stats.entropies.iter().zip(&masks) {
-            for (h, &is_planning) in entropies.iter().zip(mask) {
+            for (h, &(is_planning, sampled)) in entropies.iter().zip(mask) {
+                if !sampled {
+                    continue;
+                }
                 if is_planning {
                     planning_h += *h as f64;
                     planning_n += 1;
