@@ -191,3 +191,40 @@ def test_bad_episode_requests_are_refused(client: openai.OpenAI, http: httpx.Cli
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body={"hicra": {"episode_idd": "typo"}})
     assert http.get("/v1/episodes/never-seen").status_code == 404
     assert http.post("/v1/episodes/never-seen/reward", json={"reward": 1.0, "group_id": "g"}).status_code == 404
+
+
+def greedy_episode(client: openai.OpenAI, model: str, episode: str, turns: int = 4) -> list[list[float]]:
+    """A greedy multi-turn episode; returns each turn's token logprobs."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 2 + 3?"}]
+    logprobs = []
+    for turn in range(turns):
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0, logprobs=True,
+                                           extra_body={"hicra": {"episode_id": episode}})
+        choice = r.choices[0]
+        logprobs.append([t.logprob for t in choice.logprobs.content])
+        messages.append({"role": "assistant", "content": choice.message.content})
+        messages.append({"role": "user", "content": f"Checked. Next: what is {turn + 4} + 1?"})
+    return logprobs
+
+
+def reused_tokens(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("hicra_prefix_reused_tokens_total "))
+
+
+def test_prefix_reuse_serves_the_same_logprobs(model_id: str) -> None:
+    """Two untrained servers, one reusing cached prefixes across turns and one prefilling every
+    prompt whole, serve the same greedy episode with the same logprobs."""
+    folder = Path(tempfile.mkdtemp(prefix="hicra-reuse-"))
+    (folder / "template.jinja").write_text(TEMPLATE)
+    runs = {}
+    for name, flags in [("reuse", []), ("whole", ["--no-prefix-reuse"])]:
+        with start_hicra(["--max-context", "768", "--chat-template", str(folder / "template.jinja"), *flags]) as url:
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120) as c:
+                runs[name] = (greedy_episode(c, model_id, "reuse"), reused_tokens(url))
+    (with_reuse, reused), (without, none) = runs["reuse"], runs["whole"]
+    assert reused > 0, "the later turns must reuse the earlier turns' keys and values"
+    assert none == 0
+    assert [len(t) for t in with_reuse] == [len(t) for t in without]
+    gap = max(abs(a - b) for x, y in zip(with_reuse, without) for a, b in zip(x, y))
+    assert gap <= 1e-5, f"logprobs with and without prefix reuse differ by {gap}"

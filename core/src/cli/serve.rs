@@ -60,6 +60,11 @@ pub(crate) struct ServeArgs {
     /// Prompt tokens that may wait before requests get 429 [default: 262144].
     #[arg(long)]
     max_queue_tokens: Option<usize>,
+    /// Prefill every prompt whole, even when a slot still holds the keys and values of its
+    /// beginning (an agent's previous turn).
+    #[arg(long)]
+    #[serde(default)]
+    no_prefix_reuse: bool,
     /// Largest request body in bytes [default: 8388608].
     #[arg(long)]
     max_body_bytes: Option<usize>,
@@ -173,6 +178,7 @@ impl ServeArgs {
             max_queue: self.max_queue.or(file.max_queue),
             max_queue_tokens: self.max_queue_tokens.or(file.max_queue_tokens),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            no_prefix_reuse: self.no_prefix_reuse || file.no_prefix_reuse,
             rollout_capacity: self.rollout_capacity.or(file.rollout_capacity),
             default_max_tokens: self.default_max_tokens.or(file.default_max_tokens),
             adapter: self.adapter.or(file.adapter),
@@ -257,6 +263,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
             capacity: max_context,
             max_queued_requests: args.max_queue.unwrap_or(256),
             max_queued_tokens: args.max_queue_tokens.unwrap_or(262_144),
+            prefix_reuse: !args.no_prefix_reuse,
         },
         trainer,
     )?;

@@ -120,6 +120,19 @@ struct Sequence {
     prefix_offset: usize,
     read_offset: usize,
     text: String,
+    /// The engine's weight generation when the sequence started (see [`Engine::invalidate_prefixes`]).
+    weights: u64,
+}
+
+/// What a free slot's cache still holds from the sequence that used it last: keys and values
+/// for `ids` (its prompt and all but its last token, which was never fed back), computed by
+/// the current weights. A next prompt that extends `ids` (an agent's next turn) prefills only
+/// its new tokens there.
+#[derive(Debug)]
+struct CachedPrefix {
+    ids: Vec<u32>,
+    /// Engine clock at its last use, for least-recently-used eviction.
+    last_used: u64,
 }
 
 /// The model, its tokenizer and a KV cache with `slots` sequences of `capacity` positions.
@@ -131,6 +144,16 @@ pub struct Engine<'m> {
     slots: Vec<Option<Sequence>>,
     /// Sampling tensors for the current set of active slots.
     sampling: Option<(Vec<usize>, BatchSampling)>,
+    /// Per slot: the finished sequence whose keys and values it still holds.
+    cached: Vec<Option<CachedPrefix>>,
+    /// Reuse cached prefixes (on by default).
+    prefix_reuse: bool,
+    /// Bumped when the weights change: cached keys and values of older weights are stale.
+    weights: u64,
+    /// Ticks once per admission, for LRU.
+    clock: u64,
+    /// Prompt tokens whose prefill a cached prefix saved, since start.
+    reused_tokens: u64,
 }
 
 impl<'m> Engine<'m> {
@@ -149,7 +172,39 @@ impl<'m> Engine<'m> {
         let cfg = model.config();
         let capacity = capacity.clamp(2, model.max_positions().max(2));
         let cache = KvCache::new(cfg.num_layers, slots.max(1), cfg.num_kv_heads, capacity, cfg.head_dim, model.kind(), model.device());
-        Self { model, tokenizer, cache, slots: (0..slots.max(1)).map(|_| None).collect(), sampling: None }
+        let slots = slots.max(1);
+        Self {
+            model,
+            tokenizer,
+            cache,
+            slots: (0..slots).map(|_| None).collect(),
+            sampling: None,
+            cached: (0..slots).map(|_| None).collect(),
+            prefix_reuse: true,
+            weights: 0,
+            clock: 0,
+            reused_tokens: 0,
+        }
+    }
+
+    /// Turns reuse of cached prefixes on or off (off: every prompt is prefilled whole).
+    pub fn set_prefix_reuse(&mut self, on: bool) {
+        self.prefix_reuse = on;
+        if !on {
+            self.cached.iter_mut().for_each(|c| *c = None);
+        }
+    }
+
+    /// The weights changed (a training step): every cached prefix, and the prefix of every
+    /// sequence in flight, was computed by the old ones and must not be reused.
+    pub fn invalidate_prefixes(&mut self) {
+        self.weights += 1;
+        self.cached.iter_mut().for_each(|c| *c = None);
+    }
+
+    /// Prompt tokens whose prefill was saved by cached prefixes, since start.
+    pub fn reused_tokens(&self) -> u64 {
+        self.reused_tokens
     }
 
     /// Bytes held by the KV cache.
@@ -187,12 +242,78 @@ impl<'m> Engine<'m> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let placed: Vec<usize> = free[..requests.len()].to_vec();
-        // unique[k] = index into `requests` of the first request with the k-th distinct prompt.
+        self.clock += 1;
+        let (reusing, fresh) = self.plan_slots(&requests, &free);
+        let mut placed = Vec::with_capacity(requests.len());
+        let mut hidden_rows = Vec::new();
+        if !fresh.is_empty() {
+            let fresh_requests: Vec<&GenerationRequest> = fresh.iter().map(|&(i, _)| &requests[i].1).collect();
+            let fresh_slots: Vec<usize> = fresh.iter().map(|&(_, slot)| slot).collect();
+            hidden_rows.push(self.prefill_fresh(&fresh_slots, &fresh_requests));
+            placed.extend(fresh.iter().copied());
+        }
+        for &(i, slot, reused) in &reusing {
+            hidden_rows.push(self.prefill_suffix(slot, &requests[i].1.prompt_ids, reused));
+            self.reused_tokens += reused as u64;
+            placed.push((i, slot));
+        }
+        let hidden = Tensor::cat(&hidden_rows, 0);
+        let slots: Vec<usize> = placed.iter().map(|&(_, slot)| slot).collect();
+        let mut requests: Vec<Option<(u64, GenerationRequest)>> = requests.into_iter().map(Some).collect();
+        for &(i, slot) in &placed {
+            let Some((id, request)) = requests[i].take() else { continue };
+            let ids = request.prompt_ids.clone();
+            let read_offset = ids.len();
+            self.cached[slot] = None;
+            self.slots[slot] = Some(Sequence { id, request, ids, generated: 0, prefix_offset: read_offset, read_offset, text: String::new(), weights: self.weights });
+        }
+        self.sample_and_advance(&slots, &hidden)
+    }
+
+    /// Chooses slots: a request whose prompt extends a free slot's cached prefix (by at least
+    /// one token, and not shared with another request of the batch) goes there and reuses it,
+    /// as `(request, slot, reused tokens)`; the others get free slots without a cached prefix
+    /// first, then the least recently used ones, as `(request, slot)`.
+    #[allow(clippy::type_complexity)]
+    fn plan_slots(&self, requests: &[(u64, GenerationRequest)], free: &[usize]) -> (Vec<(usize, usize, usize)>, Vec<(usize, usize)>) {
+        let mut taken = vec![false; self.slots.len()];
+        let mut reusing = Vec::new();
+        let mut rest = Vec::new();
+        for (i, (_, request)) in requests.iter().enumerate() {
+            let prompt = &request.prompt_ids;
+            let shared = requests.iter().filter(|(_, r)| &r.prompt_ids == prompt).count() > 1;
+            let best = free
+                .iter()
+                .filter(|&&slot| !taken[slot])
+                .filter_map(|&slot| {
+                    let cached = self.cached[slot].as_ref()?;
+                    let len = cached.ids.len();
+                    (len > 0 && len < prompt.len() && prompt[..len] == cached.ids[..]).then_some((slot, len))
+                })
+                .max_by_key(|&(_, len)| len);
+            match best {
+                Some((slot, len)) if self.prefix_reuse && !shared => {
+                    taken[slot] = true;
+                    reusing.push((i, slot, len));
+                }
+                _ => rest.push(i),
+            }
+        }
+        let mut spare: Vec<usize> = free.iter().copied().filter(|&slot| !taken[slot]).collect();
+        // Empty slots first, then cached prefixes from the least recently used.
+        spare.sort_by_key(|&slot| self.cached[slot].as_ref().map_or(0, |c| c.last_used + 1));
+        let fresh = rest.into_iter().zip(spare).collect();
+        (reusing, fresh)
+    }
+
+    /// Prefills whole prompts into `slots` (identical prompts once, copied to the others);
+    /// returns the last position's hidden state per request, `(requests, hidden)`.
+    fn prefill_fresh(&mut self, slots: &[usize], requests: &[&GenerationRequest]) -> Tensor {
+        // unique[k] = index of the first request with the k-th distinct prompt.
         let mut unique: Vec<usize> = Vec::new();
         let mut prompt_of: Vec<usize> = Vec::with_capacity(requests.len());
-        for (i, (_, request)) in requests.iter().enumerate() {
-            match unique.iter().position(|&u| requests[u].1.prompt_ids == request.prompt_ids) {
+        for (i, request) in requests.iter().enumerate() {
+            match unique.iter().position(|&u| requests[u].prompt_ids == request.prompt_ids) {
                 Some(k) => prompt_of.push(k),
                 None => {
                     prompt_of.push(unique.len());
@@ -200,23 +321,33 @@ impl<'m> Engine<'m> {
                 }
             }
         }
-        let leaders: Vec<usize> = unique.iter().map(|&i| placed[i]).collect();
-        let prompts: Vec<&[u32]> = unique.iter().map(|&i| requests[i].1.prompt_ids.as_slice()).collect();
+        let leaders: Vec<usize> = unique.iter().map(|&i| slots[i]).collect();
+        let prompts: Vec<&[u32]> = unique.iter().map(|&i| requests[i].prompt_ids.as_slice()).collect();
         let hidden_last = self.prefill(&leaders, &prompts);
-        for (i, &slot) in placed.iter().enumerate() {
+        for (i, &slot) in slots.iter().enumerate() {
             let leader = leaders[prompt_of[i]];
             if leader != slot {
-                self.cache.copy_slot(leader as i64, slot as i64, requests[i].1.prompt_ids.len() as i64);
+                self.cache.copy_slot(leader as i64, slot as i64, requests[i].prompt_ids.len() as i64);
             }
         }
-        for (&slot, (id, request)) in placed.iter().zip(requests) {
-            let ids = request.prompt_ids.clone();
-            let read_offset = ids.len();
-            self.slots[slot] = Some(Sequence { id, request, ids, generated: 0, prefix_offset: read_offset, read_offset, text: String::new() });
-        }
         let rows: Vec<i64> = prompt_of.iter().map(|&k| k as i64).collect();
-        let hidden = hidden_last.index_select(0, &Tensor::from_slice(&rows).to_device(self.model.device()));
-        self.sample_and_advance(&placed, &hidden)
+        hidden_last.index_select(0, &Tensor::from_slice(&rows).to_device(self.model.device()))
+    }
+
+    /// Prefills `prompt[reused..]` into `slot`, whose cache holds the keys and values of
+    /// `prompt[..reused]`; returns the last position's hidden state, `(1, hidden)`.
+    fn prefill_suffix(&mut self, slot: usize, prompt: &[u32], reused: usize) -> Tensor {
+        let device = self.model.device();
+        let suffix: Vec<i64> = prompt[reused..].iter().map(|&id| id as i64).collect();
+        let t = suffix.len() as i64;
+        let tokens = Tensor::from_slice(&suffix).view([1, t]).to_device(device);
+        let positions = Tensor::arange_start(reused as i64, prompt.len() as i64, (Kind::Int64, device)).view([1, t]);
+        let selection = SlotSelection::Range { start: slot as i64, len: 1 };
+        let hidden = tch::no_grad(|| {
+            let mut view = self.cache.view(selection, prompt.len() as i64, false);
+            self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true, training: false }, Some(&mut view))
+        });
+        hidden.narrow(1, t - 1, 1).view([1, -1])
     }
 
     /// Runs `prompts` (right-padded into one batch) into `slots`' cache; returns the hidden
@@ -248,6 +379,7 @@ impl<'m> Engine<'m> {
         let found = self.slots.iter().position(|s| s.as_ref().is_some_and(|q| q.id == sequence_id));
         if let Some(slot) = found {
             self.slots[slot] = None;
+            self.cached[slot] = None;
             self.sampling = None;
         }
         found.is_some()
@@ -347,8 +479,14 @@ impl<'m> Engine<'m> {
                 final_text,
             });
             if finished.is_some() {
-                self.slots[slot] = None;
+                let done = self.slots[slot].take();
                 self.sampling = None;
+                // Its cache holds every id but the last (never fed back), all by the current
+                // weights unless a step landed while it decoded.
+                self.cached[slot] = done.filter(|seq| self.prefix_reuse && seq.weights == self.weights && seq.ids.len() > 1).map(|mut seq| {
+                    seq.ids.pop();
+                    CachedPrefix { ids: seq.ids, last_used: self.clock }
+                });
             }
         }
         Ok(events)

@@ -36,6 +36,9 @@ pub struct SchedulerConfig {
     pub max_queued_requests: usize,
     /// Prompt tokens that may wait before submissions are refused.
     pub max_queued_tokens: usize,
+    /// Reuse the keys and values a finished sequence left in its slot when a next prompt
+    /// extends it (an agent's next turn), until the weights change.
+    pub prefix_reuse: bool,
 }
 
 /// What a sequence reports to its submitter.
@@ -112,6 +115,8 @@ pub struct SchedulerStats {
     pub generated_tokens: AtomicU64,
     /// Prompt tokens prefilled since start.
     pub prefilled_tokens: AtomicU64,
+    /// Prompt tokens not prefilled because a slot still held their keys and values.
+    pub reused_prefix_tokens: AtomicU64,
     /// Decode steps run.
     pub decode_steps: AtomicU64,
     /// Sum over decode steps of the batch size (mean batch = this / decode_steps).
@@ -304,7 +309,8 @@ pub fn spawn(loaded: LoadedModel, config: SchedulerConfig, trainer: Option<Train
     };
     let (ready, started) = mpsc::channel();
     std::thread::Builder::new().name("hicra-engine".into()).spawn(move || {
-        let engine = Engine::new(&model, &tokenizer, config.max_batch, config.capacity);
+        let mut engine = Engine::new(&model, &tokenizer, config.max_batch, config.capacity);
+        engine.set_prefix_reuse(config.prefix_reuse);
         tracing::info!(slots = config.max_batch, capacity = config.capacity, kv_cache_mib = engine.kv_cache_bytes() >> 20, training = trainer.is_some(), "engine ready");
         let _ = ready.send(());
         Scheduler {
@@ -398,6 +404,9 @@ impl Scheduler<'_> {
                 };
                 if let Ok(report) = &result {
                     self.policy_version.store(report.policy_version, Ordering::Release);
+                    if report.updated {
+                        self.engine.invalidate_prefixes();
+                    }
                 }
                 let _ = reply.send(result);
             }
@@ -442,7 +451,10 @@ impl Scheduler<'_> {
         }
         let ids: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
         match self.engine.admit(batch) {
-            Ok(events) => Some(events),
+            Ok(events) => {
+                self.stats.reused_prefix_tokens.store(self.engine.reused_tokens(), Ordering::Relaxed);
+                Some(events)
+            }
             Err(err) => {
                 // Requests were validated on submit; reaching here is an engine fault. Fail the
                 // affected groups rather than the whole server.

@@ -108,6 +108,7 @@ impl ServerMetrics {
         gauge(&mut out, "hicra_tokens_per_second", "Generated tokens per second over the last busy second.", "gauge", engine.recent_tokens_per_s());
         gauge(&mut out, "hicra_generated_tokens_total", "Tokens generated.", "counter", load(&engine.generated_tokens));
         gauge(&mut out, "hicra_prompt_tokens_total", "Prompt tokens prefilled.", "counter", load(&engine.prefilled_tokens));
+        gauge(&mut out, "hicra_prefix_reused_tokens_total", "Prompt tokens whose keys and values a slot still held (not prefilled again).", "counter", load(&engine.reused_prefix_tokens));
         gauge(&mut out, "hicra_decode_steps_total", "Decode steps run.", "counter", steps);
         gauge(&mut out, "hicra_sequences_cancelled_total", "Sequences cancelled because the client went away.", "counter", load(&engine.cancelled_sequences));
         gauge(&mut out, "hicra_rollouts_stored", "Rollouts held in the store.", "gauge", rollouts.0 as f64);
