@@ -48,8 +48,16 @@ pub use serde_json;
 /// The version of this crate a plugin or host was built with (abi_stable compares it too).
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The ABI revision this crate defines; the host refuses other values.
-pub const ABI_VERSION: u32 = 1;
+/// The ABI revision this crate defines. The host loads revisions
+/// [`OLDEST_ABI_VERSION`]`..=ABI_VERSION` and refuses others.
+///
+/// - 1: rewards, detectors, credit schemes over single completions.
+/// - 2: adds [`PluginMod::credit_episodes`]: credit schemes see multi-turn episodes.
+pub const ABI_VERSION: u32 = 2;
+
+/// The oldest ABI revision a host of this crate still loads (its plugins lack the fields
+/// appended since, and the host falls back for them).
+pub const OLDEST_ABI_VERSION: u32 = 1;
 
 /// What a plugin does.
 #[repr(u8)]
@@ -143,6 +151,28 @@ pub struct CreditGroup {
     pub entropies: RVec<RVec<f32>>,
 }
 
+/// A GRPO group of multi-turn episodes for a credit scheme (ABI 2). Each response's tokens
+/// run from its first sampled token to its last: the model's turns with the context between
+/// them (tool results, user turns, template tokens), which carries no loss.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default)]
+pub struct CreditEpisodes {
+    /// Rewards, and per-token planning masks and entropies over each response's tokens (0 on
+    /// context tokens), as for single completions.
+    pub group: CreditGroup,
+    /// Per response, per token: 1 where the model sampled the token, 0 for context.
+    pub sampled: RVec<RVec<u8>>,
+    /// Per response: the turns, as `[start, end)` token ranges of the sampled runs, in order.
+    pub turns: RVec<RVec<Tuple2<u32, u32>>>,
+}
+
+impl CreditEpisodes {
+    /// Response `i`'s turns as ranges.
+    pub fn turn_ranges(&self, i: usize) -> Vec<std::ops::Range<usize>> {
+        self.turns.get(i).map(|t| t.iter().map(|r| r.0 as usize..r.1 as usize).collect()).unwrap_or_default()
+    }
+}
+
 /// The root module every plugin exports (a versioned prefix type; see the crate docs).
 #[repr(C)]
 #[derive(StableAbi)]
@@ -162,6 +192,10 @@ pub struct PluginMod {
     /// Per-token advantages for a group: one vector per response, one value per token.
     #[sabi(last_prefix_field)]
     pub credit_group: extern "C" fn(&CreditGroup) -> RResult<RVec<RVec<f32>>, RString>,
+    /// ABI 2: per-token advantages for a group of multi-turn episodes. Absent from ABI-1
+    /// plugins: the host then calls `credit_group` with the episodes' `group`.
+    #[sabi(missing_field(option))]
+    pub credit_episodes: extern "C" fn(&CreditEpisodes) -> RResult<RVec<RVec<f32>>, RString>,
 }
 
 impl RootModule for PluginModRef {
@@ -277,6 +311,12 @@ pub trait CreditPlugin: Default + Send + Sync + 'static {
     fn configure(&mut self, config: &serde_json::Value) -> Result<(), String>;
     /// Per response, one advantage per token (same lengths as the planning masks).
     fn advantages(&self, group: &CreditGroup) -> Result<Vec<Vec<f32>>, String>;
+    /// Per-token advantages for a group of multi-turn episodes (one value per token of each
+    /// response, context tokens included; they carry no loss). By default, [`Self::advantages`]
+    /// of the episodes' group: override it to shape credit by turn.
+    fn episode_advantages(&self, episodes: &CreditEpisodes) -> Result<Vec<Vec<f32>>, String> {
+        self.advantages(&episodes.group)
+    }
 }
 
 /// What the export macro drives; implemented by the adapters of the three plugin traits.
@@ -293,6 +333,9 @@ pub trait AnyPlugin: Default + Send + Sync + 'static {
         Err(format!("{} is not a planning-token detector", Self::NAME))
     }
     fn credit(&self, _group: &CreditGroup) -> Result<Vec<Vec<f32>>, String> {
+        Err(format!("{} is not a credit scheme", Self::NAME))
+    }
+    fn credit_episodes(&self, _episodes: &CreditEpisodes) -> Result<Vec<Vec<f32>>, String> {
         Err(format!("{} is not a credit scheme", Self::NAME))
     }
 }
@@ -320,7 +363,25 @@ macro_rules! adapter {
 
 adapter!(RewardAdapter, RewardPlugin, PluginKind::Reward, score(&[RewardItem]) -> Result<Vec<Result<RewardScore, String>>, String> => |p, items| Ok(p.score(items)));
 adapter!(DetectorAdapter, SgDetectorPlugin, PluginKind::SgDetector, detect(&[DetectItem]) -> Result<Vec<Result<Vec<bool>, String>>, String> => |p, items| Ok(p.detect(items)));
-adapter!(CreditAdapter, CreditPlugin, PluginKind::Credit, credit(&CreditGroup) -> Result<Vec<Vec<f32>>, String> => |p, group| p.advantages(group));
+/// Drives a [`CreditPlugin`] (two methods, so written out rather than by `adapter!`).
+#[doc(hidden)]
+#[derive(Default)]
+pub struct CreditAdapter<T>(pub T);
+
+impl<T: CreditPlugin> AnyPlugin for CreditAdapter<T> {
+    const NAME: &'static str = T::NAME;
+    const VERSION: &'static str = T::VERSION;
+    const KIND: PluginKind = PluginKind::Credit;
+    fn configure(&mut self, config: &serde_json::Value) -> Result<(), String> {
+        self.0.configure(config)
+    }
+    fn credit(&self, group: &CreditGroup) -> Result<Vec<Vec<f32>>, String> {
+        self.0.advantages(group)
+    }
+    fn credit_episodes(&self, episodes: &CreditEpisodes) -> Result<Vec<Vec<f32>>, String> {
+        self.0.episode_advantages(episodes)
+    }
+}
 
 /// Turns a caught panic's payload into a message.
 pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -366,7 +427,7 @@ macro_rules! __export_plugin {
             use super::*;
             use std::sync::{OnceLock, RwLock};
             use $crate::abi_stable::std_types::{RErr, ROk, RResult, RSlice, RStr, RString, RVec};
-            use $crate::{AnyPlugin, CreditGroup, DetectItem, PluginInfo, PluginMod, PluginModRef, RewardItem};
+            use $crate::{AnyPlugin, CreditEpisodes, CreditGroup, DetectItem, PluginInfo, PluginMod, PluginModRef, RewardItem};
 
             // Calls share the plugin (read lock): concurrent requests run in parallel, and a call
             // that hangs does not block the next ones. Only `configure` (once per load) writes.
@@ -428,9 +489,13 @@ macro_rules! __export_plugin {
                 guarded(|plugin| plugin.credit(group).map(|rows| rows.into_iter().map(RVec::from).collect()))
             }
 
+            extern "C" fn credit_episodes(episodes: &CreditEpisodes) -> RResult<RVec<RVec<f32>>, RString> {
+                guarded(|plugin| plugin.credit_episodes(episodes).map(|rows| rows.into_iter().map(RVec::from).collect()))
+            }
+
             fn get_library() -> PluginModRef {
                 use $crate::abi_stable::prefix_type::PrefixTypeTrait;
-                PluginMod { abi_version, info, configure, score_batch, detect_batch, credit_group }.leak_into_prefix()
+                PluginMod { abi_version, info, configure, score_batch, detect_batch, credit_group, credit_episodes }.leak_into_prefix()
             }
 
             // What abi_stable's `#[export_root_module]` generates, written out so that plugin

@@ -228,3 +228,37 @@ def test_prefix_reuse_serves_the_same_logprobs(model_id: str) -> None:
     assert [len(t) for t in with_reuse] == [len(t) for t in without]
     gap = max(abs(a - b) for x, y in zip(with_reuse, without) for a, b in zip(x, y))
     assert gap <= 1e-5, f"logprobs with and without prefix reuse differ by {gap}"
+
+
+def test_a_credit_plugin_sees_the_turns(model_id: str) -> None:
+    """The test plugin `turn_credit` (SDK ABI 2) scales each turn's advantage by its number:
+    the advantages the step trained with show it received the episodes' turns."""
+    from conftest import REPO
+
+    plugin = REPO / "target" / "release" / "libhicra_test_turn_credit.so"
+    assert plugin.is_file(), f"{plugin} missing: run cargo build --release --workspace first"
+    folder = Path(tempfile.mkdtemp(prefix="hicra-turn-credit-"))
+    (folder / "template.jinja").write_text(TEMPLATE)
+    args = ["--max-context", "768", "--train", "--state-dir", str(folder / "state"), "--chat-template", str(folder / "template.jinja"),
+            "--max-staleness", "none", "--plugin", str(plugin), "--credit-plugin", "turn_credit"]
+    with start_hicra(args) as url:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120) as c, httpx.Client(base_url=url, timeout=120) as http:
+            for name, seed, reward in [("turns-a", 51, 1.0), ("turns-b", 61, 0.0)]:
+                three_turns(c, model_id, name, seed=seed)
+                assert http.post(f"/v1/episodes/{name}/reward", json={"reward": reward, "group_id": "turns", "group_size": 2}).status_code == 200
+            deadline = time.monotonic() + 120
+            while http.get("/v1/training").json()["policy_version"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            rows = {r["id"]: r for r in http.get("/v1/rollouts", params={"rewarded": "true", "limit": 100}).json()["data"]}
+    for name, sign in [("turns-a", 1.0), ("turns-b", -1.0)]:
+        row = rows[f"episode-{name}-0"]
+        mask, advantages = row["sampled_mask"], row["advantages"]
+        assert len(advantages) == len(mask)
+        turn, expected = 0, []
+        for i, sampled in enumerate(mask):
+            if sampled and (i == 0 or not mask[i - 1]):
+                turn += 1
+            expected.append(sign * 0.5 * turn if sampled else 0.0)
+        assert turn == 3
+        assert advantages == pytest.approx(expected), name

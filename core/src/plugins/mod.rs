@@ -23,7 +23,7 @@ use std::time::Duration;
 use abi_stable::library::lib_header_from_path;
 use abi_stable::std_types::{RResult, RStr};
 use abi_stable::std_types::{RString, RVec};
-use hicra_sdk::{CreditGroup, DetectItem, PluginInfo, PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION};
+use hicra_sdk::{CreditEpisodes, CreditGroup, DetectItem, PluginInfo, PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION, OLDEST_ABI_VERSION};
 
 /// The time-out of [`load`], for callers without their own (offline `hicra train`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -380,8 +380,8 @@ fn open_copy(copy: &Path) -> Result<(PluginModRef, PluginInfo), String> {
         format!("incompatible plugin: built against hicra-sdk {built_with}, this server uses {}: {}", hicra_sdk::SDK_VERSION, summarize_incompatibility(&e))
     })?;
     let abi = (module.abi_version())();
-    if abi != ABI_VERSION {
-        return Err(format!("plugin ABI version {abi}, this host speaks {ABI_VERSION}"));
+    if !(OLDEST_ABI_VERSION..=ABI_VERSION).contains(&abi) {
+        return Err(format!("plugin ABI version {abi}, this host speaks {OLDEST_ABI_VERSION} to {ABI_VERSION}"));
     }
     Ok((module, (module.info())()))
 }
@@ -538,8 +538,27 @@ impl Plugin {
         let lengths: Vec<usize> = group.planning_masks.iter().map(|m| m.len()).collect();
         let call = self.module.credit_group();
         let rows = self.guarded(PluginKind::Credit, "credit", timeout, move || call(&group))?;
+        self.checked_advantages(rows, &lengths)
+    }
+
+    /// Whether the plugin sees episodes' turns (ABI 2); older ones get the plain group.
+    pub fn sees_turns(&self) -> bool {
+        self.module.credit_episodes().is_some()
+    }
+
+    /// Per-token advantages for a group of multi-turn episodes: through the plugin's episode
+    /// entry point (ABI 2), else its plain one with the episodes' group (ABI 1).
+    pub fn credit_episodes(&self, episodes: CreditEpisodes, timeout: Duration) -> Result<Vec<Vec<f32>>, PluginError> {
+        let Some(call) = self.module.credit_episodes() else { return self.credit(episodes.group, timeout) };
+        let lengths: Vec<usize> = episodes.group.planning_masks.iter().map(|m| m.len()).collect();
+        let rows = self.guarded(PluginKind::Credit, "credit", timeout, move || call(&episodes))?;
+        self.checked_advantages(rows, &lengths)
+    }
+
+    /// Checks a credit plugin's answer: one row per response, one finite value per token.
+    fn checked_advantages(&self, rows: RVec<RVec<f32>>, lengths: &[usize]) -> Result<Vec<Vec<f32>>, PluginError> {
         self.check_count(&rows, lengths.len())?;
-        for (i, (row, n)) in rows.iter().zip(&lengths).enumerate() {
+        for (i, (row, n)) in rows.iter().zip(lengths).enumerate() {
             if row.len() != *n || row.iter().any(|v| !v.is_finite()) {
                 return Err(self.fail(format!("response {i}: {} advantages for {n} tokens or a non-finite value", row.len())));
             }

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use abi_stable::std_types::{RVec, Tuple2};
-use hicra_sdk::{CreditGroup, DetectItem};
+use hicra_sdk::{CreditEpisodes, CreditGroup, DetectItem};
 
 use super::Plugin;
 use crate::engine::SamplingParams;
@@ -160,6 +160,33 @@ impl StepPlugins {
             planning_masks: members.iter().map(|m| m.planning_mask.iter().map(|&b| b as u8).collect()).collect(),
             entropies: if complete { members.iter().map(|m| RVec::from(m.entropies.clone())).collect() } else { RVec::new() },
         };
-        plugin.credit(group, self.timeout).map(Some)
+        if members.iter().all(|m| m.sampled_mask.is_empty()) {
+            return plugin.credit(group, self.timeout).map(Some);
+        }
+        // Episodes: the plugin sees which tokens the model sampled, and the turns they form.
+        let sampled: Vec<Vec<u8>> = members
+            .iter()
+            .map(|m| (0..m.completion_ids.len()).map(|i| u8::from(m.sampled_mask.get(i).copied().unwrap_or(true))).collect())
+            .collect();
+        let turns = sampled.iter().map(|mask| turn_ranges(mask).into_iter().map(|r| Tuple2(r.start as u32, r.end as u32)).collect()).collect();
+        let episodes = CreditEpisodes { group, sampled: sampled.into_iter().map(RVec::from).collect(), turns };
+        plugin.credit_episodes(episodes, self.timeout).map(Some)
     }
+}
+
+/// The maximal runs of sampled tokens (1s) in `mask`: an episode's turns.
+fn turn_ranges(mask: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut turns = Vec::new();
+    let mut start = None;
+    for (i, &sampled) in mask.iter().chain(std::iter::once(&0)).enumerate() {
+        match (sampled == 1, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                turns.push(s..i);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    turns
 }
