@@ -271,3 +271,70 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_one() {
         assert!(x.equal(y), "{name} differs after {kills} kills and resumes");
     }
 }
+
+/// A scripted environment: replies "again" after each answer until `turns` answers, reward =
+/// answers seen.
+struct Scripted {
+    turns: usize,
+    answers: usize,
+}
+
+impl hicra_core::train::environment::Environment for Scripted {
+    fn reply(&mut self, turn: usize, _answer: &str) -> Option<String> {
+        self.answers = turn + 1;
+        (turn + 1 < self.turns).then(|| "Not quite. Again:".to_string())
+    }
+    fn reward(&self) -> f32 {
+        self.answers as f32
+    }
+}
+
+/// An offline multi-turn episode is one token sequence: the answers' tokens, spliced as sampled,
+/// are exactly the sampled ones, and the environment's replies sit between them as context.
+#[test]
+fn offline_episodes_are_one_sequence_with_only_the_answers_sampled() {
+    let _turn = serial();
+    use hicra_core::engine::SamplingParams;
+    use hicra_core::tokenizer::chat::ChatMessage;
+    use hicra_core::train::episodes::{play, Table};
+    let loaded = load(&common::tiny_model_file().to_string_lossy(), &LoadOptions::cpu()).expect("tiny model loads");
+    let template = loaded.tokenizer.chat_template().expect("the tiny model has a chat template");
+    let table = Table { model: &loaded.model, tokenizer: &loaded.tokenizer, template, max_new_tokens: 5, max_turns: 4 };
+    let episodes: Vec<(Vec<ChatMessage>, Box<dyn hicra_core::train::environment::Environment>)> =
+        (0..3).map(|i| (vec![ChatMessage::new("user", format!("question {i}"))], Box::new(Scripted { turns: 3, answers: 0 }) as Box<_>)).collect();
+    let played = play(&table, episodes, |e, t| SamplingParams { temperature: 1.0, seed: (e * 10 + t) as u64, ..SamplingParams::default() }).expect("play");
+    assert_eq!(played.len(), 3);
+    for episode in &played {
+        assert_eq!(episode.answers.len(), 3);
+        assert_eq!(episode.reward, 3.0);
+        let n = episode.completion_ids.len();
+        assert!(episode.sampled_mask.len() == n && episode.logprobs.len() == n && episode.pieces.len() == n);
+        assert!(episode.sampled_mask[0] && episode.sampled_mask[n - 1], "the completion runs from the first answer to the last");
+        // Three sampled runs (the answers) with context (the replies) between them.
+        let runs = episode.sampled_mask.windows(2).filter(|w| !w[0] && w[1]).count() + 1;
+        assert_eq!(runs, 3);
+        let context: String = episode.pieces.iter().zip(&episode.sampled_mask).filter(|(_, &s)| !s).map(|(p, _)| p.as_str()).collect();
+        assert_eq!(context.matches("Not quite. Again:").count(), 2, "{context:?}");
+        assert!(episode.logprobs.iter().zip(&episode.sampled_mask).all(|(&l, &s)| if s { l < 0.0 } else { l == 0.0 }));
+    }
+}
+
+/// `hicra train` with `[environment] kind = "retry"` trains on multi-turn episodes: steps
+/// run, and the trained tokens are the sampled ones only.
+#[test]
+fn the_offline_loop_trains_on_multi_turn_episodes() {
+    let _turn = serial();
+    let mut config = config(scratch("episodes"), 2);
+    config.environment = Some(hicra_core::train::environment::EnvironmentConfig::Retry { turns: 3, message: "Try again.".into() });
+    let loaded = load(&config.model, &LoadOptions::cpu()).expect("tiny model loads");
+    let mut run = Run::new(config, loaded).expect("run set up");
+    // Right when most of the answer is letters: some episodes end early, some run 3 turns.
+    run.set_reward_fn(|completion, _| if letters(completion, "") > 0.5 { 1.0 } else { 0.0 });
+    let metrics = run.run(0, |_| {}).expect("run");
+    assert_eq!(metrics.len(), 2);
+    for m in &metrics {
+        // 2 prompts x 4 episodes x at most 3 answers of at most 6 tokens.
+        assert!(m.train.tokens <= 2 * 4 * 3 * 6, "{} trained tokens: context was trained", m.train.tokens);
+    }
+    assert!(metrics.iter().any(|m| m.train.updated), "episode rewards must differ somewhere to train");
+}

@@ -28,6 +28,7 @@ use super::error::ApiError;
 use super::rollouts::Rollout;
 use crate::engine::{GeneratedToken, SamplingParams};
 use crate::tokenizer::chat::{ChatMessage, ChatTemplate};
+use crate::tokenizer::splice::{end_text, spliced_prompt, SplicedTurn};
 use crate::tokenizer::Tokenizer;
 
 /// The header that names an episode (the body's `hicra.episode_id` wins).
@@ -110,8 +111,7 @@ struct ServedTurn {
     tool_call_ids: Vec<String>,
     /// The exact sampled ids.
     token_ids: Vec<u32>,
-    /// Text of the final end-of-turn token, when the completion ended with one: the template
-    /// writes its own after the content, which the splice then skips.
+    /// Text of its final end-of-turn token, if it sampled one.
     end_text: Option<String>,
 }
 
@@ -187,12 +187,6 @@ fn same_distribution(a: &SamplingParams, b: &SamplingParams) -> bool {
     a.temperature == b.temperature && a.top_p == b.top_p && a.top_k == b.top_k
 }
 
-/// A marker the template copies where a served turn's content goes: private-use characters
-/// and digits, which case changes and trimming leave as they are.
-fn marker(i: usize) -> String {
-    format!("\u{E000}{i}\u{E001}")
-}
-
 impl ServedTurn {
     /// Whether an assistant message of a history is this turn: by the tool call ids this
     /// server issued, else by the exact content it returned.
@@ -212,12 +206,13 @@ impl Episode {
     /// The assistant messages of `messages` that are served turns of this episode, as
     /// (message index, turn). Histories are chronological, so each message is looked for
     /// after the previous match: two equal answers ("5", "5") map to their own turns.
-    fn recognise(&self, messages: &[ChatMessage]) -> Vec<(usize, ServedTurn)> {
+    fn recognise(&self, messages: &[ChatMessage]) -> Vec<SplicedTurn> {
         let mut found = Vec::new();
         let mut from = 0;
         for (i, message) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
             if let Some(offset) = self.served[from..].iter().position(|turn| turn.is(message)) {
-                found.push((i, self.served[from + offset].clone()));
+                let turn = &self.served[from + offset];
+                found.push(SplicedTurn { message: i, token_ids: turn.token_ids.clone(), end_text: turn.end_text.clone() });
                 from += offset + 1;
             }
         }
@@ -238,8 +233,7 @@ impl EpisodeStore {
         let mut inner = self.lock();
         let episode = inner.0.get(id);
         let recognised = episode.map(|e| e.recognise(messages)).unwrap_or_default();
-        let (text, turns) = render_with_markers(template, messages, tools, recognised)?;
-        let (prompt_ids, spliced_turns) = splice(&text, &turns, tokenizer)?;
+        let (prompt_ids, spliced_turns) = spliced_prompt(template, tokenizer, messages, tools, recognised)?;
         let (segment, base_len, new_segment) = match episode.and_then(|e| e.segments.last()) {
             None => (0, 0, Some("the episode's first call".to_string())),
             Some(last) if !same_distribution(&last.sampling, sampling) => {
@@ -299,7 +293,7 @@ impl EpisodeStore {
                 policy_version_last: Some(versions.1),
             });
         }
-        let end_text = ids.last().filter(|id| tokenizer.eos_ids().contains(id)).and_then(|&id| tokenizer.decode(&[id], false).ok()).filter(|t| !t.is_empty());
+        let end_text = end_text(tokenizer, &ids);
         episode.served.push(ServedTurn { content, tool_call_ids, token_ids: ids, end_text });
     }
 
@@ -365,59 +359,6 @@ impl EpisodeStore {
             sampled_mask: mask,
         })
     }
-}
-
-/// Renders `messages` with each recognised assistant turn's content replaced by a marker.
-/// A template that drops or rewrites a marker (it may omit old turns, or transform content in
-/// a way that touches the marker) gets that message back as it was, and the turn is not
-/// spliced. Returns the text and the turns whose markers are in it, in marker order.
-fn render_with_markers(template: &ChatTemplate, messages: &[ChatMessage], tools: Option<&[Value]>, mut recognised: Vec<(usize, ServedTurn)>) -> Result<(String, Vec<ServedTurn>), ApiError> {
-    loop {
-        let mut history = messages.to_vec();
-        for (k, (i, _)) in recognised.iter().enumerate() {
-            let message = &mut history[*i];
-            message.content = Some(Value::String(marker(k)));
-            message.tool_calls = None;
-            // The served ids hold the reasoning already; a template must not add it again.
-            message.extra.remove("reasoning_content");
-            message.extra.remove("reasoning");
-        }
-        let text = template.render(&history, tools, true, None)?;
-        let before = recognised.len();
-        let mut k = 0;
-        recognised.retain(|_| {
-            let kept = text.contains(&marker(k));
-            k += 1;
-            kept
-        });
-        if recognised.len() == before {
-            return Ok((text, recognised.into_iter().map(|(_, t)| t).collect()));
-        }
-    }
-}
-
-/// Tokenizes the rendered `text`, putting each served turn's exact ids where its marker is and
-/// skipping the template's own end-of-turn text after a turn that sampled one. Returns the ids
-/// and how many turns were spliced (a template may drop old assistant turns altogether).
-fn splice(text: &str, turns: &[ServedTurn], tokenizer: &Tokenizer) -> Result<(Vec<u32>, usize), ApiError> {
-    let mut ids = Vec::new();
-    let mut rest = text;
-    let mut spliced = 0;
-    for (i, turn) in turns.iter().enumerate() {
-        let marker = marker(i);
-        // Markers appear in order (messages are rendered in order); one a template repeats
-        // or reorders ends the splicing, and the rest is tokenized as rendered.
-        let Some(at) = rest.find(&marker) else { break };
-        ids.extend(tokenizer.encode(&rest[..at], false)?);
-        ids.extend_from_slice(&turn.token_ids);
-        rest = &rest[at + marker.len()..];
-        if let Some(end) = &turn.end_text {
-            rest = rest.strip_prefix(end.as_str()).unwrap_or(rest);
-        }
-        spliced += 1;
-    }
-    ids.extend(tokenizer.encode(rest, false)?);
-    Ok((ids, spliced))
 }
 
 fn touch(order: &mut VecDeque<String>, id: &str) {

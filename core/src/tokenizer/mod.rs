@@ -15,6 +15,7 @@
 
 pub mod chat;
 pub mod gguf;
+pub mod splice;
 pub mod tool_calls;
 
 use std::collections::HashSet;

@@ -12,6 +12,8 @@
 pub mod checkpoint;
 pub mod credit;
 pub mod data;
+pub mod environment;
+pub mod episodes;
 pub mod loss;
 pub mod optimizer;
 pub mod planning;

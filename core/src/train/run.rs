@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointStore, TrainerSnapshot};
 use super::data::{self, DataConfig, Example};
+use super::environment::{Environment, EnvironmentConfig, Retry};
+use super::episodes::{play, Table};
 use super::planning::StrategicGrams;
 use super::reward;
 use super::trainer::{StepReport, Trainer, TrainerConfig};
@@ -102,6 +104,9 @@ pub struct RunConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept in the output folder, newest first (at least 1).
     pub keep_checkpoints: usize,
+    /// A multi-turn environment: each sample is an episode of several answers with the
+    /// environment's replies between them, trained as one sequence (chat models only).
+    pub environment: Option<EnvironmentConfig>,
     /// Append every rewarded rollout to `rollouts.jsonl` in the output folder (`hicra analyze`
     /// reads it).
     pub log_rollouts: bool,
@@ -140,6 +145,7 @@ impl Default for RunConfig {
             output_dir: PathBuf::from("runs/default"),
             checkpoint_every: 0,
             keep_checkpoints: 2,
+            environment: None,
             log_rollouts: true,
             trainer: TrainerConfig::default(),
         }
@@ -260,7 +266,12 @@ pub struct Run {
     plugin: Option<crate::plugins::Plugin>,
     /// The loaded `sg_plugin` and `credit_plugin`.
     step_plugins: StepPlugins,
+    /// Replaces `config.environment` when set (library users with their own environment).
+    custom_environment: Option<(usize, EnvironmentFactory)>,
 }
+
+/// A library user's environment: one per episode, for its example.
+type EnvironmentFactory = Box<dyn Fn(&Example) -> Box<dyn Environment>>;
 
 /// A library user's verifier: `reward(completion, answer)`.
 type RewardFn = Box<dyn Fn(&str, &str) -> f32>;
@@ -318,7 +329,13 @@ impl Run {
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins })
+        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins, custom_environment: None })
+    }
+
+    /// Plays each sample as a multi-turn episode of at most `max_turns` answers against an
+    /// environment `make` builds per episode, instead of `config.environment`.
+    pub fn set_environment(&mut self, max_turns: usize, make: impl Fn(&Example) -> Box<dyn Environment> + 'static) {
+        self.custom_environment = Some((max_turns, Box::new(make)));
     }
 
     /// Scores completions with `reward(completion, answer)` instead of the configured kind.
@@ -363,15 +380,84 @@ impl Run {
 
     fn prompt_ids(&self, example: &Example) -> Result<Vec<u32>, RunError> {
         let tokenizer = &self.loaded.tokenizer;
-        let question = format!("{}{}", example.prompt, self.config.instruction);
         let template = tokenizer.chat_template().filter(|_| self.config.chat);
-        let Some(template) = template else { return Ok(tokenizer.encode(&question, true)?) };
+        let Some(template) = template else { return Ok(tokenizer.encode(&format!("{}{}", example.prompt, self.config.instruction), true)?) };
+        Ok(tokenizer.encode(&template.render(&self.opening(example), None, true, None)?, false)?)
+    }
+
+    /// An example's opening messages: the system prompt, if any, and the question.
+    fn opening(&self, example: &Example) -> Vec<ChatMessage> {
         let mut messages = Vec::new();
         if let Some(system) = &self.config.system_prompt {
             messages.push(ChatMessage::new("system", system.clone()));
         }
-        messages.push(ChatMessage::new("user", question));
-        Ok(tokenizer.encode(&template.render(&messages, None, true, None)?, false)?)
+        messages.push(ChatMessage::new("user", format!("{}{}", example.prompt, self.config.instruction)));
+        messages
+    }
+
+    /// Whether samples are multi-turn episodes, and at most how many answers they have.
+    fn episode_turns(&self) -> Option<usize> {
+        match (&self.custom_environment, &self.config.environment) {
+            (Some((turns, _)), _) => Some(*turns),
+            (None, Some(config)) => Some(config.max_turns()),
+            (None, None) => None,
+        }
+    }
+
+    /// The environment of one episode of `example`.
+    fn environment(&self, example: &Example) -> Box<dyn Environment + '_> {
+        match (&self.custom_environment, &self.config.environment) {
+            (Some((_, make)), _) => make(example),
+            (None, Some(EnvironmentConfig::Retry { turns, message })) => {
+                let answer = example.answer.clone();
+                Box::new(Retry::new(*turns, message.clone(), move |text: &str| self.reward(text, &answer) > 0.5))
+            }
+            (None, None) => Box::new(Retry::new(1, String::new(), |_: &str| false)),
+        }
+    }
+
+    /// Plays `samples` episodes per example (seeds from `(seed, tag, example, sample, turn)`)
+    /// and returns each example's opening prompt ids and its scored episodes.
+    fn sample_episodes(&self, examples: &[&Example], samples: usize, tag: u64, max_turns: usize) -> Result<Vec<(Vec<u32>, Vec<ScoredCompletion>)>, RunError> {
+        let tokenizer = &self.loaded.tokenizer;
+        let template = tokenizer.chat_template().filter(|_| self.config.chat).ok_or_else(|| RunError::Config("a multi-turn environment needs a chat model (a chat template and chat = true)".into()))?;
+        let mut episodes = Vec::new();
+        for example in examples {
+            for _ in 0..samples {
+                episodes.push((self.opening(example), self.environment(example)));
+            }
+        }
+        let seed = self.config.seed;
+        let temperature = self.config.temperature;
+        let sampling = |episode: usize, turn: usize| {
+            let mut state = seed ^ tag.wrapping_mul(0x9E37_79B9) ^ (((episode / samples) as u64) << 20) ^ (episode % samples) as u64 ^ ((turn as u64) << 40);
+            SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: data::splitmix(&mut state) }
+        };
+        let table = Table { model: &self.loaded.model, tokenizer, template, max_new_tokens: self.config.max_new_tokens, max_turns };
+        let played = play(&table, episodes, sampling)?;
+        let mut played = played.into_iter();
+        let mut out = Vec::with_capacity(examples.len());
+        for example in examples {
+            let prompt = self.prompt_ids(example)?;
+            let members = played
+                .by_ref()
+                .take(samples)
+                .enumerate()
+                .map(|(index, e)| ScoredCompletion {
+                    id: format!("episode-{index}"),
+                    prompt_ids: e.prompt_ids,
+                    sampling: SamplingParams { temperature, ..SamplingParams::default() },
+                    pieces: e.pieces,
+                    completion_ids: e.completion_ids,
+                    logprobs: e.logprobs,
+                    entropies: e.entropies,
+                    reward: e.reward,
+                    sampled_mask: e.sampled_mask,
+                })
+                .collect();
+            out.push((prompt, members));
+        }
+        Ok(out)
     }
 
     /// Samples `samples` completions for each example, seeds from `(seed, tag, example, sample)`.
@@ -503,16 +589,33 @@ impl Run {
         let n = self.config.prompts_per_step;
         let batch: Vec<&Example> = (0..n).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
         let started = Instant::now();
-        let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
+        let (scored, masked): (Vec<(Vec<u32>, Vec<ScoredCompletion>)>, usize) = match self.episode_turns() {
+            Some(turns) => (self.sample_episodes(&batch, self.config.group_size, step, turns)?, 0),
+            None => {
+                let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
+                let mut masked = 0;
+                let scored = batch
+                    .iter()
+                    .zip(sampled)
+                    .map(|(example, (prompt_ids, generations))| {
+                        let (members, m) = self.score_group(example, &prompt_ids, generations);
+                        masked += m;
+                        (prompt_ids, members)
+                    })
+                    .collect();
+                (scored, masked)
+            }
+        };
         let mut groups = Vec::new();
         let mut rollouts = Vec::new();
-        let (mut resampled, mut masked_items) = (0, 0);
+        let (mut resampled, mut masked_items) = (0, masked);
         let mut plugin_report = self.step_plugins.report();
-        for (p, (example, (prompt_ids, generations))) in batch.iter().zip(sampled).enumerate() {
-            let (mut members, masked) = self.score_group(example, &prompt_ids, generations);
-            masked_items += masked;
-            // Equal rewards carry no GRPO signal: draw the group again, a bounded number of times.
-            for attempt in 1..=self.config.resample_equal_groups {
+        for (p, (example, (prompt_ids, members))) in batch.iter().zip(scored).enumerate() {
+            let mut members = members;
+            // Equal rewards carry no GRPO signal: draw the group again, a bounded number of times
+            // (single-turn samples only).
+            let resample = if self.episode_turns().is_some() { 0 } else { self.config.resample_equal_groups };
+            for attempt in 1..=resample {
                 if members.windows(2).all(|w| w[0].reward == w[1].reward) {
                     let tag = step ^ ((attempt as u64) << 40) ^ ((p as u64) << 48);
                     let again = self.sample(&[*example], self.config.group_size, tag, self.config.temperature)?;
@@ -524,13 +627,15 @@ impl Run {
                 }
             }
             let group = format!("{step}-{p}");
+            // The analyses look at the model's own tokens: an episode's context is left out.
+            let sampled = |m: &ScoredCompletion, i: usize| m.sampled_mask.get(i).copied().unwrap_or(true);
             rollouts.extend(members.iter().map(|m| RolloutRecord {
                 step,
                 group: group.clone(),
                 reward: m.reward,
-                pieces: m.pieces.clone(),
-                logprobs: m.logprobs.clone(),
-                entropies: m.entropies.clone(),
+                pieces: m.pieces.iter().enumerate().filter(|&(i, _)| sampled(m, i)).map(|(_, p)| p.clone()).collect(),
+                logprobs: m.logprobs.iter().enumerate().filter(|&(i, _)| sampled(m, i)).map(|(_, v)| *v).collect(),
+                entropies: m.entropies.iter().enumerate().filter(|&(i, _)| sampled(m, i)).map(|(_, v)| *v).collect(),
                 ..RolloutRecord::default()
             }));
             groups.extend(self.step_plugins.build_group(group, members, &self.grams, &mut plugin_report));
