@@ -77,6 +77,17 @@ def evaluate(client, model, seeds, turns, max_tokens, pool) -> float:
     return sum(runs) / len(seeds)
 
 
+def markdown_table(result: dict) -> str:
+    """The README's table: mean sampled episode reward per round, greedy held-out reward where measured."""
+    greedy = dict(result["greedy_by_round"])
+    rows = ["| after round | mean episode reward (sampled, T=1) | greedy episode reward (held-out) |", "|---:|---:|---:|"]
+    rows.append(f"| 0 (before) | | {greedy[0]:.3f} |")
+    for round_, reward in enumerate(result["episode_reward_per_round"], start=1):
+        shown = f"{greedy[round_]:.3f}" if round_ in greedy else ""
+        rows.append(f"| {round_} | {reward:.3f} | {shown} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -86,7 +97,8 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=4, help="episodes per task (group size)")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--eval", type=int, default=12, help="held-out tasks played greedily before and after")
+    p.add_argument("--eval", type=int, default=12, help="held-out tasks played greedily before, every --eval-every rounds, and after")
+    p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -98,7 +110,7 @@ def main() -> int:
     held_out = [100_000 + i for i in range(args.eval)]
     before = evaluate(client, model, held_out, args.turns, args.max_tokens, pool)
     print(f"greedy episode reward before: {before:.3f} on {len(held_out)} held-out {args.turns}-turn episodes", flush=True)
-    curve = []
+    curve, greedy_curve = [], [(0, before)]
     for round_ in range(1, args.rounds + 1):
         version = training_status(http)["policy_version"]
         tasks = [round_ * 1000 + t for t in range(args.tasks)]
@@ -116,9 +128,15 @@ def main() -> int:
                   f" -> step (trained tokens {step.get('tokens')}, loss {step.get('loss', 0):+.4f}), now serving v{status['policy_version']}", flush=True)
         else:
             print(f"round {round_:>2}: episodes sampled with policy v{version}, mean episode reward {mean:.3f} -> every group had equal rewards, no step", flush=True)
-    after = evaluate(client, model, held_out, args.turns, args.max_tokens, pool)
+        if round_ % args.eval_every == 0 or round_ == args.rounds:
+            greedy = evaluate(client, model, held_out, args.turns, args.max_tokens, pool)
+            greedy_curve.append((round_, greedy))
+            print(f"          greedy episode reward on the held-out tasks after round {round_}: {greedy:.3f}", flush=True)
+    after = greedy_curve[-1][1]
     print(f"greedy episode reward after:  {after:.3f} (before {before:.3f})", flush=True)
-    print(json.dumps({"episode_reward_per_round": curve, "greedy_before": before, "greedy_after": after}))
+    result = {"episode_reward_per_round": curve, "greedy_by_round": greedy_curve, "greedy_before": before, "greedy_after": after}
+    print(markdown_table(result))
+    print(json.dumps(result))
     return 0
 
 
