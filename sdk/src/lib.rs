@@ -30,9 +30,11 @@
 //! call; a panic inside a plugin is caught by the exported functions and becomes an error, so
 //! nothing unwinds across the FFI.
 //!
-//! ABI evolution rule: [`PluginMod`] is a prefix type. Fields may only be appended after the
-//! one marked `last_prefix_field`, and the marker moves only with a major version bump of
-//! this crate; a host reading an older plugin sees the appended fields as missing.
+//! ABI evolution rule: [`PluginMod`] is a prefix type, but abi_stable's check refuses a library
+//! whose prefix type has fewer fields than the host's, so appending a field would lock every
+//! older plugin out. New entry points are separate exported symbols instead (see
+//! [`CREDIT_EPISODES_SYMBOL`]), which the host looks up by [`ABI_VERSION`]: a plugin of an older
+//! revision loads as before and gets the host's fallback.
 
 #![warn(missing_docs)]
 
@@ -52,8 +54,18 @@ pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// [`OLDEST_ABI_VERSION`]`..=ABI_VERSION` and refuses others.
 ///
 /// - 1: rewards, detectors, credit schemes over single completions.
-/// - 2: adds [`PluginMod::credit_episodes`]: credit schemes see multi-turn episodes.
+/// - 2: credit plugins also export [`CREDIT_EPISODES_SYMBOL`], which sees multi-turn episodes.
+///
+/// [`PluginMod`] itself stays as it was: abi_stable refuses a library whose prefix type has
+/// fewer fields than the host's, so appending a field would lock every ABI-1 plugin out.
+/// Additions are separate exported symbols instead, looked up by revision.
 pub const ABI_VERSION: u32 = 2;
+
+/// The symbol of the ABI-2 credit entry point for episodes: a [`CreditEpisodesFn`].
+pub const CREDIT_EPISODES_SYMBOL: &[u8] = b"hicra_plugin_credit_episodes\0";
+
+/// The type of [`CREDIT_EPISODES_SYMBOL`]: per-token advantages for a group of episodes.
+pub type CreditEpisodesFn = extern "C" fn(&CreditEpisodes) -> RResult<RVec<RVec<f32>>, RString>;
 
 /// The oldest ABI revision a host of this crate still loads (its plugins lack the fields
 /// appended since, and the host falls back for them).
@@ -192,10 +204,6 @@ pub struct PluginMod {
     /// Per-token advantages for a group: one vector per response, one value per token.
     #[sabi(last_prefix_field)]
     pub credit_group: extern "C" fn(&CreditGroup) -> RResult<RVec<RVec<f32>>, RString>,
-    /// ABI 2: per-token advantages for a group of multi-turn episodes. Absent from ABI-1
-    /// plugins: the host then calls `credit_group` with the episodes' `group`.
-    #[sabi(missing_field(option))]
-    pub credit_episodes: extern "C" fn(&CreditEpisodes) -> RResult<RVec<RVec<f32>>, RString>,
 }
 
 impl RootModule for PluginModRef {
@@ -489,13 +497,17 @@ macro_rules! __export_plugin {
                 guarded(|plugin| plugin.credit(group).map(|rows| rows.into_iter().map(RVec::from).collect()))
             }
 
-            extern "C" fn credit_episodes(episodes: &CreditEpisodes) -> RResult<RVec<RVec<f32>>, RString> {
+            /// ABI 2's entry point for episodes ([`$crate::CREDIT_EPISODES_SYMBOL`]); the
+            /// type check is `CreditEpisodesFn`'s.
+            #[unsafe(no_mangle)]
+            pub extern "C" fn hicra_plugin_credit_episodes(episodes: &CreditEpisodes) -> RResult<RVec<RVec<f32>>, RString> {
                 guarded(|plugin| plugin.credit_episodes(episodes).map(|rows| rows.into_iter().map(RVec::from).collect()))
             }
+            const _: $crate::CreditEpisodesFn = hicra_plugin_credit_episodes;
 
             fn get_library() -> PluginModRef {
                 use $crate::abi_stable::prefix_type::PrefixTypeTrait;
-                PluginMod { abi_version, info, configure, score_batch, detect_batch, credit_group, credit_episodes }.leak_into_prefix()
+                PluginMod { abi_version, info, configure, score_batch, detect_batch, credit_group }.leak_into_prefix()
             }
 
             // What abi_stable's `#[export_root_module]` generates, written out so that plugin

@@ -23,7 +23,7 @@ use std::time::Duration;
 use abi_stable::library::lib_header_from_path;
 use abi_stable::std_types::{RResult, RStr};
 use abi_stable::std_types::{RString, RVec};
-use hicra_sdk::{CreditEpisodes, CreditGroup, DetectItem, PluginInfo, PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION, OLDEST_ABI_VERSION};
+use hicra_sdk::{CreditEpisodes, CreditEpisodesFn, CreditGroup, DetectItem, PluginInfo, PluginKind, PluginModRef, RewardItem, RewardScore, ABI_VERSION, OLDEST_ABI_VERSION};
 
 /// The time-out of [`load`], for callers without their own (offline `hicra train`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -99,6 +99,8 @@ pub struct Plugin {
     /// Generation number within this process (1 for the first load).
     pub generation: u64,
     module: PluginModRef,
+    /// The ABI-2 credit entry point for episodes, when the plugin has one.
+    credit_episodes: Option<CreditEpisodesFn>,
     /// Shared by the clones of this generation, and by its call threads.
     hung: Arc<HungCalls>,
 }
@@ -367,13 +369,14 @@ pub fn open(path: &Path, timeout: Duration) -> Result<Plugin, PluginError> {
     };
     // Opened, failed or still hanging in `dlopen` (which then fails): the file is done with.
     remove_copy(&copy);
-    let (module, info) = opened.map_err(|u| err(u.describe("loading", timeout)))?.map_err(err)?;
-    Ok(Plugin { name: info.name.to_string(), kind: info.kind, version: info.version.to_string(), source: path.to_path_buf(), generation, module, hung })
+    let (module, info, credit_episodes) = opened.map_err(|u| err(u.describe("loading", timeout)))?.map_err(err)?;
+    Ok(Plugin { name: info.name.to_string(), kind: info.kind, version: info.version.to_string(), source: path.to_path_buf(), generation, module, credit_episodes, hung })
 }
 
 /// Opens a copy and checks it: abi_stable's version and layout checks, then the SDK's ABI
-/// number; returns the module and the plugin's info.
-fn open_copy(copy: &Path) -> Result<(PluginModRef, PluginInfo), String> {
+/// number; returns the module, the plugin's info and, for an ABI-2 credit plugin, its
+/// entry point for episodes.
+fn open_copy(copy: &Path) -> Result<(PluginModRef, PluginInfo, Option<CreditEpisodesFn>), String> {
     let header = lib_header_from_path(copy).map_err(|e| format!("not a hicra plugin: {e}"))?;
     let module = header.init_root_module::<PluginModRef>().map_err(|e| {
         let built_with = header.version_strings().version;
@@ -383,7 +386,22 @@ fn open_copy(copy: &Path) -> Result<(PluginModRef, PluginInfo), String> {
     if !(OLDEST_ABI_VERSION..=ABI_VERSION).contains(&abi) {
         return Err(format!("plugin ABI version {abi}, this host speaks {OLDEST_ABI_VERSION} to {ABI_VERSION}"));
     }
-    Ok((module, (module.info())()))
+    let info = (module.info())();
+    let credit_episodes = if abi >= 2 && info.kind == PluginKind::Credit { Some(episodes_entry(copy)?) } else { None };
+    Ok((module, info, credit_episodes))
+}
+
+/// The ABI-2 credit plugin's [`hicra_sdk::CREDIT_EPISODES_SYMBOL`]. The library stays loaded
+/// for the process (plugins are never unloaded), so the pointer stays valid.
+fn episodes_entry(copy: &Path) -> Result<CreditEpisodesFn, String> {
+    let library = abi_stable::library::RawLibrary::load_at(copy).map_err(|e| format!("reopening the plugin: {e}"))?;
+    // SAFETY: an ABI-2 plugin exports this symbol with exactly this type (the SDK's export
+    // macro checks it against `CreditEpisodesFn` at compile time); the ABI number was checked.
+    let entry = unsafe { library.get::<CreditEpisodesFn>(hicra_sdk::CREDIT_EPISODES_SYMBOL) }
+        .map(|symbol| *symbol)
+        .map_err(|e| format!("an ABI-2 credit plugin without its episode entry point: {e}"))?;
+    std::mem::forget(library);
+    Ok(entry)
 }
 
 /// The differences abi_stable found, one short phrase each, instead of its full layout dump
@@ -543,13 +561,13 @@ impl Plugin {
 
     /// Whether the plugin sees episodes' turns (ABI 2); older ones get the plain group.
     pub fn sees_turns(&self) -> bool {
-        self.module.credit_episodes().is_some()
+        self.credit_episodes.is_some()
     }
 
     /// Per-token advantages for a group of multi-turn episodes: through the plugin's episode
     /// entry point (ABI 2), else its plain one with the episodes' group (ABI 1).
     pub fn credit_episodes(&self, episodes: CreditEpisodes, timeout: Duration) -> Result<Vec<Vec<f32>>, PluginError> {
-        let Some(call) = self.module.credit_episodes() else { return self.credit(episodes.group, timeout) };
+        let Some(call) = self.credit_episodes else { return self.credit(episodes.group, timeout) };
         let lengths: Vec<usize> = episodes.group.planning_masks.iter().map(|m| m.len()).collect();
         let rows = self.guarded(PluginKind::Credit, "credit", timeout, move || call(&episodes))?;
         self.checked_advantages(rows, &lengths)
@@ -596,6 +614,32 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         true
+    }
+
+    /// Credit for two episodes of two turns each (sampled, context, sampled).
+    fn two_episodes() -> CreditEpisodes {
+        let sampled = vec![1u8, 1, 0, 0, 1];
+        CreditEpisodes {
+            group: CreditGroup { rewards: vec![1.0, 0.0].into(), planning_masks: vec![RVec::from(vec![0u8; 5]), RVec::from(vec![0u8; 5])].into(), entropies: RVec::new() },
+            sampled: vec![RVec::from(sampled.clone()), RVec::from(sampled)].into(),
+            turns: vec![RVec::from(vec![abi_stable::std_types::Tuple2(0u32, 2u32), abi_stable::std_types::Tuple2(4, 5)]); 2].into(),
+        }
+    }
+
+    #[test]
+    fn an_abi_1_plugin_still_loads_and_gets_the_plain_group_for_episodes() {
+        // Built against the ABI-1 SDK (see the fixture's README).
+        let old = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plugins/libhicra_credit_schemes_abi1.so");
+        let plugin = load(&old, &serde_json::json!({"scheme": "grpo"})).expect("an ABI-1 plugin loads");
+        assert!(!plugin.sees_turns());
+        let rows = plugin.credit_episodes(two_episodes(), Duration::from_secs(10)).expect("falls back to the plain entry point");
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].iter().all(|&a| a > 0.0) && rows[1].iter().all(|&a| a < 0.0), "{rows:?}");
+        // A current plugin gets the turns.
+        let current = load(&built_plugin("hicra_test_turn_credit"), &serde_json::json!({})).expect("loads");
+        assert!(current.sees_turns());
+        let rows = current.credit_episodes(two_episodes(), Duration::from_secs(10)).expect("credit");
+        assert_eq!(rows[0], vec![0.5, 0.5, 0.0, 0.0, 1.0], "turn 2 counts twice, context 0");
     }
 
     #[test]

@@ -375,3 +375,32 @@ fn evict(inner: &mut (HashMap<String, Episode>, VecDeque<String>)) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(content: Option<&str>, calls: &[&str], ids: &[u32]) -> ServedTurn {
+        ServedTurn { content: content.map(String::from), tool_call_ids: calls.iter().map(|c| c.to_string()).collect(), token_ids: ids.to_vec(), end_text: None }
+    }
+
+    #[test]
+    fn turns_are_recognised_by_call_ids_or_content_in_order() {
+        let episode = Episode { segments: Vec::new(), served: vec![served(Some("5"), &[], &[1]), served(None, &["call_a"], &[2]), served(Some("5"), &[], &[3])] };
+        let mut with_calls = ChatMessage::new("assistant", "");
+        with_calls.content = None;
+        // The client reformatted the arguments: the call id is what identifies the turn.
+        with_calls.tool_calls = Some(serde_json::json!([{"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{ }"}}]));
+        let messages = vec![
+            ChatMessage::new("user", "q"),
+            ChatMessage::new("assistant", "5"),
+            with_calls,
+            ChatMessage::new("tool", "result"),
+            ChatMessage::new("assistant", "5"),
+            ChatMessage::new("assistant", "edited"),
+        ];
+        let found: Vec<(usize, Vec<u32>)> = episode.recognise(&messages).into_iter().map(|t| (t.message, t.token_ids)).collect();
+        // Two equal answers map to their own turns; the edited one is not recognised.
+        assert_eq!(found, vec![(1, vec![1]), (2, vec![2]), (4, vec![3])]);
+    }
+}

@@ -85,3 +85,48 @@ fn render_with_markers(template: &ChatTemplate, messages: &[ChatMessage], tools:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{load, LoadOptions};
+
+    #[test]
+    fn served_ids_replace_the_rendering_and_the_templates_own_end_of_turn() -> Result<(), Box<dyn std::error::Error>> {
+        let loaded = load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parity/llama/model.gguf"), &LoadOptions::cpu())?;
+        let tokenizer = &loaded.tokenizer;
+        let template = tokenizer.chat_template().ok_or("the tiny model has a chat template")?;
+        let im_end = tokenizer.encode("<|im_end|>", false)?;
+        assert_eq!(im_end.len(), 1);
+        assert!(tokenizer.eos_ids().contains(&im_end[0]), "<|im_end|> ends a turn");
+        // Ids that re-tokenizing the answer's text would not give back: its pieces, split.
+        let served = [tokenizer.encode("  fo", false)?, tokenizer.encode("ur ", false)?, im_end.clone()].concat();
+        let messages = vec![ChatMessage::new("user", "q"), ChatMessage::new("assistant", "  four "), ChatMessage::new("user", "next")];
+        let turn = SplicedTurn { message: 1, token_ids: served.clone(), end_text: end_text(tokenizer, &served) };
+        assert_eq!(turn.end_text.as_deref(), Some("<|im_end|>"));
+        let (ids, spliced) = spliced_prompt(template, tokenizer, &messages, None, vec![turn])?;
+        assert_eq!(spliced, 1);
+        // The first call's prompt, then the served ids, then the next turn without a second
+        // <|im_end|>: the sequence extends what was served.
+        let head = tokenizer.encode(&template.render(&messages[..1], None, true, None)?, false)?;
+        assert_eq!(&ids[..head.len()], head.as_slice());
+        assert_eq!(&ids[head.len()..head.len() + served.len()], served.as_slice());
+        let tail = tokenizer.decode(&ids[head.len() + served.len()..], false)?;
+        assert_eq!(tail, "\n<|im_start|>user\nnext<|im_end|>\n<|im_start|>assistant\n");
+        Ok(())
+    }
+
+    #[test]
+    fn a_turn_the_template_drops_is_rendered_as_it_is() -> Result<(), Box<dyn std::error::Error>> {
+        let loaded = load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/parity/llama/model.gguf"), &LoadOptions::cpu())?;
+        let tokenizer = &loaded.tokenizer;
+        // A template that keeps only the last message.
+        let template = ChatTemplate::new("{{ messages[-1]['content'] }}", None, None)?;
+        let messages = vec![ChatMessage::new("assistant", "old"), ChatMessage::new("user", "new")];
+        let turn = SplicedTurn { message: 0, token_ids: vec![1, 2, 3], end_text: None };
+        let (ids, spliced) = spliced_prompt(&template, tokenizer, &messages, None, vec![turn])?;
+        assert_eq!(spliced, 0);
+        assert_eq!(ids, tokenizer.encode("new", false)?);
+        Ok(())
+    }
+}

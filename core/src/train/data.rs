@@ -71,8 +71,9 @@ pub enum DataError {
     Empty,
 }
 
-/// SplitMix64: a tiny deterministic generator for data and shuffles.
-pub(crate) fn splitmix(state: &mut u64) -> u64 {
+/// SplitMix64: a tiny deterministic generator for data, shuffles and seeds (tests use it
+/// for reproducible schedules too). Advances `state` and returns the next value.
+pub fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
