@@ -279,6 +279,9 @@ type RewardFn = Box<dyn Fn(&str, &str) -> f32>;
 /// A prompt's ids and the completions sampled for it.
 type PromptSamples = (Vec<u32>, Vec<Generation>);
 
+/// A prompt's ids and its scored completions (or episodes): one group.
+type ScoredGroup = (Vec<u32>, Vec<ScoredCompletion>);
+
 /// Loads the plugin library at `path` (if any) with its configuration, refusing one of
 /// another kind than the setting it was named in.
 fn load_plugin(path: &Option<PathBuf>, config: &Option<toml::Table>, kind: PluginKind) -> Result<Option<crate::plugins::Plugin>, RunError> {
@@ -418,7 +421,7 @@ impl Run {
 
     /// Plays `samples` episodes per example (seeds from `(seed, tag, example, sample, turn)`)
     /// and returns each example's opening prompt ids and its scored episodes.
-    fn sample_episodes(&self, examples: &[&Example], samples: usize, tag: u64, max_turns: usize) -> Result<Vec<(Vec<u32>, Vec<ScoredCompletion>)>, RunError> {
+    fn sample_episodes(&self, examples: &[&Example], samples: usize, tag: u64, max_turns: usize) -> Result<Vec<ScoredGroup>, RunError> {
         let tokenizer = &self.loaded.tokenizer;
         let template = tokenizer.chat_template().filter(|_| self.config.chat).ok_or_else(|| RunError::Config("a multi-turn environment needs a chat model (a chat template and chat = true)".into()))?;
         let mut episodes = Vec::new();
@@ -589,7 +592,7 @@ impl Run {
         let n = self.config.prompts_per_step;
         let batch: Vec<&Example> = (0..n).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
         let started = Instant::now();
-        let (scored, masked): (Vec<(Vec<u32>, Vec<ScoredCompletion>)>, usize) = match self.episode_turns() {
+        let (scored, masked): (Vec<ScoredGroup>, usize) = match self.episode_turns() {
             Some(turns) => (self.sample_episodes(&batch, self.config.group_size, step, turns)?, 0),
             None => {
                 let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
