@@ -67,8 +67,8 @@ pub const CREDIT_EPISODES_SYMBOL: &[u8] = b"hicra_plugin_credit_episodes\0";
 /// The type of [`CREDIT_EPISODES_SYMBOL`]: per-token advantages for a group of episodes.
 pub type CreditEpisodesFn = extern "C" fn(&CreditEpisodes) -> RResult<RVec<RVec<f32>>, RString>;
 
-/// The oldest ABI revision a host of this crate still loads (its plugins lack the fields
-/// appended since, and the host falls back for them).
+/// The oldest ABI revision a host of this crate still loads (its plugins lack the symbols
+/// added since, and the host falls back for them).
 pub const OLDEST_ABI_VERSION: u32 = 1;
 
 /// What a plugin does.

@@ -133,7 +133,9 @@ def test_masks_cover_sampled_tokens_only(client: openai.OpenAI, http: httpx.Clie
     # The training rollout of the episode masks exactly the sampled tokens.
     reply = http.post("/v1/episodes/masks/reward", json={"reward": 1.0, "group_id": "masks-task", "group_size": 2})
     assert reply.status_code == 200, reply.text
-    rollout = http.get("/v1/rollouts/episode-masks-0").json()
+    rollout_id = reply.json()["rewards"][0]["rollout_id"]
+    assert rollout_id.startswith("episode-masks-0-")
+    rollout = http.get(f"/v1/rollouts/{rollout_id}").json()
     first = spans[1]["start"]
     expected = [any(s["start"] <= first + i < s["end"] for s in spans if s["kind"] == "sampled") for i in range(len(rollout["completion_token_ids"]))]
     assert rollout["sampled_mask"] == expected
@@ -252,7 +254,7 @@ def test_a_credit_plugin_sees_the_turns(model_id: str) -> None:
                 time.sleep(0.1)
             rows = {r["id"]: r for r in http.get("/v1/rollouts", params={"rewarded": "true", "limit": 100}).json()["data"]}
     for name, sign in [("turns-a", 1.0), ("turns-b", -1.0)]:
-        row = rows[f"episode-{name}-0"]
+        row = next(r for id_, r in rows.items() if id_.startswith(f"episode-{name}-0-"))
         mask, advantages = row["sampled_mask"], row["advantages"]
         assert len(advantages) == len(mask)
         turn, expected = 0, []
@@ -262,3 +264,17 @@ def test_a_credit_plugin_sees_the_turns(model_id: str) -> None:
             expected.append(sign * 0.5 * turn if sampled else 0.0)
         assert turn == 3
         assert advantages == pytest.approx(expected), name
+
+
+def test_an_episode_is_rewarded_once_even_by_concurrent_requests(client: openai.OpenAI, http: httpx.Client, model_id: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    three_turns(client, model_id, "twice", seed=71)
+    body = {"reward": 1.0, "group_id": "twice-task", "group_size": 3}
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(lambda _: http.post("/v1/episodes/twice/reward", json=body).status_code, range(4)))
+    assert codes == [200, 409, 409, 409], codes
+    # A later call of the rewarded episode starts a new segment, which can be rewarded.
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 1 + 1?"}]
+    _, hicra = call(client, model_id, messages, "twice", seed=72)
+    assert hicra["episode"]["new_segment"], hicra["episode"]

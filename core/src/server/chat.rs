@@ -103,8 +103,7 @@ fn record_choice(state: &AppState, job: &ChatJob, index: usize, choice: &Finishe
     if let Some(prepared) = &job.episode {
         let versions = (choice.policy_version_first.unwrap_or(choice.policy_version), choice.policy_version);
         let call_ids = tool_calls.iter().map(|c| c.id.clone()).collect();
-        state.episodes.record(prepared, &state.engine.tokenizer, &job.plan.sampling, &hicra.rollout_id, &choice.tokens, versions, content.clone(), call_ids);
-        hicra.episode = Some(prepared.reply());
+        hicra.episode = Some(state.episodes.record(prepared, &state.engine.tokenizer, &job.plan.sampling, &hicra.rollout_id, &choice.tokens, versions, content.clone(), call_ids));
     }
     hicra
 }

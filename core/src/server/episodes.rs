@@ -100,6 +100,9 @@ pub struct Segment {
     /// The text of each token (for planning-token detection).
     #[serde(skip)]
     pieces: Vec<String>,
+    /// Whether its training rollout was taken (a segment is rewarded once; later calls of the
+    /// episode start a new segment).
+    pub rewarded: bool,
 }
 
 /// A completion the server returned in this episode, to be recognised in later histories.
@@ -168,6 +171,20 @@ impl PreparedTurn {
     }
 }
 
+/// The last segment as [`EpisodeStore::prepare`] decides against it.
+struct SegmentHead {
+    index: usize,
+    sampling: SamplingParams,
+    tokens: Vec<u32>,
+}
+
+/// The characters of [`crate::tokenizer::splice`]'s markers.
+const MARKER_CHARS: [char; 2] = ['\u{E000}', '\u{E001}'];
+/// Segments kept per episode (only the last is trained; older ones stay for inspection).
+const MAX_SEGMENTS: usize = 16;
+/// Served turns remembered per episode for recognition.
+const MAX_TURNS: usize = 4096;
+
 /// The episodes of a server, least recently used dropped first.
 #[derive(Debug, Default)]
 pub struct EpisodeStore {
@@ -177,7 +194,7 @@ pub struct EpisodeStore {
 /// Validates a client's episode id.
 pub fn check_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
-        return Err(ApiError::invalid("hicra.episode_id", format!("episode_id must be 1 to {MAX_ID_LEN} printable characters")));
+        return Err(ApiError::invalid("hicra.episode_id", format!("episode_id must be 1 to {MAX_ID_LEN} bytes of printable characters")));
     }
     Ok(())
 }
@@ -230,11 +247,24 @@ impl EpisodeStore {
     /// token ids; and decides the segment.
     pub fn prepare(&self, id: &str, template: &ChatTemplate, tokenizer: &Tokenizer, messages: &[ChatMessage], tools: Option<&[Value]>, sampling: &SamplingParams) -> Result<PreparedTurn, ApiError> {
         check_id(id)?;
-        let mut inner = self.lock();
-        let episode = inner.0.get(id);
-        let recognised = episode.map(|e| e.recognise(messages)).unwrap_or_default();
+        // What the episode holds is copied out: rendering and tokenizing happen unlocked.
+        let (recognised, last) = {
+            let mut inner = self.lock();
+            if !inner.0.contains_key(id) {
+                inner.0.insert(id.to_string(), Episode::default());
+            }
+            touch(&mut inner.1, id);
+            evict(&mut inner);
+            let episode = inner.0.get(id);
+            let recognised = episode.map(|e| e.recognise(messages)).unwrap_or_default();
+            let last = episode.and_then(|e| e.segments.last()).map(|s| SegmentHead { index: s.index, sampling: s.sampling.clone(), tokens: s.tokens.clone() });
+            (recognised, last)
+        };
+        // A message holding the marker characters could redirect the splice: splice nothing.
+        let marked = messages.iter().any(|m| m.content.as_ref().and_then(Value::as_str).is_some_and(|c| c.contains(MARKER_CHARS)));
+        let recognised = if marked { Vec::new() } else { recognised };
         let (prompt_ids, spliced_turns) = spliced_prompt(template, tokenizer, messages, tools, recognised)?;
-        let (segment, base_len, new_segment) = match episode.and_then(|e| e.segments.last()) {
+        let (segment, base_len, new_segment) = match &last {
             None => (0, 0, Some("the episode's first call".to_string())),
             Some(last) if !same_distribution(&last.sampling, sampling) => {
                 (last.index + 1, 0, Some(format!("sampling changed (temperature, top_p or top_k differ from segment {}'s); a segment trains under one distribution", last.index)))
@@ -245,30 +275,32 @@ impl EpisodeStore {
                 (last.index + 1, 0, Some(format!("the history differs from what segment {} served at token {at} of {} (an edited, dropped or unrecognised message)", last.index, last.tokens.len())))
             }
         };
-        // Touch (and create) the episode so it is not evicted while the call runs.
-        if !inner.0.contains_key(id) {
-            inner.0.insert(id.to_string(), Episode::default());
-        }
-        touch(&mut inner.1, id);
-        evict(&mut inner);
         Ok(PreparedTurn { episode_id: id.to_string(), prompt_ids, spliced_turns, segment, new_segment, base_len })
     }
 
     /// Records a finished call: its new context tokens and sampled tokens join the segment,
-    /// and the completion becomes recognisable in later histories.
+    /// and the completion becomes recognisable in later histories. Returns the episode part
+    /// of the reply: the segment the call really joined.
     #[allow(clippy::too_many_arguments)]
-    pub fn record(&self, prepared: &PreparedTurn, tokenizer: &Tokenizer, sampling: &SamplingParams, rollout_id: &str, tokens: &[GeneratedToken], versions: (u64, u64), content: Option<String>, tool_call_ids: Vec<String>) {
+    pub fn record(&self, prepared: &PreparedTurn, tokenizer: &Tokenizer, sampling: &SamplingParams, rollout_id: &str, tokens: &[GeneratedToken], versions: (u64, u64), content: Option<String>, tool_call_ids: Vec<String>) -> EpisodeReply {
         let mut inner = self.lock();
         touch(&mut inner.1, &prepared.episode_id);
         let episode = inner.0.entry(prepared.episode_id.clone()).or_default();
-        let continues = prepared.new_segment.is_none() && episode.segments.last().is_some_and(|s| s.tokens.len() == prepared.base_len);
+        // The segment the call was prepared against, unchanged since, and really extended by
+        // its prompt (a concurrent call, or an eviction, may have changed the episode).
+        let continues = prepared.new_segment.is_none()
+            && episode.segments.last().is_some_and(|s| s.index == prepared.segment && s.tokens.len() == prepared.base_len && !s.rewarded && prepared.prompt_ids.starts_with(&s.tokens));
+        let mut reply = prepared.reply();
         if !continues {
-            // A new segment, or a concurrent call of the episode changed the last one meanwhile.
-            let reason = prepared.new_segment.clone().unwrap_or_else(|| "another call of the episode finished first".into());
-            let index = episode.segments.len();
-            episode.segments.push(Segment { index, started_because: reason, sampling: sampling.clone(), tokens: Vec::new(), spans: Vec::new(), pieces: Vec::new() });
+            let reason = prepared.new_segment.clone().unwrap_or_else(|| "another call of the episode changed it meanwhile (or it was rewarded)".into());
+            let index = episode.segments.last().map_or(0, |s| s.index + 1);
+            reply = EpisodeReply { segment: index, new_segment: true, reason: Some(reason.clone()), ..reply };
+            episode.segments.push(Segment { index, started_because: reason, sampling: sampling.clone(), tokens: Vec::new(), spans: Vec::new(), pieces: Vec::new(), rewarded: false });
+            if episode.segments.len() > MAX_SEGMENTS {
+                episode.segments.remove(0);
+            }
         }
-        let Some(segment) = episode.segments.last_mut() else { return };
+        let Some(segment) = episode.segments.last_mut() else { return reply };
         let context = &prepared.prompt_ids[segment.tokens.len().min(prepared.prompt_ids.len())..];
         if !context.is_empty() {
             let start = segment.tokens.len();
@@ -295,6 +327,10 @@ impl EpisodeStore {
         }
         let end_text = end_text(tokenizer, &ids);
         episode.served.push(ServedTurn { content, tool_call_ids, token_ids: ids, end_text });
+        if episode.served.len() > MAX_TURNS {
+            episode.served.remove(0);
+        }
+        reply
     }
 
     /// The episode as `GET /v1/episodes/{id}` shows it.
@@ -309,14 +345,18 @@ impl EpisodeStore {
         }))
     }
 
-    /// The last segment of episode `id` as one training rollout: the tokens before its first
-    /// sampled span are the prompt; the rest, up to its last sampled token, the completion,
-    /// with a mask of the sampled tokens. Its id is `episode-<id>-<segment>`, so an episode
-    /// segment is rewarded once.
-    pub fn training_rollout(&self, id: &str, model: &str) -> Result<Rollout, ApiError> {
-        let inner = self.lock();
-        let episode = inner.0.get(id).ok_or_else(|| ApiError::NotFound(format!("no episode '{id}' (unknown, or dropped as least recently used)")))?;
-        let segment = episode.segments.last().ok_or_else(|| ApiError::invalid("episode_id", format!("episode '{id}' has no finished call yet")))?;
+    /// Takes the last segment of episode `id` as one training rollout: the tokens before its
+    /// first sampled span are the prompt; the rest, up to its last sampled token, the
+    /// completion, with a mask of the sampled tokens. The segment is marked rewarded (a second
+    /// reward is a 409; [`Self::release`] undoes the mark when the reward is refused). `nonce`
+    /// makes the rollout id unique across episode ids reused after eviction or a restart.
+    pub fn take_training_rollout(&self, id: &str, model: &str, nonce: &str) -> Result<Rollout, ApiError> {
+        let mut inner = self.lock();
+        let episode = inner.0.get_mut(id).ok_or_else(|| ApiError::NotFound(format!("no episode '{id}' (unknown, or dropped as least recently used)")))?;
+        let segment = episode.segments.last_mut().ok_or_else(|| ApiError::invalid("episode_id", format!("episode '{id}' has no finished call yet")))?;
+        if segment.rewarded {
+            return Err(ApiError::Conflict(format!("episode '{id}' segment {} was already rewarded; an episode is rewarded once (its later calls start a new segment)", segment.index)));
+        }
         let sampled: Vec<&Span> = segment.spans.iter().filter(|s| matches!(s.kind, SpanKind::Sampled)).collect();
         let (Some(first), Some(last)) = (sampled.first(), sampled.last()) else {
             return Err(ApiError::invalid("episode_id", format!("episode '{id}' has no sampled tokens to train on")));
@@ -337,8 +377,9 @@ impl EpisodeStore {
         let versions = sampled.iter().filter_map(|s| s.policy_version_first.zip(s.policy_version_last));
         let (first_version, last_version) = versions.fold((u64::MAX, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)));
         let pieces = &segment.pieces[from..to];
+        segment.rewarded = true;
         Ok(Rollout {
-            id: format!("episode-{id}-{}", segment.index),
+            id: format!("episode-{id}-{}-{nonce}", segment.index),
             model: model.to_string(),
             policy_version: last_version,
             policy_version_first: first_version.min(last_version),
@@ -358,6 +399,16 @@ impl EpisodeStore {
             reward: None,
             sampled_mask: mask,
         })
+    }
+}
+
+impl EpisodeStore {
+    /// Undoes [`Self::take_training_rollout`]'s mark when the reward was refused (it may be
+    /// sent again).
+    pub fn release(&self, id: &str) {
+        if let Some(segment) = self.lock().0.get_mut(id).and_then(|e| e.segments.last_mut()) {
+            segment.rewarded = false;
+        }
     }
 }
 

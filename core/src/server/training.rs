@@ -835,15 +835,23 @@ pub(super) async fn reward_episode(State(state): State<AppState>, Path(id): Path
     if body.group_id.is_none() {
         return Err(ApiError::invalid("group_id", "an episode is compared with other episodes of its task: pass \"group_id\" (and \"group_size\") shared by those episodes"));
     }
-    let rollout = state.episodes.training_rollout(&id, &state.engine.info.name)?;
+    let nonce = state.rollouts.next_id();
+    let rollout = state.episodes.take_training_rollout(&id, &state.engine.info.name, nonce.trim_start_matches("ro-"))?;
     let rollout_id = rollout.id.clone();
-    if state.rollouts.get(&rollout_id).is_none() {
-        state.rollouts.insert(rollout);
-    }
+    state.rollouts.insert(rollout);
     let entry = RewardEntry { rollout_id, reward: body.reward, group_id: body.group_id, group_size: body.group_size };
-    let mut reply = reward_off_runtime(state, vec![entry]).await?;
-    reply["episode_id"] = json!(id);
-    Ok(Json(reply))
+    let episodes = state.episodes.clone();
+    match reward_off_runtime(state, vec![entry]).await {
+        Ok(mut reply) => {
+            reply["episode_id"] = json!(id);
+            Ok(Json(reply))
+        }
+        Err(err) => {
+            // Refused (a full queue, a bad group): the episode may be rewarded again.
+            episodes.release(&id);
+            Err(err)
+        }
+    }
 }
 
 /// `GET /v1/training`.

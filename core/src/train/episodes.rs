@@ -106,15 +106,27 @@ pub fn play<'e>(table: &Table<'_>, episodes: Vec<(Vec<ChatMessage>, Box<dyn Envi
             break;
         }
         let mut requests = Vec::with_capacity(active.len());
+        let mut asking = Vec::with_capacity(active.len());
         for &i in &active {
-            let episode = &playing[i];
+            let episode = &mut playing[i];
             let (prompt, _) = spliced_prompt(table.template, table.tokenizer, &episode.messages, None, episode.turns.clone())?;
+            // An episode whose conversation has outgrown the model's context ends here; the
+            // others go on.
+            if prompt.len() + 1 >= table.model.max_positions() {
+                tracing::warn!(turn, tokens = prompt.len(), "an episode outgrew the model's context; it ends here");
+                episode.done = true;
+                continue;
+            }
             requests.push(GenerationRequest::new(prompt, sampling(i, turn), table.max_new_tokens, table.tokenizer));
+            asking.push(i);
+        }
+        if requests.is_empty() {
+            break;
         }
         let capacity = requests.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(1) + table.max_new_tokens + 1;
         let mut engine = Engine::new(table.model, table.tokenizer, requests.len().min(64), capacity);
         let generations = engine.generate(&requests)?;
-        for ((&i, request), generation) in active.iter().zip(&requests).zip(generations) {
+        for ((&i, request), generation) in asking.iter().zip(&requests).zip(generations) {
             let episode = &mut playing[i];
             // The spliced prompt extends what the episode holds; anything else (a template that
             // drops old turns) would not be one sequence, so the episode ends there.

@@ -150,6 +150,24 @@ fn precomputed(given: &[Vec<f32>], rewards: &[f32], planning: &[Vec<bool>]) -> R
     })
 }
 
+/// Each row restricted to the tokens its mask marks sampled (an empty mask keeps the row).
+fn only_sampled<T: Copy>(rows: &[Vec<T>], masks: &[&[bool]]) -> Vec<Vec<T>> {
+    rows.iter()
+        .zip(masks)
+        .map(|(row, mask)| if mask.is_empty() { row.clone() } else { row.iter().zip(mask.iter()).filter(|(_, &s)| s).map(|(v, _)| *v).collect() })
+        .collect()
+}
+
+/// The inverse of [`only_sampled`] for one row: values back at the sampled positions of a
+/// completion of `len` tokens, 0 on context.
+fn spread_over(values: Vec<f32>, mask: &[bool], len: usize) -> Vec<f32> {
+    if mask.is_empty() {
+        return values;
+    }
+    let mut values = values.into_iter();
+    (0..len).map(|i| if mask.get(i).copied().unwrap_or(false) { values.next().unwrap_or(0.0) } else { 0.0 }).collect()
+}
+
 /// Adapter tensors, optimizer state and the policy version of one served model.
 pub struct Trainer {
     config: TrainerConfig,
@@ -234,7 +252,16 @@ impl Trainer {
         };
         let advantages = match &group.advantages {
             Some(given) => precomputed(given, &rewards, &planning)?,
-            None => credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: entropies.as_deref() })?,
+            None => {
+                // The schemes see the model's tokens only: an episode's context would count in
+                // lengths and entropy quantiles. Their advantages are spread back, 0 on context.
+                let sampled: Vec<&[bool]> = group.members.iter().map(|m| m.sampled_mask.as_slice()).collect();
+                let planning = only_sampled(&planning, &sampled);
+                let entropies = entropies.map(|rows| only_sampled(&rows, &sampled));
+                let mut advantages = credit::assign(&self.config.credit, &GroupInput { rewards: &rewards, planning_masks: &planning, entropies: entropies.as_deref() })?;
+                advantages.per_token = advantages.per_token.into_iter().zip(&sampled).zip(&group.members).map(|((row, mask), m)| spread_over(row, mask, m.completion_ids.len())).collect();
+                advantages
+            }
         };
         if advantages.zero_variance {
             return Ok(None);
