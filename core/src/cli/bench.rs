@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::ModelArgs;
+use super::{ModelArgs, ShapeArgs};
 use crate::engine::{Engine, GenerationRequest, SamplingParams};
 
 /// Arguments of `hicra bench`.
@@ -16,6 +16,8 @@ use crate::engine::{Engine, GenerationRequest, SamplingParams};
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batch: Vec<usize>,
@@ -50,16 +52,30 @@ struct BenchResult {
 
 /// Runs `hicra bench`.
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let loaded = args.model.load()?;
-    let text = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. ";
-    let mut prompt = loaded.tokenizer.encode(&text.repeat(1 + args.prompt_tokens / 8), false)?;
-    prompt.truncate(args.prompt_tokens);
+    let loaded = args.model.load_for_bench(&args.shape)?;
+    let prompt = match &loaded.tokenizer {
+        Some(tokenizer) => {
+            let text = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. ";
+            let mut prompt = tokenizer.encode(&text.repeat(1 + args.prompt_tokens / 8), false)?;
+            prompt.truncate(args.prompt_tokens);
+            prompt
+        }
+        // Random weights have no tokenizer: deterministic pseudo-random ids.
+        None => {
+            let vocab = loaded.model.config().vocab_size as u64;
+            (0..args.prompt_tokens as u64).map(|i| (i.wrapping_mul(2_654_435_761) % (vocab - 1) + 1) as u32).collect()
+        }
+    };
     if !args.json {
         println!("model {} on {:?} ({:?}), prompt {} tokens, decode {} tokens", loaded.name, loaded.model.device(), loaded.model.kind(), prompt.len(), args.decode_tokens);
         println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
     }
     for &batch in &args.batch {
-        let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, batch, prompt.len() + args.decode_tokens + 1);
+        let capacity = prompt.len() + args.decode_tokens + 1;
+        let mut engine = match &loaded.tokenizer {
+            Some(tokenizer) => Engine::new(&loaded.model, tokenizer, batch, capacity),
+            None => Engine::without_tokenizer(&loaded.model, batch, capacity),
+        };
         // Distinct prompts (rotations of one text): identical ones would share one prefill.
         let requests: Vec<GenerationRequest> = (0..batch)
             .map(|i| GenerationRequest {

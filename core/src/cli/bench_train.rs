@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::ModelArgs;
+use super::{ModelArgs, ShapeArgs};
 use crate::train::trainer::{GroupMember, RolloutGroup, Trainer, TrainerConfig};
 
 /// Arguments of `hicra bench-train`.
@@ -14,6 +14,8 @@ use crate::train::trainer::{GroupMember, RolloutGroup, Trainer, TrainerConfig};
 pub(crate) struct BenchTrainArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Sequences per step (one group).
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -36,7 +38,7 @@ pub(crate) struct BenchTrainArgs {
 
 /// Runs `hicra bench-train`.
 pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
-    let mut loaded = args.model.load()?;
+    let mut loaded = args.model.load_for_bench(&args.shape)?;
     let mut config = TrainerConfig::default();
     config.lora.rank = args.rank;
     config.lora.alpha = 2.0 * args.rank as f64;

@@ -87,6 +87,42 @@ impl ModelArgs {
     }
 }
 
+/// What a benchmark measures: a real model (`--model`), or random weights of a real shape
+/// (`--shape`, no download), which has no tokenizer.
+pub(crate) struct BenchModel {
+    pub model: model::Transformer,
+    pub tokenizer: Option<crate::tokenizer::Tokenizer>,
+    pub name: String,
+}
+
+/// `--shape` and `--seed` of the benchmarks.
+#[derive(Debug, Args)]
+pub(crate) struct ShapeArgs {
+    /// Random weights of a real model's shape instead of `--model`: qwen2.5-0.5b, qwen3-0.6b,
+    /// llama-3.2-1b or qwen2.5-1.5b (nothing is downloaded).
+    #[arg(long)]
+    pub shape: Option<model::shapes::Shape>,
+    /// Seed of the random weights of `--shape`.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl ModelArgs {
+    /// The model to benchmark: `shape`'s random weights when given, else `--model`.
+    pub(crate) fn load_for_bench(&self, shape: &ShapeArgs) -> anyhow::Result<BenchModel> {
+        let Some(which) = shape.shape else {
+            let loaded = self.load()?;
+            return Ok(BenchModel { model: loaded.model, tokenizer: Some(loaded.tokenizer), name: loaded.name });
+        };
+        let device = crate::device::resolve(self.device)?;
+        let dtype = self.dtype.unwrap_or_else(|| DType::default_for(device));
+        let started = std::time::Instant::now();
+        let model = model::shapes::random_model(which, shape.seed, dtype.kind(), device, self.max_context)?;
+        tracing::info!(shape = which.name(), parameters = which.parameter_count(), ?device, ?dtype, secs = started.elapsed().as_secs_f32(), "random-weight model built");
+        Ok(BenchModel { model, tokenizer: None, name: format!("{} (random weights, seed {})", which.name(), shape.seed) })
+    }
+}
+
 /// Sets up `tracing` to stderr.
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {

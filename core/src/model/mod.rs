@@ -17,6 +17,7 @@ pub mod gguf_model;
 pub mod linear;
 pub mod lora;
 pub mod rope;
+pub mod shapes;
 pub mod source;
 pub mod transformer;
 pub mod weights;
