@@ -302,20 +302,12 @@ fn a_restart_between_steps_trains_exactly_like_an_uninterrupted_server() {
     assert!(gap <= 1e-6, "a restart changed training: {straight:?} vs {restarted:?}");
 }
 
-/// SplitMix64: the kill schedule, reproducible from the seed the test prints.
+/// The kill schedule, reproducible from the seed the test prints.
 struct Random(u64);
 
 impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     fn millis(&mut self, below: u64) -> Duration {
-        Duration::from_millis(self.next() % below.max(1))
+        Duration::from_millis(hicra_core::train::data::splitmix(&mut self.0) % below.max(1))
     }
 }
 

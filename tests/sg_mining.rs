@@ -36,16 +36,12 @@ fn minilm_embeddings_match_the_transformers_reference() {
     assert!(cos(0, 1) > cos(0, 6), "'{}' vs '{}': {} <= {}", texts[0], texts[1], cos(0, 1), cos(0, 6));
 }
 
-/// SplitMix64, for a corpus that is the same on every run.
+/// SplitMix64 (the library's), for a corpus that is the same on every run.
 struct Random(u64);
 
 impl Random {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        hicra_core::train::data::splitmix(&mut self.0)
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
