@@ -166,6 +166,21 @@ fn loss_gradient_matches_finite_differences() {
     let numeric = (bumped - base) / eps;
     assert!(grad.abs() > 1e-6, "gradient vanished");
     assert!((numeric - grad).abs() < 0.05 * grad.abs().max(1e-3), "analytic {grad} vs finite difference {numeric}");
+
+    // Logits computed a few positions at a time (as long sequences are) give the same loss
+    // and gradients as all at once, KL and entropy terms included.
+    let gradients = |chunk: usize| {
+        let config = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, logit_chunk_rows: chunk, ..config.clone() };
+        hicra_core::train::optimizer::zero_grad(&params);
+        let stats = loss::accumulate(&model, &samples, &config, 18, 3);
+        let grads: Vec<f64> = params.iter().map(|p| p.grad().abs().sum(tch::Kind::Double).double_value(&[])).collect();
+        (stats.loss, stats.kl_sum, grads)
+    };
+    let (whole, chunked) = (gradients(10_000), gradients(4));
+    assert!((whole.0 - chunked.0).abs() < 1e-6 && (whole.1 - chunked.1).abs() < 1e-6, "{:?} vs {:?}", (whole.0, whole.1), (chunked.0, chunked.1));
+    for (a, b) in whole.2.iter().zip(&chunked.2) {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-6), "gradient {a} vs {b} with chunked logits");
+    }
 }
 
 fn learn(credit: CreditScheme) -> (f32, f32) {

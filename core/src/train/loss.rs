@@ -45,11 +45,14 @@ pub struct LossConfig {
     pub aggregation: Aggregation,
     /// Sequences per forward/backward pass (gradients accumulate across them).
     pub micro_batch: usize,
+    /// Token positions whose logits are computed at once; 0 picks as many as fit 64 MiB of
+    /// f32 logits. Results do not depend on it, only peak memory does.
+    pub logit_chunk_rows: usize,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { clip_low: 0.2, clip_high: 0.28, kl_coef: 0.0, entropy_coef: 0.0, aggregation: Aggregation::Token, micro_batch: 4 }
+        Self { clip_low: 0.2, clip_high: 0.28, kl_coef: 0.0, entropy_coef: 0.0, aggregation: Aggregation::Token, micro_batch: 4, logit_chunk_rows: 0 }
     }
 }
 
@@ -162,9 +165,30 @@ pub fn accumulate(model: &Transformer, samples: &[TrainSample], config: &LossCon
     stats
 }
 
-/// Float32 tempered scores `logits / T` `(tokens, vocab)` predicting each completion token
-/// (each sample under its own temperature), and the completion tokens `(tokens,)`.
-fn completion_scores(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor) {
+/// Rows of logits computed at once: bounds each `(rows, vocab)` f32 temporary to 64 MiB,
+/// however long the sequences (a full `tokens x vocab` tensor would be GBs at 8 x 1024 tokens
+/// and a 152k vocabulary).
+const CHUNK_ELEMENTS: i64 = 1 << 24;
+
+/// The chunks' rows back in one tensor (empty when there were none).
+fn cat_or_empty(parts: &[Tensor]) -> Tensor {
+    if parts.is_empty() {
+        return Tensor::zeros([0], (Kind::Float, tch::Device::Cpu));
+    }
+    Tensor::cat(parts, 0)
+}
+
+/// Rows per chunk: `configured`, or as many as fit [`CHUNK_ELEMENTS`] for a vocabulary of `vocab`.
+fn chunk_rows(configured: usize, vocab: i64) -> i64 {
+    match configured {
+        0 => (CHUNK_ELEMENTS / vocab.max(1)).max(1),
+        rows => rows as i64,
+    }
+}
+
+/// The final hidden state predicting each completion token `(tokens, hidden)`, the completion
+/// tokens `(tokens,)`, and each token's inverse logprob temperature `(tokens,)`.
+fn completion_hidden(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor, Tensor) {
     let device = model.device();
     let pairs: Vec<(&[u32], &[u32])> = samples.iter().map(|s| (s.prompt_ids.as_slice(), s.completion_ids.as_slice())).collect();
     let batch = PaddedPairs::new(&pairs, device);
@@ -173,29 +197,24 @@ fn completion_scores(model: &Transformer, samples: &[TrainSample], use_lora: boo
         .flat_map(|s| std::iter::repeat_n((1.0 / s.sampling.logprob_temperature()) as f32, s.completion_ids.len()))
         .collect();
     let hidden = model.forward_hidden(&ForwardInput { tokens: &batch.tokens, positions: &batch.positions, use_lora, training }, None);
-    let inv_t = Tensor::from_slice(&inv_t).to_device(device).unsqueeze(1);
-    (model.logits(&batch.predicting(&hidden)) * inv_t, batch.targets)
+    (batch.predicting(&hidden), batch.targets, Tensor::from_slice(&inv_t).to_device(device))
 }
 
-/// Float32 log-softmax rows `(tokens, vocab)` of the tempered distributions, and the targets.
-fn completion_logprobs(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor) {
-    let (scores, targets) = completion_scores(model, samples, use_lora, training);
-    (scores.log_softmax(-1, Kind::Float), targets)
+/// Float32 tempered scores `logits / T` of rows `start..start + len`.
+fn chunk_scores(model: &Transformer, hidden: &Tensor, inv_t: &Tensor, start: i64, len: i64) -> Tensor {
+    model.logits(&hidden.narrow(0, start, len)) * inv_t.narrow(0, start, len).unsqueeze(1)
 }
 
-/// `(tokens,)` logprob of each target under its sample's own sampling distribution: the
-/// tempered scores cut to the sample's top-k / top-p set (recomputed from these scores, the
-/// target always kept), renormalised. Equal to `tempered` gathered when nothing is truncated.
-fn policy_logprobs(scores: &Tensor, tempered: &Tensor, samples: &[TrainSample], targets: &Tensor) -> Tensor {
+/// `(rows,)` logprob of each target under its row's own sampling distribution: the tempered
+/// scores cut to the row's top-k / top-p set (recomputed from these scores, the target always
+/// kept), renormalised. Equal to `tempered` gathered when nothing is truncated.
+fn policy_logprobs(scores: &Tensor, tempered: &Tensor, row_params: &[&SamplingParams], targets: &Tensor) -> Tensor {
     let targets = targets.unsqueeze(1);
-    let params: Vec<&SamplingParams> = samples.iter().map(|s| &s.sampling).collect();
     let vocab = scores.size()[1] as usize;
-    let Some(truncation) = Truncation::new(&params, vocab, scores.device()) else {
+    let Some(truncation) = Truncation::new(row_params, vocab, scores.device()) else {
         return tempered.gather(1, &targets, false).squeeze_dim(1);
     };
-    let counts: Vec<i64> = samples.iter().map(|s| s.completion_ids.len() as i64).collect();
-    let per_token = truncation.repeat_rows(&Tensor::from_slice(&counts).to_device(scores.device()));
-    let outside = per_token.outside(scores).scatter_value(1, &targets, 0);
+    let outside = truncation.outside(scores).scatter_value(1, &targets, 0);
     scores.masked_fill(&outside, f64::NEG_INFINITY).log_softmax(-1, Kind::Float).gather(1, &targets, false).squeeze_dim(1)
 }
 
@@ -204,8 +223,14 @@ fn policy_logprobs(scores: &Tensor, tempered: &Tensor, samples: &[TrainSample], 
 pub fn token_entropies(model: &Transformer, samples: &[TrainSample], micro_batch: usize) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(micro_batch.max(1)) {
-        let (logprobs, _) = tch::no_grad(|| completion_logprobs(model, chunk, true, false));
-        out.extend(per_sample(&entropy_of(&logprobs), chunk));
+        let entropies = tch::no_grad(|| {
+            let (hidden, _, inv_t) = completion_hidden(model, chunk, true, false);
+            let rows = hidden.size()[0];
+            let step = chunk_rows(0, model.config().vocab_size as i64);
+            let parts: Vec<Tensor> = (0..rows).step_by(step as usize).map(|start| entropy_of(&chunk_scores(model, &hidden, &inv_t, start, step.min(rows - start)).log_softmax(-1, Kind::Float))).collect();
+            Tensor::cat(&parts, 0)
+        });
+        out.extend(per_sample(&entropies, chunk));
     }
     out
 }
@@ -230,52 +255,76 @@ fn per_sample(flat: &Tensor, samples: &[TrainSample]) -> Vec<Vec<f32>> {
 
 fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
     let device = model.device();
-    let (scores, targets) = completion_scores(model, samples, true, true);
-    let logprobs = scores.log_softmax(-1, Kind::Float);
-    let new_lp = policy_logprobs(&scores, &logprobs, samples, &targets);
+    let (hidden, targets, inv_t) = completion_hidden(model, samples, true, true);
+    // The reference policy (the base model) for KL, without gradients.
+    let reference = (config.kl_coef != 0.0).then(|| tch::no_grad(|| completion_hidden(model, samples, false, false).0));
+    // The logits are computed chunk by chunk from a detached copy of the hidden states: each
+    // chunk's loss backpropagates into `detached.grad()`, and one backward pass through the
+    // decoder follows. No `tokens x vocab` tensor ever exists whole.
+    let detached = hidden.detach().set_requires_grad(hidden.requires_grad());
     let flat = |f: &dyn Fn(&TrainSample) -> &Vec<f32>| Tensor::from_slice(&samples.iter().flat_map(|s| f(s).iter().copied()).collect::<Vec<f32>>()).to_device(device);
     let old_lp = flat(&|s| &s.old_logprobs);
     let adv = flat(&|s| &s.advantages);
-
     // Context tokens of an episode (weight 0) were not sampled: no ratio, no loss, not counted.
     let weights = Tensor::from_slice(&samples.iter().flat_map(TrainSample::loss_weights).collect::<Vec<f32>>()).to_device(device);
-    let ratio = (&new_lp - &old_lp).exp();
-    let unclipped = &ratio * &adv;
-    let clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * &adv;
-    let mut per_token = -unclipped.minimum(&clipped);
-    let clipped_active = clipped.lt_tensor(&unclipped).logical_and(&weights.gt(0.0));
-    let entropy = entropy_of(&logprobs);
-    if config.entropy_coef != 0.0 {
-        per_token = per_token - &entropy * config.entropy_coef;
-    }
-    let mut kl_sum = 0.0;
-    if config.kl_coef != 0.0 {
-        let (ref_logprobs, _) = tch::no_grad(|| completion_logprobs(model, samples, false, false));
-        let ref_lp = ref_logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
-        // KL between the tempered distributions (truncation would make it infinite).
-        let log_ratio = ref_lp - logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
-        let k3 = log_ratio.exp() - &log_ratio - 1.0;
-        kl_sum = f64::try_from((k3.detach() * &weights).sum(Kind::Double)).unwrap_or(f64::NAN);
-        per_token = per_token + k3 * config.kl_coef;
-    }
-    let per_token = per_token * &weights;
-    let loss = match config.aggregation {
-        Aggregation::Token => per_token.sum(Kind::Float) / total_tokens.max(1) as f64,
+    let (scale, normaliser) = match config.aggregation {
+        Aggregation::Token => (Tensor::ones([targets.size()[0]], (Kind::Float, device)), total_tokens.max(1) as f64),
         Aggregation::SequenceMean => {
             let per_sequence: Vec<f32> = samples.iter().flat_map(|s| std::iter::repeat_n(1.0 / s.loss_tokens().max(1) as f32, s.completion_ids.len())).collect();
-            (per_token * Tensor::from_slice(&per_sequence).to_device(device)).sum(Kind::Float) / total_sequences.max(1) as f64
+            (Tensor::from_slice(&per_sequence).to_device(device), total_sequences.max(1) as f64)
         }
     };
-    // Under `no_grad` (evaluation, finite-difference checks) there is nothing to propagate.
-    if loss.requires_grad() {
-        loss.backward();
+    let row_params: Vec<&SamplingParams> = samples.iter().flat_map(|s| std::iter::repeat_n(&s.sampling, s.completion_ids.len())).collect();
+    let rows = targets.size()[0];
+    let step = chunk_rows(config.logit_chunk_rows, model.config().vocab_size as i64);
+    let (mut loss, mut clipped_tokens, mut kl_sum) = (0.0f64, 0usize, 0.0f64);
+    let (mut entropy_parts, mut logprob_parts) = (Vec::new(), Vec::new());
+    for start in (0..rows).step_by(step as usize) {
+        let len = step.min(rows - start);
+        let range = |t: &Tensor| t.narrow(0, start, len);
+        let scores = chunk_scores(model, &detached, &inv_t, start, len);
+        let logprobs = scores.log_softmax(-1, Kind::Float);
+        let targets = range(&targets);
+        let new_lp = policy_logprobs(&scores, &logprobs, &row_params[start as usize..(start + len) as usize], &targets);
+        let ratio = (&new_lp - range(&old_lp)).exp();
+        let unclipped = &ratio * range(&adv);
+        let clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * range(&adv);
+        let mut per_token = -unclipped.minimum(&clipped);
+        let chunk_weights = range(&weights);
+        clipped_tokens += i64::try_from(clipped.lt_tensor(&unclipped).logical_and(&chunk_weights.gt(0.0)).sum(Kind::Int64)).unwrap_or(0) as usize;
+        // With an entropy bonus the entropy carries gradient; otherwise it is only reported.
+        let entropy = if config.entropy_coef != 0.0 { entropy_of(&logprobs) } else { tch::no_grad(|| entropy_of(&logprobs.detach())) };
+        if config.entropy_coef != 0.0 {
+            per_token = per_token - &entropy * config.entropy_coef;
+        }
+        if let Some(reference) = &reference {
+            let ref_lp = tch::no_grad(|| chunk_scores(model, reference, &inv_t, start, len).log_softmax(-1, Kind::Float).gather(1, &targets.unsqueeze(1), false).squeeze_dim(1));
+            // KL between the tempered distributions (truncation would make it infinite).
+            let log_ratio = ref_lp - logprobs.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+            let k3 = log_ratio.exp() - &log_ratio - 1.0;
+            kl_sum += f64::try_from((k3.detach() * &chunk_weights).sum(Kind::Double)).unwrap_or(f64::NAN);
+            per_token = per_token + k3 * config.kl_coef;
+        }
+        let chunk_loss = (per_token * &chunk_weights * range(&scale)).sum(Kind::Float) / normaliser;
+        loss += f64::try_from(chunk_loss.detach()).unwrap_or(f64::NAN);
+        // Under `no_grad` (evaluation, finite-difference checks) there is nothing to propagate.
+        if chunk_loss.requires_grad() {
+            chunk_loss.backward();
+        }
+        entropy_parts.push(entropy.detach());
+        logprob_parts.push(new_lp.detach());
+    }
+    let grad = detached.grad();
+    if hidden.requires_grad() && grad.defined() {
+        // d(sum(hidden * g))/d(hidden) = g: the chunks' gradient enters the decoder in one pass.
+        (&hidden * grad.detach()).sum(Kind::Float).backward();
     }
     LossStats {
-        loss: f64::try_from(loss.detach()).unwrap_or(f64::NAN),
+        loss,
         tokens: samples.iter().map(TrainSample::loss_tokens).sum(),
-        clipped_tokens: i64::try_from(clipped_active.sum(Kind::Int64)).unwrap_or(0) as usize,
+        clipped_tokens,
         kl_sum,
-        entropies: per_sample(&entropy, samples),
-        new_logprobs: per_sample(&new_lp, samples),
+        entropies: per_sample(&cat_or_empty(&entropy_parts), samples),
+        new_logprobs: per_sample(&cat_or_empty(&logprob_parts), samples),
     }
 }
