@@ -31,6 +31,9 @@ pub(crate) struct BenchTrainArgs {
     /// Sequences per forward/backward pass.
     #[arg(long, default_value_t = 8)]
     micro_batch: usize,
+    /// Token positions whose logits are computed at once (0: as many as fit 64 MiB).
+    #[arg(long, default_value_t = 0)]
+    logit_chunk_rows: usize,
     /// Timed steps (after one warm-up step); the mean is reported.
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -43,6 +46,7 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     config.lora.rank = args.rank;
     config.lora.alpha = 2.0 * args.rank as f64;
     config.loss.micro_batch = args.micro_batch;
+    config.loss.logit_chunk_rows = args.logit_chunk_rows;
     let mut trainer = Trainer::new(&mut loaded.model, config)?;
     let vocab = loaded.model.config().vocab_size as u32;
     // Deterministic pseudo-random ids; rewards alternate so the group carries signal.
@@ -80,6 +84,7 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         "prompt_tokens": args.prompt_tokens,
         "completion_tokens": args.completion_tokens,
         "rank": args.rank,
+        "logit_chunk_rows": args.logit_chunk_rows,
         "step_seconds": step_s,
         "trained_tokens_per_s": tokens as f64 / step_s,
         "sequence_tokens_per_s": (args.batch * (args.prompt_tokens + args.completion_tokens)) as f64 / step_s,
