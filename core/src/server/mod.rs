@@ -3,13 +3,17 @@
 //! Handlers only translate: they validate a request, template and tokenize it, submit it to
 //! the engine thread ([`crate::engine::scheduler`]) and turn token events into OpenAI
 //! responses or server-sent events. They never touch tensors. Every finished choice is
-//! recorded in the [`rollouts::RolloutStore`] with its exact token ids and sampling logprobs.
+//! recorded in the [`rollouts::RolloutStore`] with its exact token ids and sampling logprobs,
+//! and in the state folder's [`journal`] when there is one; chat calls naming an episode go
+//! through [`episodes`].
 //!
 //! Routes: `GET /health`, `GET /metrics` (open); `GET /v1/models`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`, `GET /v1/rollouts/{id}` (behind the API key when one is set);
-//! `POST /v1/rollouts/{id}/reward`, `POST /v1/rewards`, `POST /v1/rollouts/{id}/score`, which
-//! change the weights (behind the train key when one is set, else the API key);
-//! `/admin/*` (behind the admin key, refused without one).
+//! `POST /v1/completions`, `GET /v1/rollouts` (the journal, paged), `GET /v1/rollouts/{id}`,
+//! `GET /v1/episodes/{id}`, `GET /v1/training` (behind the API key when one is set);
+//! `POST /v1/rollouts/{id}/reward`, `POST /v1/rewards`, `POST /v1/rollouts/{id}/score`,
+//! `POST /v1/episodes/{id}/reward`, which change the weights (behind the train key when one is
+//! set, else the API key); `/admin/*` (plugins, `POST /admin/checkpoint`; behind the admin
+//! key, refused without one).
 
 mod chat;
 pub mod checkpoints;

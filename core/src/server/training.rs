@@ -18,6 +18,13 @@
 //!    its own is rejected and reported; the rest of the step trains.
 //! 4. Incomplete groups expire after `group_timeout`; both queues are bounded and a reward that
 //!    would overflow them is answered 429 with nothing recorded.
+//! 5. With a state folder, every reward is committed to the [`super::journal`] before the
+//!    reply, and every step's outcome per group after the step, under the step gate
+//!    (see [`super::checkpoints`]): a restart re-queues exactly the groups the restored
+//!    weights have not learned from.
+//!
+//! An agent episode (`POST /v1/episodes/{id}/reward`) enters this lifecycle as one rollout:
+//! its last segment, with the model's sampled tokens marked (see [`super::episodes`]).
 //!
 //! `GET /v1/training` (and `/metrics`) shows the policy version, the queues, every counter and
 //! the last steps' reports.
