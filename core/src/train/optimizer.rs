@@ -121,7 +121,10 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     if grads.is_empty() {
         return 0.0;
     }
-    let total: f64 = grads.iter().map(|g| f64::try_from(g.square().sum(Kind::Double)).unwrap_or(f64::NAN)).sum::<f64>().sqrt();
+    // Every squared norm is summed on the device and read back once: one host sync per step,
+    // not one per adapter tensor (hundreds, each a stall on a GPU).
+    let squares: Vec<Tensor> = grads.iter().map(|g| g.square().sum(Kind::Double)).collect();
+    let total = f64::try_from(Tensor::stack(&squares, 0).sum(Kind::Double).sqrt()).unwrap_or(f64::NAN);
     if max_norm > 0.0 && total > max_norm {
         let scale = max_norm / (total + 1e-6);
         tch::no_grad(|| {
