@@ -383,10 +383,7 @@ impl Journal {
     }
 
     fn decode(&self, body: &str, texts: &str) -> Result<Rollout, JournalError> {
-        let corrupt = |e: serde_json::Error| JournalError::Corrupt { path: self.path.clone(), what: format!("a rollout row does not parse: {e}") };
-        let mut rollout: Rollout = serde_json::from_str(body).map_err(corrupt)?;
-        rollout.token_texts = serde_json::from_str(texts).map_err(corrupt)?;
-        Ok(rollout)
+        decode(&self.path, body, texts)
     }
 
     /// Records a batch of rewards in one synchronous transaction: opens `new_groups`, writes
@@ -577,6 +574,14 @@ impl Journal {
     }
 }
 
+/// A rollout row back as the rollout, with its token texts.
+fn decode(path: &Path, body: &str, texts: &str) -> Result<Rollout, JournalError> {
+    let corrupt = |e: serde_json::Error| JournalError::Corrupt { path: path.to_path_buf(), what: format!("a rollout row does not parse: {e}") };
+    let mut rollout: Rollout = serde_json::from_str(body).map_err(corrupt)?;
+    rollout.token_texts = serde_json::from_str(texts).map_err(corrupt)?;
+    Ok(rollout)
+}
+
 fn insert_rollout(tx: &Transaction<'_>, rollout: &Rollout) -> rusqlite::Result<usize> {
     let (body, texts) = encode(rollout);
     tx.execute(
@@ -602,19 +607,8 @@ pub fn trained_records(path: &Path) -> Result<Vec<RolloutRecord>, JournalError> 
     let mut records = Vec::new();
     for row in rows {
         let (body, texts, reward, advantages, group) = row.map_err(err)?;
-        let corrupt = |e: serde_json::Error| JournalError::Corrupt { path: path.to_path_buf(), what: format!("a rollout row does not parse: {e}") };
-        let rollout: Rollout = serde_json::from_str(&body).map_err(corrupt)?;
-        records.push(RolloutRecord {
-            step: rollout.policy_version,
-            group,
-            reward: reward.unwrap_or(0.0) as f32,
-            pieces: serde_json::from_str(&texts).map_err(corrupt)?,
-            logprobs: rollout.logprobs,
-            entropies: rollout.entropies,
-            rollout_id: Some(rollout.id),
-            policy_version_first: Some(rollout.policy_version_first),
-            advantages: advantages.and_then(|a| serde_json::from_str(&a).ok()).unwrap_or_default(),
-        });
+        let rollout = Rollout { reward: Some(reward.unwrap_or(0.0) as f32), ..decode(path, &body, &texts)? };
+        records.push(rollout.analysis_record(&group, advantages.and_then(|a| serde_json::from_str(&a).ok()).unwrap_or_default()));
     }
     Ok(records)
 }

@@ -64,6 +64,24 @@ pub struct Rollout {
     pub sampled_mask: Vec<bool>,
 }
 
+impl Rollout {
+    /// The rollout as the analyses read it (`step`: the policy version of its last token),
+    /// filed under `group`, with the advantages it trained with (empty when unknown).
+    pub fn analysis_record(&self, group: &str, advantages: Vec<f32>) -> crate::analysis::RolloutRecord {
+        crate::analysis::RolloutRecord {
+            step: self.policy_version,
+            group: group.to_string(),
+            reward: self.reward.unwrap_or(0.0),
+            pieces: self.token_texts.clone(),
+            logprobs: self.logprobs.clone(),
+            entropies: self.entropies.clone(),
+            rollout_id: Some(self.id.clone()),
+            policy_version_first: Some(self.policy_version_first),
+            advantages,
+        }
+    }
+}
+
 /// A bounded map of rollouts by id, evicting the oldest.
 #[derive(Debug)]
 pub struct RolloutStore {

@@ -573,7 +573,8 @@ impl TrainingBuffer {
     /// Records what a step did with its groups in the journal. If that fails after the weights
     /// changed, the journal no longer describes them: checkpoints are refused from then on
     /// (a checkpoint would make those groups look untrained after a restart, and train them
-    /// twice).
+    /// twice). Called by the step worker on the runtime; the write blocks, so it runs in
+    /// `block_in_place`.
     fn journal_step(&self, version_before: u64, step: Option<(&StepReport, &Value)>, outcomes: &[(i64, GroupOutcome)], advantages: &[(String, Vec<f32>)]) {
         let Some(journal) = &self.journal else { return };
         let record = StepRecord {
@@ -584,7 +585,7 @@ impl TrainingBuffer {
             outcomes,
             advantages,
         };
-        if let Err(err) = journal.record_step(&record) {
+        if let Err(err) = tokio::task::block_in_place(|| journal.record_step(&record)) {
             tracing::error!(%err, "a step's outcome was not recorded in the journal; checkpoints are off until restart");
             if record.updated {
                 self.journal_behind.store(true, std::sync::atomic::Ordering::Release);
@@ -693,18 +694,7 @@ fn scored_completion(rollout: &Rollout) -> ScoredCompletion {
 fn records(groups: &[ReadyGroup]) -> Vec<RolloutRecord> {
     groups
         .iter()
-        .flat_map(|g| g.members.iter().map(move |r| (g, r)))
-        .map(|(g, r)| RolloutRecord {
-            step: r.policy_version,
-            group: g.id.clone(),
-            reward: r.reward.unwrap_or(0.0),
-            pieces: r.token_texts.clone(),
-            logprobs: r.logprobs.clone(),
-            entropies: r.entropies.clone(),
-            rollout_id: Some(r.id.clone()),
-            policy_version_first: Some(r.policy_version_first),
-            advantages: Vec::new(),
-        })
+        .flat_map(|g| g.members.iter().map(move |r| r.analysis_record(&g.id, Vec::new())))
         .collect()
 }
 
@@ -741,7 +731,7 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
     let mut outcomes = Vec::new();
     let batch = buffer.drop_stale(batch, version, &mut outcomes);
     if batch.is_empty() {
-        tokio::task::block_in_place(|| buffer.journal_step(version, None, &outcomes, &[]));
+        buffer.journal_step(version, None, &outcomes, &[]);
         return false;
     }
     let registry = state.plugins.clone();
@@ -788,7 +778,7 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
                 outcomes.extend(group.seq.map(|seq| (seq, outcome)));
             }
             let entry = step_entry(&report, &analysis, &plugin_report, &group_ids);
-            tokio::task::block_in_place(|| buffer.journal_step(version, Some((&report, &entry)), &outcomes, &report.advantages));
+            buffer.journal_step(version, Some((&report, &entry)), &outcomes, &report.advantages);
             buffer.record_step(entry, Some(&report), &plugin_report);
             report.updated
         }
@@ -799,7 +789,7 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
                 outcomes.extend(group.seq.map(|seq| (seq, outcome)));
             }
             let entry = json!({"error": message, "groups": group_ids});
-            tokio::task::block_in_place(|| buffer.journal_step(version, None, &outcomes, &[]));
+            buffer.journal_step(version, None, &outcomes, &[]);
             buffer.record_step(entry, None, &plugin_report);
             false
         }

@@ -218,10 +218,10 @@ impl CheckpointStore {
             "extra": extra,
         });
         self.write_json(&tmp.join("trainer_state.json"), &state)?;
-        sync_dir(&tmp)?;
+        sync(&tmp)?;
         // The one step that makes the checkpoint exist.
         fs::rename(&tmp, &target).map_err(io(&target))?;
-        sync_dir(&self.root)?;
+        sync(&self.root)?;
         self.point_link(&target);
         // The checkpoint exists from here on: a failed clean-up is not a failed checkpoint.
         if let Err(err) = self.prune() {
@@ -239,14 +239,14 @@ impl CheckpointStore {
     fn write_json(&self, path: &Path, value: &serde_json::Value) -> Result<(), CheckpointError> {
         let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::Mismatch { path: path.to_path_buf(), reason: e.to_string() })?;
         fs::write(path, text).map_err(io(path))?;
-        sync_file(path)?;
+        sync(path)?;
         self.pause();
         Ok(())
     }
 
     fn write_tensors(&self, path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
         Tensor::write_safetensors(tensors, path).map_err(|e| CheckpointError::Tensors { path: path.to_path_buf(), message: e.to_string() })?;
-        sync_file(path)?;
+        sync(path)?;
         self.pause();
         Ok(())
     }
@@ -302,12 +302,9 @@ impl CheckpointStore {
     }
 }
 
-fn sync_file(path: &Path) -> Result<(), CheckpointError> {
+/// fsyncs a file or a folder (a folder's entries: the names of its files).
+fn sync(path: &Path) -> Result<(), CheckpointError> {
     fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
-}
-
-fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
-    fs::File::open(path).and_then(|d| d.sync_all()).map_err(io(path))
 }
 
 /// Restores adapters, optimizer moments, step and policy version from checkpoint folder `dir`
