@@ -234,9 +234,17 @@ pub(crate) fn now() -> f64 {
 /// The stored form of a rollout: the API's JSON, plus the token texts the API leaves out.
 /// Non-finite floats (which JSON cannot hold and would not read back) are stored as 0.
 fn encode(rollout: &Rollout) -> (String, String) {
-    let finite = |values: &[f32]| values.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<f32>>();
-    let clean = Rollout { logprobs: finite(&rollout.logprobs), sampling_logprobs: finite(&rollout.sampling_logprobs), entropies: finite(&rollout.entropies), ..rollout.clone() };
-    let body = serde_json::to_string(&clean).unwrap_or_else(|e| format!("{{\"unencodable\": {:?}}}", e.to_string()));
+    let all_finite = [&rollout.logprobs, &rollout.sampling_logprobs, &rollout.entropies].iter().all(|v| v.iter().all(|x| x.is_finite()));
+    // The usual case serializes the rollout as it is; only a non-finite value costs a copy.
+    let cleaned;
+    let body_of = if all_finite {
+        rollout
+    } else {
+        let finite = |values: &[f32]| values.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<f32>>();
+        cleaned = Rollout { logprobs: finite(&rollout.logprobs), sampling_logprobs: finite(&rollout.sampling_logprobs), entropies: finite(&rollout.entropies), ..rollout.clone() };
+        &cleaned
+    };
+    let body = serde_json::to_string(body_of).unwrap_or_else(|e| format!("{{\"unencodable\": {:?}}}", e.to_string()));
     (body, serde_json::to_string(&rollout.token_texts).unwrap_or_else(|_| "[]".into()))
 }
 
