@@ -132,7 +132,7 @@ fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
     assert_eq!(recorded.len(), measured.len());
     let gap = recorded.iter().zip(&measured).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(gap < 1e-4 && recorded.iter().all(|h| *h > 0.0), "recorded and measured entropies differ by {gap}");
-    hicra_core::train::optimizer::zero_grad(&trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
+    trainer.zero_grad();
 
     let equal: Vec<(Vec<u32>, Vec<f32>)> = fresh.iter().map(|(ids, lps)| (vec![7u32; ids.len()], lps.clone())).collect();
     let report = trainer.step(&model, &[group(equal)]).expect("step");
@@ -152,7 +152,7 @@ fn loss_gradient_matches_finite_differences() {
         .collect();
     let params: Vec<_> = trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect();
     let config = LossConfig { clip_low: 10.0, clip_high: 10.0, ..LossConfig::default() };
-    hicra_core::train::optimizer::zero_grad(&params);
+    trainer.zero_grad();
     let base = loss::accumulate(&model, &samples, &config, 18, 3).loss;
     // The B of q_proj in layer 0 (index 1: A then B).
     let b = params[1].shallow_clone();
@@ -171,7 +171,7 @@ fn loss_gradient_matches_finite_differences() {
     // and gradients as all at once, KL and entropy terms included.
     let gradients = |chunk: usize| {
         let config = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, logit_chunk_rows: chunk, ..config.clone() };
-        hicra_core::train::optimizer::zero_grad(&params);
+        trainer.zero_grad();
         let stats = loss::accumulate(&model, &samples, &config, 18, 3);
         let grads: Vec<f64> = params.iter().map(|p| p.grad().abs().sum(tch::Kind::Double).double_value(&[])).collect();
         (stats.loss, stats.kl_sum, grads)
@@ -222,13 +222,12 @@ fn kl_to_the_base_policy_is_zero_before_training_and_positive_after() {
             .collect()
     };
     let with_kl = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, ..LossConfig::default() };
-    let params: Vec<_> = trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect();
     let before = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, 24, 4));
     assert!(before.kl_sum.abs() < 1e-6, "zero-initialised adapters: KL {}", before.kl_sum);
     for step in 0..3 {
         trainer.step(&model, &[group(sample_group(&model, 8, 8, 50 + step))]).expect("step");
     }
-    hicra_core::train::optimizer::zero_grad(&params);
+    trainer.zero_grad();
     let after = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, 24, 4));
     assert!(after.kl_sum > 1e-6, "trained adapters: KL {}", after.kl_sum);
     assert!(after.loss.is_finite() && after.entropies.iter().flatten().all(|h| *h >= 0.0));
@@ -260,7 +259,7 @@ fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
     let gap = logprob_gap(&stats, &samples);
     assert!(gap < 1e-4, "trainer and sampler disagree on the truncated distribution by {gap}");
     assert_eq!(stats.clipped_tokens, 0);
-    hicra_core::train::optimizer::zero_grad(&trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>());
+    trainer.zero_grad();
     // Greedy members are refused on their own, and the rest of the step trains.
     let mut greedy = group(sample_group(&model, 4, 6, 8));
     greedy.id = "greedy".into();

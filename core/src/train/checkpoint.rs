@@ -102,13 +102,12 @@ impl TrainerSnapshot {
         let adapters = trainer.parameters().iter().map(|(name, t)| (name.clone(), cpu_copy(t))).collect();
         let policy_version = trainer.policy_version();
         let config = trainer.config().clone();
-        let optimizer = trainer.optimizer();
         let mut moments = Vec::new();
-        for (i, (m, v)) in optimizer.exp_avg.iter().zip(&optimizer.exp_avg_sq).enumerate() {
+        for (i, (m, v)) in trainer.moments().iter().enumerate() {
             moments.push((format!("exp_avg.{i}"), cpu_copy(m)));
             moments.push((format!("exp_avg_sq.{i}"), cpu_copy(v)));
         }
-        Self { adapters, moments, step: optimizer.step, policy_version, config }
+        Self { adapters, moments, step: trainer.optimizer().step, policy_version, config }
     }
 }
 
@@ -343,10 +342,10 @@ pub fn load(dir: &Path, trainer: &mut Trainer, base_model: Option<&str>) -> Resu
     for (name, target) in trainer.parameters() {
         copies.push((target.shallow_clone(), find(&adapters, name, target)?));
     }
-    let optimizer = trainer.optimizer();
-    for (i, (m, v)) in optimizer.exp_avg.iter().zip(&optimizer.exp_avg_sq).enumerate() {
-        copies.push((m.shallow_clone(), find(&moments, &format!("exp_avg.{i}"), m)?));
-        copies.push((v.shallow_clone(), find(&moments, &format!("exp_avg_sq.{i}"), v)?));
+    for (i, (m, v)) in trainer.moments().into_iter().enumerate() {
+        let (m_source, v_source) = (find(&moments, &format!("exp_avg.{i}"), &m)?, find(&moments, &format!("exp_avg_sq.{i}"), &v)?);
+        copies.push((m, m_source));
+        copies.push((v, v_source));
     }
     // Phase 2: copy.
     tch::no_grad(|| {

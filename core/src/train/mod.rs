@@ -4,7 +4,8 @@
 //! - [`planning`]: Strategic-Gram detection -> planning-token masks.
 //! - [`credit`]: GRPO, Dr.GRPO, HICRA and the entropy-gated variant -> per-token advantages.
 //! - [`loss`]: clipped surrogate (clip-higher) against the sampling logprobs, KL, entropy.
-//! - [`optimizer`]: AdamW, gradient clipping, warm-up + cosine.
+//! - [`flat`]: the adapters' values and gradients, each in one buffer.
+//! - [`optimizer`]: AdamW over those buffers, gradient clipping, warm-up + cosine.
 //! - [`trainer`]: one step from rewarded groups, updating the served adapters in place.
 //!
 //! Invariant: a failing step (bad sample, non-finite loss) leaves the weights untouched.
@@ -14,6 +15,7 @@ pub mod credit;
 pub mod data;
 pub mod environment;
 pub mod episodes;
+pub mod flat;
 pub mod loss;
 pub mod optimizer;
 pub mod planning;

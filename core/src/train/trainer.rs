@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use super::credit::{self, CreditScheme, GroupInput};
+use super::flat::FlatAdapters;
 use super::loss::{self, LossConfig, TrainSample};
 use super::optimizer::{self, AdamW, OptimConfig};
 use super::TrainError;
@@ -171,7 +172,9 @@ fn spread_over(values: Vec<f32>, mask: &[bool], len: usize) -> Vec<f32> {
 /// Adapter tensors, optimizer state and the policy version of one served model.
 pub struct Trainer {
     config: TrainerConfig,
+    /// The adapters under PEFT names; their storage lives in `flat`.
     params: Vec<(String, Tensor)>,
+    flat: FlatAdapters,
     optimizer: AdamW,
     policy_version: u64,
 }
@@ -180,10 +183,15 @@ impl Trainer {
     /// Attaches fresh LoRA adapters to `model` and prepares the optimizer.
     pub fn new(model: &mut Transformer, config: TrainerConfig) -> Result<Self, TrainError> {
         lora::attach(model, &config.lora)?;
-        let params = lora::parameters(model);
+        Self::over(lora::parameters(model), config)
+    }
+
+    /// A trainer over `params`, whose storage moves into one flat buffer.
+    fn over(params: Vec<(String, Tensor)>, config: TrainerConfig) -> Result<Self, TrainError> {
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let optimizer = AdamW::new(config.optim.clone(), &tensors);
-        Ok(Self { config, params, optimizer, policy_version: 0 })
+        let flat = FlatAdapters::adopt(&tensors)?;
+        let optimizer = AdamW::new(config.optim.clone(), flat.values());
+        Ok(Self { config, params, flat, optimizer, policy_version: 0 })
     }
 
     /// Trains the adapters already attached to `model` (a PEFT adapter loaded with
@@ -195,9 +203,7 @@ impl Trainer {
         if params.is_empty() {
             return Err(TrainError::Model(crate::model::ModelError::InvalidConfig("the model has no LoRA adapters to train".into())));
         }
-        let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let optimizer = AdamW::new(config.optim.clone(), &tensors);
-        Ok(Self { config, params, optimizer, policy_version: 0 })
+        Self::over(params, config)
     }
 
     /// The configuration.
@@ -218,6 +224,19 @@ impl Trainer {
     /// The optimizer (its moments and step count go into checkpoints).
     pub fn optimizer(&mut self) -> &mut AdamW {
         &mut self.optimizer
+    }
+
+    /// Clears the adapters' gradients (a step leaves them cleared; a loss computed outside a
+    /// step leaves them to the caller).
+    pub fn zero_grad(&self) {
+        self.flat.zero_grad();
+    }
+
+    /// The optimizer's first and second moments of each adapter tensor, in [`Self::parameters`]
+    /// order: views of the flat moments, so copying into them restores the optimizer.
+    pub fn moments(&self) -> Vec<(Tensor, Tensor)> {
+        let (m, v) = self.optimizer.moments();
+        self.flat.split(m).into_iter().zip(self.flat.split(v)).collect()
     }
 
     /// Restores the policy version from a checkpoint.
@@ -273,10 +292,6 @@ impl Trainer {
         Ok(Some((samples, advantages.per_token)))
     }
 
-    fn tensors(&self) -> Vec<Tensor> {
-        self.params.iter().map(|(_, t)| t.shallow_clone()).collect()
-    }
-
     /// Trains on `groups`: one optimizer step unless every group has equal rewards. A group
     /// that is invalid on its own is refused and reported; the others still train.
     pub fn step(&mut self, model: &Transformer, groups: &[RolloutGroup]) -> Result<StepReport, TrainError> {
@@ -313,20 +328,19 @@ impl Trainer {
             return Ok(report);
         }
         let total_tokens: usize = samples.iter().map(TrainSample::loss_tokens).sum();
-        let tensors = self.tensors();
-        optimizer::zero_grad(&tensors);
+        self.flat.zero_grad();
         let stats = loss::accumulate(model, &samples, &self.config.loss, total_tokens, samples.len());
         if !stats.loss.is_finite() {
-            optimizer::zero_grad(&tensors);
+            self.flat.zero_grad();
             return Err(TrainError::NonFinite(format!("loss {}", stats.loss)));
         }
-        report.grad_norm = optimizer::clip_grad_norm(&tensors, self.config.optim.max_grad_norm);
+        report.grad_norm = optimizer::clip_grad_norm(self.flat.grads(), self.config.optim.max_grad_norm);
         if !report.grad_norm.is_finite() {
-            optimizer::zero_grad(&tensors);
+            self.flat.zero_grad();
             return Err(TrainError::NonFinite(format!("gradient norm {}", report.grad_norm)));
         }
-        report.lr = self.optimizer.apply(&tensors);
-        optimizer::zero_grad(&tensors);
+        report.lr = self.optimizer.apply(self.flat.values(), self.flat.grads());
+        self.flat.zero_grad();
         self.policy_version += 1;
 
         let (mut planning_h, mut planning_n, mut exec_h, mut exec_n) = (0.0f64, 0usize, 0.0f64, 0usize);
