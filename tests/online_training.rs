@@ -237,3 +237,35 @@ fn hicra_amplifies_the_advantage_exactly_on_a_served_strategic_gram() {
     }
     assert!(planning_seen >= 4, "each completion continues the repeated gram");
 }
+
+/// The server's resident memory, from its own `/metrics`.
+fn resident_mib(client: &Client, server: &Server) -> f64 {
+    let metrics = client.get(format!("{}/metrics", server.url)).send().expect("metrics").text().expect("text");
+    let line = metrics.lines().find(|l| l.starts_with("process_resident_memory_bytes ")).expect("process_resident_memory_bytes in /metrics");
+    line.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()).expect("a number") / (1024.0 * 1024.0)
+}
+
+#[test]
+fn resident_memory_between_steps_stays_flat_when_step_shapes_vary() {
+    // The default model: its steps allocate hundreds of MB of activations, so memory kept
+    // after a step shows against the serving footprint (the tiny model's would not).
+    let config = std::env::temp_dir().join(format!("hicra-memory-{}.toml", std::process::id()));
+    std::fs::write(&config, "[optim]\nlr = 1e-4\n[loss]\nmicro_batch = 4\n").expect("write trainer config");
+    let server = start_server(&["--max-context".into(), "512".into(), "--groups-per-step".into(), "1".into(), "--train-config".into(), config.into_os_string()]);
+    let client = Client::new();
+    let mut resident = Vec::new();
+    for step in 1..=20u64 {
+        // Step 3 is four times longer than the others; the rest vary in size.
+        let (n, words, max_tokens) = if step == 3 { (8, 160, 48) } else { (2 + (step as usize % 3) * 2, 5 + (step as usize % 4) * 5, 4 + (step % 5) as u64 * 2) };
+        let content = format!("Count the words in this list, step {step}: {}", "apple pear plum ".repeat(words / 3));
+        let ids = sample(&client, &server, &content, n, json!({"model": "smollm2-135m-instruct", "max_tokens": max_tokens, "seed": step}));
+        let rewards: Vec<Value> = ids.iter().enumerate().map(|(i, id)| json!({"rollout_id": id, "reward": (i % 2) as f64})).collect();
+        let (status, reply) = post(&client, &format!("{}/v1/rewards", server.url), json!({"rewards": rewards}));
+        assert_eq!(status, 200, "{reply}");
+        let status = wait_for_steps(&server.url, None, step);
+        assert_eq!(last_step(&status)["updated"], true, "step {step}: {status}");
+        resident.push(resident_mib(&client, &server));
+    }
+    let (after_2, after_20) = (resident[1], resident[19]);
+    assert!(after_20 <= after_2 * 1.10, "resident memory grew from {after_2:.0} MiB after step 2 to {after_20:.0} MiB after step 20 (MiB by step: {resident:.0?})");
+}

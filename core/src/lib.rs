@@ -14,6 +14,7 @@
 //! - [`plugins`]: loading reward, detector and credit plugins built against `hicra-sdk`, with guards.
 //! - [`sg`]: Strategic-Gram mining; [`analysis`]: the paper's per-step analyses of rollouts.
 //! - [`files`]: writing files atomically (temp file, then rename).
+//! - [`memory`]: resident memory, and returning freed memory to the OS after a step.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
 
 // tch implements `x += y` in place: on tensors that alias others (shallow clones) or that
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod files;
+pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod plugins;

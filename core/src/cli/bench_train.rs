@@ -97,20 +97,12 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A `/proc/self/status` field in MiB (Linux; 0 elsewhere).
-fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())))
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Resident memory now.
+/// Resident memory now, in MiB (0 where unknown).
 fn resident_mib() -> f64 {
-    status_mib("VmRSS:")
+    crate::memory::resident_bytes().map_or(0.0, |b| b as f64 / (1024.0 * 1024.0))
 }
 
-/// Highest resident memory so far.
+/// Highest resident memory so far, in MiB (0 where unknown).
 fn peak_resident_mib() -> f64 {
-    status_mib("VmHWM:")
+    crate::memory::peak_resident_bytes().map_or(0.0, |b| b as f64 / (1024.0 * 1024.0))
 }

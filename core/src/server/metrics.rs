@@ -113,6 +113,9 @@ impl ServerMetrics {
         gauge(&mut out, "hicra_sequences_cancelled_total", "Sequences cancelled because the client went away.", "counter", load(&engine.cancelled_sequences));
         gauge(&mut out, "hicra_rollouts_stored", "Rollouts held in the store.", "gauge", rollouts.0 as f64);
         gauge(&mut out, "hicra_rollouts_evicted_total", "Rollouts evicted from the store.", "counter", rollouts.1 as f64);
+        if let Some(bytes) = crate::memory::resident_bytes() {
+            gauge(&mut out, "process_resident_memory_bytes", "Resident memory size in bytes.", "gauge", bytes as f64);
+        }
         gauge(&mut out, "hicra_train_steps_total", "Online training steps run.", "counter", load(&self.train_steps));
         gauge(&mut out, "hicra_plugin_item_failures_total", "Items a reward plugin failed, alone or with their whole call (masked, not scored).", "counter", load(&self.plugin_failures));
         gauge(&mut out, "hicra_plugin_call_failures_total", "Reward plugin calls that failed as a whole (panic, error, time-out, refused while hung).", "counter", load(&self.plugin_call_failures));

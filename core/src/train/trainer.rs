@@ -295,6 +295,14 @@ impl Trainer {
     /// Trains on `groups`: one optimizer step unless every group has equal rewards. A group
     /// that is invalid on its own is refused and reported; the others still train.
     pub fn step(&mut self, model: &Transformer, groups: &[RolloutGroup]) -> Result<StepReport, TrainError> {
+        let result = self.train_on(model, groups);
+        // The step's activations (GBs for long sequences) are freed by now; hand their pages
+        // back, so a serving process does not keep the high-water mark of its largest step.
+        crate::memory::release_free_memory();
+        result
+    }
+
+    fn train_on(&mut self, model: &Transformer, groups: &[RolloutGroup]) -> Result<StepReport, TrainError> {
         let started = Instant::now();
         let mut report = StepReport { groups: groups.len(), ..StepReport::default() };
         let mut samples = Vec::new();

@@ -1,0 +1,53 @@
+//! The process's resident memory, and handing freed memory back to the OS.
+//!
+//! A training step allocates GBs of activations for a few seconds. glibc's allocator keeps
+//! what is freed in its heaps for reuse, so without help a serving process would stay at the
+//! high-water mark of its largest step forever, and creep up as step shapes vary (each shape
+//! fragments the heap differently). [`release_free_memory`] after each step returns the freed
+//! pages, so between steps the process holds what serving needs.
+
+/// Resident memory now, in bytes (Linux; `None` elsewhere).
+pub fn resident_bytes() -> Option<u64> {
+    status_kib("VmRSS:").map(|kib| kib * 1024)
+}
+
+/// Highest resident memory since the process started, in bytes (Linux; `None` elsewhere).
+pub fn peak_resident_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|kib| kib * 1024)
+}
+
+/// A `/proc/self/status` field in KiB.
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|line| line.strip_prefix(field)).and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Returns memory the allocator holds but nothing uses to the OS (glibc's `malloc_trim`);
+/// a no-op on other platforms. Takes milliseconds; call it after large, short-lived work.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and shrinks the allocator's own free lists; it is
+    // thread-safe (it takes each arena's lock) and has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trimming_returns_freed_memory_to_the_os() {
+        let Some(before) = resident_bytes() else { return };
+        // Many allocations small enough for the heap (not mmap), touched so they are resident.
+        let blocks: Vec<Vec<u8>> = (0..4096).map(|i| vec![(i % 251) as u8 + 1; 64 * 1024]).collect();
+        let held = resident_bytes().unwrap_or(0);
+        assert!(held > before + 200 * 1024 * 1024, "256 MiB of blocks should be resident: {before} -> {held}");
+        drop(blocks);
+        release_free_memory();
+        let after = resident_bytes().unwrap_or(u64::MAX);
+        assert!(after < held - 200 * 1024 * 1024, "freed blocks stayed resident: {held} -> {after}");
+        assert!(peak_resident_bytes().unwrap_or(0) >= held);
+    }
+}
