@@ -12,6 +12,7 @@ pub fn resident_bytes() -> Option<u64> {
 }
 
 /// Highest resident memory since the process started, in bytes (Linux; `None` elsewhere).
+/// The kernel updates it lazily, so it may lag a peak that just happened.
 pub fn peak_resident_bytes() -> Option<u64> {
     status_kib("VmHWM:").map(|kib| kib * 1024)
 }
@@ -48,6 +49,5 @@ mod tests {
         release_free_memory();
         let after = resident_bytes().unwrap_or(u64::MAX);
         assert!(after < held - 200 * 1024 * 1024, "freed blocks stayed resident: {held} -> {after}");
-        assert!(peak_resident_bytes().unwrap_or(0) >= held);
     }
 }
