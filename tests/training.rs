@@ -167,19 +167,23 @@ fn loss_gradient_matches_finite_differences() {
     assert!(grad.abs() > 1e-6, "gradient vanished");
     assert!((numeric - grad).abs() < 0.05 * grad.abs().max(1e-3), "analytic {grad} vs finite difference {numeric}");
 
-    // Logits computed a few positions at a time (as long sequences are) give the same loss
-    // and gradients as all at once, KL and entropy terms included.
-    let gradients = |chunk: usize| {
-        let config = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, logit_chunk_rows: chunk, ..config.clone() };
+    // Logits computed a few positions at a time (as long sequences are), and layers recomputed
+    // in the backward pass (activation checkpointing), give the same loss and gradients as the
+    // plain pass, KL and entropy terms included.
+    let gradients = |chunk: usize, activation_checkpointing: bool| {
+        let config = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, logit_chunk_rows: chunk, activation_checkpointing, ..config.clone() };
         trainer.zero_grad();
         let stats = loss::accumulate(&model, &samples, &config, 18, 3);
-        let grads: Vec<f64> = params.iter().map(|p| p.grad().abs().sum(tch::Kind::Double).double_value(&[])).collect();
+        let grads = tch::Tensor::cat(&params.iter().map(|p| p.grad().reshape([-1])).collect::<Vec<_>>(), 0).copy();
         (stats.loss, stats.kl_sum, grads)
     };
-    let (whole, chunked) = (gradients(10_000), gradients(4));
-    assert!((whole.0 - chunked.0).abs() < 1e-6 && (whole.1 - chunked.1).abs() < 1e-6, "{:?} vs {:?}", (whole.0, whole.1), (chunked.0, chunked.1));
-    for (a, b) in whole.2.iter().zip(&chunked.2) {
-        assert!((a - b).abs() <= 1e-5 * a.abs().max(1e-6), "gradient {a} vs {b} with chunked logits");
+    let whole = gradients(10_000, false);
+    let scale = whole.2.abs().max().double_value(&[]);
+    assert!(scale > 1e-6, "no gradient");
+    for (label, other) in [("chunked logits", gradients(4, false)), ("activation checkpointing", gradients(4, true))] {
+        assert!((whole.0 - other.0).abs() < 1e-6 && (whole.1 - other.1).abs() < 1e-6, "{label}: {:?} vs {:?}", (whole.0, whole.1), (other.0, other.1));
+        let diff = (&whole.2 - &other.2).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5 * scale, "{label}: gradients differ by {diff} (largest {scale})");
     }
 }
 

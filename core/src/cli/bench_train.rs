@@ -34,6 +34,12 @@ pub(crate) struct BenchTrainArgs {
     /// Token positions whose logits are computed at once (0: as many as fit 64 MiB).
     #[arg(long, default_value_t = 0)]
     logit_chunk_rows: usize,
+    /// Recompute each layer's activations in the backward pass instead of keeping them.
+    #[arg(long)]
+    activation_checkpointing: bool,
+    /// Skip the untimed warm-up step (for steps that take minutes).
+    #[arg(long)]
+    no_warmup: bool,
     /// Timed steps (after one warm-up step); the mean is reported.
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -47,6 +53,7 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     config.lora.alpha = 2.0 * args.rank as f64;
     config.loss.micro_batch = args.micro_batch;
     config.loss.logit_chunk_rows = args.logit_chunk_rows;
+    config.loss.activation_checkpointing = args.activation_checkpointing;
     let mut trainer = Trainer::new(&mut loaded.model, config)?;
     let vocab = loaded.model.config().vocab_size as u32;
     // Deterministic pseudo-random ids; rewards alternate so the group carries signal.
@@ -69,7 +76,9 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
             .collect(),
         advantages: None,
     };
-    trainer.step(&loaded.model, std::slice::from_ref(&group))?;
+    if !args.no_warmup {
+        trainer.step(&loaded.model, std::slice::from_ref(&group))?;
+    }
     let mut rss_mib = vec![resident_mib()];
     let started = Instant::now();
     for _ in 0..args.steps {
@@ -85,11 +94,13 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
         "completion_tokens": args.completion_tokens,
         "rank": args.rank,
         "logit_chunk_rows": args.logit_chunk_rows,
+        "activation_checkpointing": args.activation_checkpointing,
+        "micro_batch": args.micro_batch,
         "step_seconds": step_s,
         "trained_tokens_per_s": tokens as f64 / step_s,
         "sequence_tokens_per_s": (args.batch * (args.prompt_tokens + args.completion_tokens)) as f64 / step_s,
         "adapter_values": trainer.parameters().iter().map(|(_, t)| t.numel()).sum::<usize>(),
-        // After the warm-up step, then after each timed step: flat when steps leak nothing.
+        // Before the first timed step, then after each: flat when steps leak nothing.
         "rss_mib_by_step": rss_mib,
         "peak_rss_mib": peak_resident_mib(),
     });

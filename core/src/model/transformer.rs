@@ -150,6 +150,43 @@ struct DecoderLayer {
     self_attn: Attention,
     post_attention_layernorm: Tensor,
     mlp: Mlp,
+    hidden: i64,
+    eps: f64,
+}
+
+impl DecoderLayer {
+    /// `x`: `(b, t, hidden)` -> `(b, t, hidden)`.
+    fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<(&mut CacheView<'_>, usize)>, use_lora: bool, training: bool) -> Tensor {
+        let normed = x.rms_norm([self.hidden], Some(&self.input_layernorm), self.eps);
+        let x = x + self.self_attn.forward(&normed, ctx, cache, use_lora, training);
+        let normed = x.rms_norm([self.hidden], Some(&self.post_attention_layernorm), self.eps);
+        &x + self.mlp.forward(&normed, use_lora, training)
+    }
+}
+
+/// A training pass with activation checkpointing, between its forward and its backward: only
+/// each layer's input is kept (`tokens x hidden` per layer), and each layer's activations are
+/// recomputed during the backward pass, one layer at a time. Memory no longer grows with
+/// layers x activations, for one more forward pass of compute.
+#[derive(Debug)]
+pub struct CheckpointedPass {
+    /// Each layer's input, computed without gradients.
+    layer_inputs: Vec<Tensor>,
+    /// The last layer's output, a leaf whose gradient the loss fills.
+    top: Tensor,
+    /// Final-normed hidden states `(b, t, hidden)`, differentiable back to `top`.
+    hidden: Tensor,
+    ctx: StepContext,
+    use_lora: bool,
+    training: bool,
+}
+
+impl CheckpointedPass {
+    /// Final-normed hidden states `(b, t, hidden)`; backpropagate the loss into them, then call
+    /// [`Transformer::backward_checkpointed`].
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
+    }
 }
 
 /// What one forward pass reads.
@@ -194,6 +231,8 @@ impl Transformer {
                     self_attn: Attention::new(&config, &mut w, &format!("{p}.self_attn"))?,
                     post_attention_layernorm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
                     mlp: Mlp::new(&config, &mut w, &format!("{p}.mlp"))?,
+                    hidden,
+                    eps: config.rms_norm_eps,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -239,16 +278,51 @@ impl Transformer {
     pub fn forward_hidden(&self, input: &ForwardInput<'_>, mut cache: Option<&mut CacheView<'_>>) -> Tensor {
         let ctx = self.step_context(input, cache.as_deref());
         let mut x = Tensor::embedding(&self.embed_tokens, input.tokens, -1, false, false);
-        let hidden = self.config.hidden_size as i64;
-        let eps = self.config.rms_norm_eps;
         for (index, layer) in self.layers.iter().enumerate() {
-            let normed = x.rms_norm([hidden], Some(&layer.input_layernorm), eps);
             let layer_cache = cache.as_deref_mut().map(|view| (view, index));
-            x = x + layer.self_attn.forward(&normed, &ctx, layer_cache, input.use_lora, input.training);
-            let normed = x.rms_norm([hidden], Some(&layer.post_attention_layernorm), eps);
-            x = &x + layer.mlp.forward(&normed, input.use_lora, input.training);
+            x = layer.forward(&x, &ctx, layer_cache, input.use_lora, input.training);
         }
-        x.rms_norm([hidden], Some(&self.norm), eps)
+        self.final_norm(&x)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        x.rms_norm([self.config.hidden_size as i64], Some(&self.norm), self.config.rms_norm_eps)
+    }
+
+    /// The forward half of a training pass with activation checkpointing (causal over
+    /// `tokens`, no cache): runs the layers without gradients, keeping only their inputs.
+    pub fn forward_checkpointed(&self, input: &ForwardInput<'_>) -> CheckpointedPass {
+        let ctx = self.step_context(input, None);
+        let mut layer_inputs = Vec::with_capacity(self.layers.len());
+        let top = tch::no_grad(|| {
+            let mut x = Tensor::embedding(&self.embed_tokens, input.tokens, -1, false, false);
+            for layer in &self.layers {
+                layer_inputs.push(x.shallow_clone());
+                x = layer.forward(&x, &ctx, None, input.use_lora, input.training);
+            }
+            x
+        })
+        .set_requires_grad(true);
+        let hidden = self.final_norm(&top);
+        CheckpointedPass { layer_inputs, top, hidden, ctx, use_lora: input.use_lora, training: input.training }
+    }
+
+    /// The backward half: once the loss has been backpropagated into `pass.hidden()`, runs each
+    /// layer again with gradients, last to first, and backpropagates through it. The adapters'
+    /// gradients then equal those of an ordinary pass. Adapter dropout would draw new masks
+    /// when recomputing, so the trainer refuses it together with checkpointing.
+    pub fn backward_checkpointed(&self, pass: CheckpointedPass) {
+        let mut grad = pass.top.grad();
+        for (layer, input) in self.layers.iter().zip(pass.layer_inputs).rev() {
+            if !grad.defined() {
+                return;
+            }
+            let input = input.set_requires_grad(true);
+            let output = layer.forward(&input, &pass.ctx, None, pass.use_lora, pass.training);
+            // d(sum(output * g))/d(output) = g: the gradient arriving from above enters the layer.
+            (output * grad.detach()).sum(Kind::Float).backward();
+            grad = input.grad();
+        }
     }
 
     fn step_context(&self, input: &ForwardInput<'_>, cache: Option<&CacheView<'_>>) -> StepContext {

@@ -17,6 +17,7 @@ use tch::{Kind, Tensor};
 use super::TrainError;
 use crate::engine::sampler::{SamplingParams, Truncation};
 use crate::engine::score::PaddedPairs;
+use crate::model::transformer::CheckpointedPass;
 use crate::model::{ForwardInput, Transformer};
 
 /// How per-token losses become the batch loss.
@@ -48,11 +49,15 @@ pub struct LossConfig {
     /// Token positions whose logits are computed at once; 0 picks as many as fit 64 MiB of
     /// f32 logits. Results do not depend on it, only peak memory does.
     pub logit_chunk_rows: usize,
+    /// Keep only each layer's input during the forward pass and recompute the layer's
+    /// activations in the backward pass: far less memory for long sequences, for one more
+    /// forward pass of compute. Results do not depend on it. Incompatible with LoRA dropout.
+    pub activation_checkpointing: bool,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { clip_low: 0.2, clip_high: 0.28, kl_coef: 0.0, entropy_coef: 0.0, aggregation: Aggregation::Token, micro_batch: 4, logit_chunk_rows: 0 }
+        Self { clip_low: 0.2, clip_high: 0.28, kl_coef: 0.0, entropy_coef: 0.0, aggregation: Aggregation::Token, micro_batch: 4, logit_chunk_rows: 0, activation_checkpointing: false }
     }
 }
 
@@ -189,6 +194,13 @@ fn chunk_rows(configured: usize, vocab: i64) -> i64 {
 /// The final hidden state predicting each completion token `(tokens, hidden)`, the completion
 /// tokens `(tokens,)`, and each token's inverse logprob temperature `(tokens,)`.
 fn completion_hidden(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool) -> (Tensor, Tensor, Tensor) {
+    let (hidden, targets, inv_t, _) = completion_pass(model, samples, use_lora, training, false);
+    (hidden, targets, inv_t)
+}
+
+/// [`completion_hidden`], optionally with activation checkpointing: then the pass to finish
+/// with [`Transformer::backward_checkpointed`] comes along.
+fn completion_pass(model: &Transformer, samples: &[TrainSample], use_lora: bool, training: bool, checkpointed: bool) -> (Tensor, Tensor, Tensor, Option<CheckpointedPass>) {
     let device = model.device();
     let pairs: Vec<(&[u32], &[u32])> = samples.iter().map(|s| (s.prompt_ids.as_slice(), s.completion_ids.as_slice())).collect();
     let batch = PaddedPairs::new(&pairs, device);
@@ -196,8 +208,14 @@ fn completion_hidden(model: &Transformer, samples: &[TrainSample], use_lora: boo
         .iter()
         .flat_map(|s| std::iter::repeat_n((1.0 / s.sampling.logprob_temperature()) as f32, s.completion_ids.len()))
         .collect();
-    let hidden = model.forward_hidden(&ForwardInput { tokens: &batch.tokens, positions: &batch.positions, use_lora, training }, None);
-    (batch.predicting(&hidden), batch.targets, Tensor::from_slice(&inv_t).to_device(device))
+    let input = ForwardInput { tokens: &batch.tokens, positions: &batch.positions, use_lora, training };
+    let (hidden, pass) = if checkpointed {
+        let pass = model.forward_checkpointed(&input);
+        (batch.predicting(pass.hidden()), Some(pass))
+    } else {
+        (batch.predicting(&model.forward_hidden(&input, None)), None)
+    };
+    (hidden, batch.targets, Tensor::from_slice(&inv_t).to_device(device), pass)
 }
 
 /// Float32 tempered scores `logits / T` of rows `start..start + len`.
@@ -255,7 +273,7 @@ fn per_sample(flat: &Tensor, samples: &[TrainSample]) -> Vec<Vec<f32>> {
 
 fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
     let device = model.device();
-    let (hidden, targets, inv_t) = completion_hidden(model, samples, true, true);
+    let (hidden, targets, inv_t, checkpointed) = completion_pass(model, samples, true, true, config.activation_checkpointing);
     // The reference policy (the base model) for KL, without gradients.
     let reference = (config.kl_coef != 0.0).then(|| tch::no_grad(|| completion_hidden(model, samples, false, false).0));
     // The logits are computed chunk by chunk from a detached copy of the hidden states: each
@@ -316,8 +334,12 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     }
     let grad = detached.grad();
     if hidden.requires_grad() && grad.defined() {
-        // d(sum(hidden * g))/d(hidden) = g: the chunks' gradient enters the decoder in one pass.
+        // d(sum(hidden * g))/d(hidden) = g: the chunks' gradient enters the decoder in one pass
+        // (with checkpointing, it stops at the last layer's output, and the layers follow).
         (&hidden * grad.detach()).sum(Kind::Float).backward();
+        if let Some(pass) = checkpointed {
+            model.backward_checkpointed(pass);
+        }
     }
     LossStats {
         loss,
