@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    hicra_core::memory::reuse_freed_memory();
     let cli = hicra_core::cli::Cli::parse();
     hicra_core::cli::init_tracing(cli.verbose);
     match hicra_core::cli::run(cli) {
