@@ -84,6 +84,8 @@ fn rewards_train_the_served_model_in_place() {
     assert_eq!(step["updated"], true, "{status}");
     // Truncated sampling is trained against its own distribution: the ratio starts at 1.
     assert_eq!(step["clip_fraction"], 0.0, "{step}");
+    let deviation = step["ratio_deviation_max"].as_f64().expect("ratio_deviation_max");
+    assert!(deviation < 1e-3 && step["ratio_deviation_mean"].as_f64().is_some_and(|m| m <= deviation), "{step}");
     assert_eq!(status["policy_version"], 1);
     assert_eq!(status["counters"]["trained"], 1);
 

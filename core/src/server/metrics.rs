@@ -137,6 +137,8 @@ impl ServerMetrics {
                 ("hicra_train_loss", "Loss of the last step.", step.loss),
                 ("hicra_train_clip_fraction", "Clipped-token share of the last step.", step.clip_fraction),
                 ("hicra_train_kl", "Mean KL to the base policy in the last step.", step.kl),
+                ("hicra_train_ratio_deviation_mean", "Mean |trainer/sampler probability ratio - 1| over the last step's tokens, before its update.", step.ratio_deviation_mean),
+                ("hicra_train_ratio_deviation_max", "Largest |trainer/sampler probability ratio - 1| in the last step, before its update.", step.ratio_deviation_max),
                 ("hicra_train_grad_norm", "Gradient norm of the last step.", step.grad_norm),
                 ("hicra_train_planning_share", "Planning-token share of the last step.", step.planning_share),
                 ("hicra_train_entropy_planning", "Mean planning-token entropy of the last step.", step.entropy_planning),

@@ -101,6 +101,13 @@ pub struct StepReport {
     pub clip_fraction: f64,
     /// Mean k3 KL to the base policy per token (0 without `kl_coef`).
     pub kl: f64,
+    /// Mean of |ratio - 1| over the trained tokens, with ratio = exp(trainer logprob - sampler
+    /// logprob) before the update: how far the trained policy is from the one that sampled. 0 up
+    /// to rounding for rollouts of the current version; larger for stale ones, or when the
+    /// sampler's arithmetic differs from the trainer's (bf16 kernels, batch shapes).
+    pub ratio_deviation_mean: f64,
+    /// The largest |ratio - 1| of the step.
+    pub ratio_deviation_max: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
     /// Learning rate used.
@@ -169,6 +176,22 @@ fn spread_over(values: Vec<f32>, mask: &[bool], len: usize) -> Vec<f32> {
     (0..len).map(|i| if mask.get(i).copied().unwrap_or(false) { values.next().unwrap_or(0.0) } else { 0.0 }).collect()
 }
 
+/// Mean and largest |exp(new - old) - 1| over the tokens that carry loss.
+fn ratio_deviation(samples: &[TrainSample], new_logprobs: &[Vec<f32>]) -> (f64, f64) {
+    let (mut sum, mut max, mut count) = (0.0f64, 0.0f64, 0usize);
+    for (sample, new) in samples.iter().zip(new_logprobs) {
+        for (i, (old, new)) in sample.old_logprobs.iter().zip(new).enumerate() {
+            if sample.sampled_mask.get(i).copied().unwrap_or(true) {
+                let deviation = ((*new as f64 - *old as f64).exp() - 1.0).abs();
+                sum += deviation;
+                max = max.max(deviation);
+                count += 1;
+            }
+        }
+    }
+    (sum / count.max(1) as f64, max)
+}
+
 /// Adapter tensors, optimizer state and the policy version of one served model.
 pub struct Trainer {
     config: TrainerConfig,
@@ -188,6 +211,13 @@ impl Trainer {
 
     /// A trainer over `params`, whose storage moves into one flat buffer.
     fn over(params: Vec<(String, Tensor)>, config: TrainerConfig) -> Result<Self, TrainError> {
+        if config.loss.activation_checkpointing && config.lora.dropout > 0.0 {
+            // Recomputing a layer would draw new dropout masks: gradients of another network.
+            return Err(TrainError::Model(crate::model::ModelError::InvalidConfig(format!(
+                "loss.activation_checkpointing needs lora.dropout = 0 (it is {})",
+                config.lora.dropout
+            ))));
+        }
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let flat = FlatAdapters::adopt(&tensors)?;
         let optimizer = AdamW::new(config.optim.clone(), flat.values());
@@ -342,6 +372,7 @@ impl Trainer {
             self.flat.zero_grad();
             return Err(TrainError::NonFinite(format!("loss {}", stats.loss)));
         }
+        (report.ratio_deviation_mean, report.ratio_deviation_max) = ratio_deviation(&samples, &stats.new_logprobs);
         report.grad_norm = optimizer::clip_grad_norm(self.flat.grads(), self.config.optim.max_grad_norm);
         if !report.grad_norm.is_finite() {
             self.flat.zero_grad();
