@@ -156,7 +156,10 @@ def run_transformers(a: argparse.Namespace, batches: list[int]) -> None:
     sys.path.insert(0, str(ROOT / "scripts" / "fixtures"))
     # (A no-op when the NVIDIA wheels are all installed. --device cuda needs the real ones: the
     # stubs abort when called.)
-    import make_parity_fixtures  # noqa: F401,E402  (side effect: torch importable)
+    try:
+        import make_parity_fixtures  # noqa: F401,E402  (side effect: torch importable)
+    except ImportError:
+        pass  # a GPU machine without the fixtures' own dependencies (gguf)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,16 +170,24 @@ def run_transformers(a: argparse.Namespace, batches: list[int]) -> None:
     torch.set_num_threads(a.threads)  # the fixture module sets 1; use the same count as hicra
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
     dev = torch.device(a.device)
-    gguf = Path(a.model_gguf)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
-    model = model.to(dev).eval()
+    if a.shape:
+        # Random weights of a published shape, the prompt ids hicra bench uses for it.
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import shapes
+        model = shapes.random_model(a.shape, dtype, a.device, seed=0).eval()
+        ids = shapes.prompt_ids(model.config.vocab_size, a.prompt_tokens)
+        pad = 0
+    else:
+        gguf = Path(a.model_gguf)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+        model = model.to(dev).eval()
+        ids = prompt_ids(lambda s: tok(s, add_special_tokens=False)["input_ids"], a.prompt_tokens)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     log(f"transformers {transformers.__version__}, torch {torch.__version__}: loaded in "
         f"{time.perf_counter() - t0:.1f}s, threads={torch.get_num_threads()}, "
         f"attn={model.config._attn_implementation}")
-    ids = prompt_ids(lambda s: tok(s, add_special_tokens=False)["input_ids"], a.prompt_tokens)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -400,6 +411,7 @@ def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-gguf", default=str(ROOT / ".deps" / "models" / "smollm2-135m-instruct.gguf"))
+    ap.add_argument("--shape", help="transformers only: random weights of a published shape (scripts/shapes.py), like hicra bench --shape")
     ap.add_argument("--batch", default="1,8,32")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -418,7 +430,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.decode_tokens < 2:
         ap.error("--decode-tokens must be >= 2 (decode excludes the first token)")
-    if not Path(a.model_gguf).exists():
+    if a.shape and a.only != "transformers":
+        ap.error("--shape needs --only transformers (llama.cpp runs GGUF files)")
+    if not a.shape and not Path(a.model_gguf).exists():
         ap.error(f"no such model: {a.model_gguf}")
 
     if a.only is None:
