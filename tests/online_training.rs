@@ -258,7 +258,7 @@ fn resident_memory_between_steps_stays_flat_when_step_shapes_vary() {
     let mut resident = Vec::new();
     for step in 1..=20u64 {
         // Step 3 is four times longer than the others; the rest vary in size.
-        let (n, words, max_tokens) = if step == 3 { (8, 160, 48) } else { (2 + (step as usize % 3) * 2, 5 + (step as usize % 4) * 5, 4 + (step % 5) as u64 * 2) };
+        let (n, words, max_tokens) = if step == 3 { (8, 160, 48) } else { (2 + (step as usize % 3) * 2, 5 + (step as usize % 4) * 5, 4 + (step % 5) * 2) };
         let content = format!("Count the words in this list, step {step}: {}", "apple pear plum ".repeat(words / 3));
         let ids = sample(&client, &server, &content, n, json!({"model": "smollm2-135m-instruct", "max_tokens": max_tokens, "seed": step}));
         let rewards: Vec<Value> = ids.iter().enumerate().map(|(i, id)| json!({"rollout_id": id, "reward": (i % 2) as f64})).collect();
