@@ -53,6 +53,30 @@ fn generation_logprobs_equal_teacher_forced_logprobs() {
 }
 
 #[test]
+fn a_sequence_decodes_the_same_alone_in_8_and_in_32() {
+    // Batch sizes take different kernel paths (one row, 4 x 4 register tiles, remainders);
+    // each must give a sequence the same tokens and logprobs whatever shares its batch.
+    let loaded = default_model();
+    let requests: Vec<GenerationRequest> = (0..32)
+        .map(|i| {
+            let prompt = format!("Question {i}: what is {} plus {}? Answer:", i * 7 % 13, "nine ".repeat(i % 5));
+            GenerationRequest::new(loaded.tokenizer.encode(&prompt, false).expect("encode"), SamplingParams::greedy(), 8, &loaded.tokenizer)
+        })
+        .collect();
+    let run = |count: usize| Engine::new(&loaded.model, &loaded.tokenizer, count, 128).generate(&requests[..count]).expect("generate");
+    let (thirty_two, eight, one) = (run(32), run(8), run(1));
+    let same = |a: &hicra_core::engine::Generation, b: &hicra_core::engine::Generation, what: &str| {
+        assert_eq!(a.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), b.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), "{what}");
+        let gap = a.tokens.iter().zip(&b.tokens).map(|(x, y)| (x.logprob - y.logprob).abs()).fold(0.0f32, f32::max);
+        assert!(gap < 2e-5, "{what}: logprobs differ by {gap}");
+    };
+    for (i, (a, b)) in eight.iter().zip(&thirty_two).enumerate() {
+        same(a, b, &format!("sequence {i} in a batch of 8 vs 32"));
+    }
+    same(&one[0], &thirty_two[0], "sequence 0 alone vs in a batch of 32");
+}
+
+#[test]
 fn batching_sequences_of_different_lengths_changes_nothing() {
     let loaded = default_model();
     let prompts = ["Hi", "The history of the Roman Empire begins", "List three fruits:\n1."];

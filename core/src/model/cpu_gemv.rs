@@ -1,14 +1,19 @@
-//! Multi-threaded f32 matrix-vector products for decoding on the CPU.
+//! Multi-threaded f32 products of a few activation rows with a weight matrix, for decoding on
+//! the CPU.
 //!
-//! A decode step multiplies a few activation rows by every weight matrix: it is bound by
-//! memory bandwidth, and libtorch's CPU path (MKL `sgemv`) runs it on one core, which leaves
-//! half of a 2-core machine's bandwidth unused (measured here: 11 GB/s on one or two threads).
-//! This module splits the weight rows across a small persistent thread pool and computes the
-//! dot products with AVX2/FMA when the CPU has them.
+//! A decode step multiplies one activation row per sequence (up to [`MAX_ROWS`]) by every
+//! weight matrix. Up to a few dozen rows that is bound by memory bandwidth: the weights must be
+//! read once per step, and the arithmetic is cheap next to it. libtorch's CPU paths are not
+//! built for it (MKL `sgemv` runs on one core; its GEMM on 8-32 rows re-reads the weights and
+//! costs 2x the bandwidth floor on this machine). This module splits the weight rows across a
+//! small persistent thread pool and streams each weight row once: with AVX-512, four weight
+//! rows at a time against four activation rows at a time (16 accumulators in registers), so
+//! the weights come from memory once and the activation rows from cache.
 //!
-//! Invariant: each output element is computed by the same code in the same order whatever the
-//! number of activation rows, so a sequence's logits do not depend on what else is in the
-//! batch. Only used without autograd (generation), on contiguous f32 CPU tensors.
+//! Invariant: each output element is computed by the same arithmetic in the same order whatever
+//! the number of activation rows and whichever rows share a tile (16 lane-wise fused
+//! multiply-add chains, then one fixed reduction), so a sequence's logits do not depend on what
+//! else is in the batch. Only used without autograd (generation), on contiguous f32 CPU tensors.
 
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -16,11 +21,9 @@ use std::thread::Thread;
 
 use tch::{Device, Kind, Tensor};
 
-/// Activation rows handled per call. Up to here the product is bandwidth-bound and two
-/// cores beat libtorch's single-threaded GEMV; beyond, libtorch's GEMM (compute-bound, well
-/// blocked) wins. Measured on SmolLM2-135M, 2 cores: batch 1 decode 20 ms/step here vs 55 ms
-/// in libtorch; batch 8: 95 ms here vs 72 ms in libtorch.
-pub(crate) const MAX_ROWS: i64 = 4;
+/// Activation rows handled per call: a decode step's batch. Beyond it the product is
+/// compute-bound (a prefill), where libtorch's GEMM is the better tool.
+pub(crate) const MAX_ROWS: i64 = 32;
 
 /// Whether a pass over `rows` activation rows will use this module: the engine then drops
 /// libtorch to one intra-op thread for the step, so its OpenMP workers do not spin on the
@@ -92,6 +95,11 @@ impl Job {
         let end = ((part + 1) * chunk).min(self.out_features);
         #[cfg(target_arch = "x86_64")]
         {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports the features `columns_avx512` is compiled for.
+                unsafe { self.columns_avx512(start, end) };
+                return;
+            }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports the features `columns_avx2` is compiled for.
                 unsafe { self.columns_avx2(start, end) };
@@ -107,10 +115,68 @@ impl Job {
         self.columns(start, end);
     }
 
+    /// Output columns `start..end` for every activation row, four weight rows by four
+    /// activation rows at a time in AVX-512 registers; the rest through [`Self::columns`].
+    /// Each element's arithmetic is exactly [`dot4`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn columns_avx512(&self, start: usize, end: usize) {
+        use std::arch::x86_64::{__m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps};
+        let n = self.in_features;
+        let chunks = n / LANES;
+        let tail = chunks * LANES;
+        // SAFETY: as in `columns`: the job's pointers cover rows of `n` floats, and every load
+        // reads LANES floats at an offset below `chunks * LANES <= n`; parts write disjoint
+        // output columns.
+        unsafe {
+            let row = |base: *const f32, r: usize| base.wrapping_add(r * n);
+            let mut o = start;
+            while o + 4 <= end {
+                let w = [row(self.weight, o), row(self.weight, o + 1), row(self.weight, o + 2), row(self.weight, o + 3)];
+                let mut r = 0;
+                while r + 4 <= self.rows {
+                    let x = [row(self.x, r), row(self.x, r + 1), row(self.x, r + 2), row(self.x, r + 3)];
+                    let mut acc: [[__m512; 4]; 4] = [[_mm512_setzero_ps(); 4]; 4];
+                    for c in 0..chunks {
+                        let at = c * LANES;
+                        let wv = [_mm512_loadu_ps(w[0].add(at)), _mm512_loadu_ps(w[1].add(at)), _mm512_loadu_ps(w[2].add(at)), _mm512_loadu_ps(w[3].add(at))];
+                        for (xi, x_row) in x.iter().enumerate() {
+                            let xv = _mm512_loadu_ps(x_row.add(at));
+                            for (wi, wv) in wv.iter().enumerate() {
+                                acc[wi][xi] = _mm512_fmadd_ps(*wv, xv, acc[wi][xi]);
+                            }
+                        }
+                    }
+                    for (wi, w_row) in w.iter().enumerate() {
+                        let w_tail = std::slice::from_raw_parts(w_row.add(tail), n - tail);
+                        for (xi, x_row) in x.iter().enumerate() {
+                            let mut lanes = [0.0f32; LANES];
+                            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[wi][xi]);
+                            let x_tail = std::slice::from_raw_parts(x_row.add(tail), n - tail);
+                            *self.out.add((r + xi) * self.out_features + o + wi) = finish(lanes, w_tail, x_tail);
+                        }
+                    }
+                    r += 4;
+                }
+                if r < self.rows {
+                    self.rows_of_columns(o, o + 4, r);
+                }
+                o += 4;
+            }
+            self.rows_of_columns(o, end, 0);
+        }
+    }
+
     /// Output columns `start..end` for every activation row: each weight row is read once
     /// and multiplied with up to four activation rows at a time.
     #[inline(always)]
     fn columns(&self, start: usize, end: usize) {
+        self.rows_of_columns(start, end, 0);
+    }
+
+    /// Output columns `start..end` for activation rows `first_row..`.
+    #[inline(always)]
+    fn rows_of_columns(&self, start: usize, end: usize, first_row: usize) {
         let n = self.in_features;
         // SAFETY: the tensors behind the pointers are contiguous f32 of the sizes recorded in
         // the job and outlive it ([`Pool::run`] returns only when every part is done); parts
@@ -119,7 +185,7 @@ impl Job {
             let x = |r: usize| std::slice::from_raw_parts(self.x.add(r * n), n);
             for o in start..end {
                 let w = std::slice::from_raw_parts(self.weight.add(o * n), n);
-                let mut r = 0;
+                let mut r = first_row;
                 while r + 4 <= self.rows {
                     let sums = dot4(w, [x(r), x(r + 1), x(r + 2), x(r + 3)]);
                     for (k, sum) in sums.into_iter().enumerate() {
@@ -294,15 +360,23 @@ mod tests {
     #[test]
     fn matches_libtorch_and_is_batch_invariant() {
         tch::manual_seed(3);
-        let w = Tensor::randn([37, 70], (Kind::Float, Device::Cpu));
-        let b = Tensor::randn([37], (Kind::Float, Device::Cpu));
-        let x = Tensor::randn([2, 3, 70], (Kind::Float, Device::Cpu));
-        let ours = linear(&x, &w, Some(&b));
-        let reference = x.linear(&w, Some(&b));
-        assert_eq!(ours.size(), vec![2, 3, 37]);
-        assert!(f64::try_from((&ours - &reference).abs().max()).unwrap_or(1.0) < 1e-4);
-        let alone = linear(&x.get(1).get(2).unsqueeze(0), &w, None);
-        let together = linear(&x, &w, None).get(1).get(2).unsqueeze(0);
-        assert!(alone.equal(&together), "a row's result must not depend on the batch");
+        // 37 outputs (not a multiple of the 4-row tiles), inputs with and without a tail after
+        // the 16-lane chunks, and every batch size up to MAX_ROWS.
+        for in_features in [64i64, 70] {
+            let w = Tensor::randn([37, in_features], (Kind::Float, Device::Cpu));
+            let b = Tensor::randn([37], (Kind::Float, Device::Cpu));
+            let x = Tensor::randn([MAX_ROWS, in_features], (Kind::Float, Device::Cpu));
+            let all = linear(&x, &w, None);
+            assert!(f64::try_from((&all - x.linear::<Tensor>(&w, None)).abs().max()).unwrap_or(1.0) < 1e-4);
+            for rows in 1..=MAX_ROWS {
+                let some = linear(&x.narrow(0, 0, rows), &w, None);
+                assert!(some.equal(&all.narrow(0, 0, rows)), "rows 0..{rows} differ from the same rows in a batch of {MAX_ROWS}");
+            }
+            let alone = linear(&x.get(MAX_ROWS - 1).unsqueeze(0), &w, None);
+            assert!(alone.equal(&all.narrow(0, MAX_ROWS - 1, 1)), "a row's result must not depend on the batch");
+            let shaped = linear(&x.view([4, MAX_ROWS / 4, in_features]), &w, Some(&b));
+            assert_eq!(shaped.size(), vec![4, MAX_ROWS / 4, 37]);
+            assert!(f64::try_from((&shaped - x.linear(&w, Some(&b)).view([4, MAX_ROWS / 4, 37])).abs().max()).unwrap_or(1.0) < 1e-4);
+        }
     }
 }
