@@ -127,4 +127,13 @@ for key, title in (("prefill_tokens_per_s", "Prefill tokens/s"), ("decode_tokens
                 cells.append(f"{v:.1f}")
         print(f"| {e} | {dt} | " + " | ".join(cells) + " |")
     print()
+floor = next((r for r in rows if r["engine"] == "hicra" and r.get("bandwidth_floor_ms")), None)
+if floor:
+    print(f"### hicra decode step vs the bandwidth floor ({floor['read_bandwidth_gb_s']:.1f} GB/s measured read bandwidth: "
+          f"{floor['bandwidth_floor_ms']:.1f} ms to read the weights once)\n")
+    print("| | " + " | ".join(f"B={b}" for b in batches) + " |")
+    print("|---|" + "---:|" * len(batches))
+    cells = [by.get(("hicra", b), {}).get("decode_ms_per_step") for b in batches]
+    print("| ms/step | " + " | ".join("-" if c is None else f"{c:.1f} (x{c / floor['bandwidth_floor_ms']:.2f} floor)" for c in cells) + " |")
+    print()
 EOF

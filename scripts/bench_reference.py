@@ -25,7 +25,7 @@ exactly --decode-tokens new tokens.
            generate overhead outside the forwards is therefore counted in t_decode the way a
            user of generate pays it. With --repeats R > 1 the fastest of R measurements is used.
   llama.cpp: low-level API (llama_batch with one sequence id per prompt, non-unified KV cache,
-           n_ctx = B * 256 cells (512 at B=1), n_batch = max(512, B * prompt_tokens) so the
+           n_ctx = B * (prompt + decode + 16) cells (at least 512), n_batch = max(512, B * prompt_tokens) so the
            whole prefill is one llama_decode call (llama.cpp splits it into n_ubatch=512 micro
            batches itself), default n_ubatch and flash-attention setting). t_prefill = the
            llama_decode of the B*P prompt tokens (logits only for each sequence's last token)
@@ -327,7 +327,9 @@ def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
         for b in batches:
             P = a.prompt_tokens
             cp = L.llama_context_default_params()
-            cp.n_ctx = max(512, b * 256)
+            # Every sequence needs P + decode cells, and llama.cpp caps n_batch at n_ctx, so a
+            # smaller context would abort long prompts (GGML_ASSERT n_tokens_all <= n_batch).
+            cp.n_ctx = max(512, b * (P + a.decode_tokens + 16))
             cp.n_batch = max(512, b * P)
             cp.n_seq_max = b
             cp.n_threads = a.threads

@@ -48,6 +48,24 @@ struct BenchResult {
     decode_tokens_per_s: f64,
     decode_ms_per_step: f64,
     decode_steps: usize,
+    /// Weight bytes per decode step / measured read bandwidth: no bandwidth-bound decode step
+    /// can be faster.
+    bandwidth_floor_ms: f64,
+    /// The read bandwidth that floor assumes, GB/s.
+    read_bandwidth_gb_s: f64,
+}
+
+/// Read bandwidth of the device's memory in GB/s: the best of three sums over 1 GiB (each
+/// byte read once, libtorch's threads), the way a decode step reads its weights.
+fn read_bandwidth_gb_s(device: tch::Device) -> f64 {
+    let buffer = tch::Tensor::ones([1 << 28], (tch::Kind::Float, device));
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        let started = Instant::now();
+        let _ = f64::try_from(buffer.sum(tch::Kind::Float));
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    (buffer.numel() * 4) as f64 / best / 1e9
 }
 
 /// Runs `hicra bench`.
@@ -66,8 +84,11 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             (0..args.prompt_tokens as u64).map(|i| (i.wrapping_mul(2_654_435_761) % (vocab - 1) + 1) as u32).collect()
         }
     };
+    let bandwidth = read_bandwidth_gb_s(loaded.model.device());
+    let floor_ms = loaded.model.decode_weight_bytes() as f64 / (bandwidth * 1e9) * 1e3;
     if !args.json {
         println!("model {} on {:?} ({:?}), prompt {} tokens, decode {} tokens", loaded.name, loaded.model.device(), loaded.model.kind(), prompt.len(), args.decode_tokens);
+        println!("weights read per decode step {:.0} MB at {bandwidth:.1} GB/s: floor {floor_ms:.1} ms/step", loaded.model.decode_weight_bytes() as f64 / 1e6);
         println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
     }
     for &batch in &args.batch {
@@ -90,7 +111,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         for _ in 0..args.warmup {
             measure(&mut engine, &requests)?;
         }
-        let mut result = measure(&mut engine, &requests)?;
+        let mut result = BenchResult { bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth, ..measure(&mut engine, &requests)? };
         for _ in 1..args.repeats {
             let again = measure(&mut engine, &requests)?;
             result.prefill_tokens_per_s = result.prefill_tokens_per_s.max(again.prefill_tokens_per_s);
@@ -130,5 +151,7 @@ fn measure(engine: &mut Engine<'_>, requests: &[GenerationRequest]) -> anyhow::R
         decode_tokens_per_s: (batch * steps) as f64 / decode_s.max(1e-9),
         decode_ms_per_step: 1e3 * decode_s / steps.max(1) as f64,
         decode_steps: steps,
+        bandwidth_floor_ms: f64::NAN,
+        read_bandwidth_gb_s: f64::NAN,
     })
 }

@@ -359,6 +359,15 @@ impl Transformer {
         }
     }
 
+    /// Bytes of weights one decode step reads: every projection and the output head once
+    /// (embedding rows and norm vectors are negligible). Divided by the memory's read
+    /// bandwidth, it is the floor under a bandwidth-bound decode step.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let layers: usize = self.layers.iter().map(|l| bytes(&l.self_attn.qkv.weight) + bytes(&l.self_attn.o_proj.weight) + bytes(&l.mlp.gate_up.weight) + bytes(&l.mlp.down_proj.weight)).sum();
+        layers + bytes(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+    }
+
     /// Projects hidden states `(..., hidden)` to float32 logits `(..., vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
