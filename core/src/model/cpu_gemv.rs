@@ -116,8 +116,9 @@ impl Job {
     }
 
     /// Output columns `start..end` for every activation row, four weight rows by four
-    /// activation rows at a time in AVX-512 registers; the rest through [`Self::columns`].
-    /// Each element's arithmetic is exactly [`dot4`]'s.
+    /// activation rows at a time in AVX-512 registers, then four weight rows by one activation
+    /// row; weight rows left over go through [`Self::columns`]. Each element's arithmetic is
+    /// exactly [`dot4`]'s.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn columns_avx512(&self, start: usize, end: usize) {
@@ -158,8 +159,24 @@ impl Job {
                     }
                     r += 4;
                 }
-                if r < self.rows {
-                    self.rows_of_columns(o, o + 4, r);
+                // The last rows one at a time, against the same four weight rows.
+                while r < self.rows {
+                    let x_row = row(self.x, r);
+                    let mut acc: [__m512; 4] = [_mm512_setzero_ps(); 4];
+                    for c in 0..chunks {
+                        let at = c * LANES;
+                        let xv = _mm512_loadu_ps(x_row.add(at));
+                        for (wi, w_row) in w.iter().enumerate() {
+                            acc[wi] = _mm512_fmadd_ps(_mm512_loadu_ps(w_row.add(at)), xv, acc[wi]);
+                        }
+                    }
+                    let x_tail = std::slice::from_raw_parts(x_row.add(tail), n - tail);
+                    for (wi, w_row) in w.iter().enumerate() {
+                        let mut lanes = [0.0f32; LANES];
+                        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[wi]);
+                        *self.out.add(r * self.out_features + o + wi) = finish(lanes, std::slice::from_raw_parts(w_row.add(tail), n - tail), x_tail);
+                    }
+                    r += 1;
                 }
                 o += 4;
             }
@@ -194,7 +211,7 @@ impl Job {
                     r += 4;
                 }
                 while r < self.rows {
-                    *self.out.add(r * self.out_features + o) = dot4(w, [x(r); 4])[0];
+                    *self.out.add(r * self.out_features + o) = dot1(w, x(r));
                     r += 1;
                 }
             }
@@ -224,6 +241,19 @@ fn dot4(w: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
     }
     let tail = chunks * LANES;
     [finish(a0, &w[tail..], &x0[tail..]), finish(a1, &w[tail..], &x1[tail..]), finish(a2, &w[tail..], &x2[tail..]), finish(a3, &w[tail..], &x3[tail..])]
+}
+
+/// [`dot4`] for one row: the same arithmetic as each of its four.
+#[inline(always)]
+fn dot1(w: &[f32], x: &[f32]) -> f32 {
+    let chunks = w.len() / LANES;
+    let mut acc = [0.0f32; LANES];
+    for c in 0..chunks {
+        let range = c * LANES..(c + 1) * LANES;
+        fma_lanes(&mut acc, lanes(&w[range.clone()]), lanes(&x[range]));
+    }
+    let tail = chunks * LANES;
+    finish(acc, &w[tail..], &x[tail..])
 }
 
 #[inline(always)]
