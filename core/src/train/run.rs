@@ -645,7 +645,7 @@ impl Run {
         }
         let sample_seconds = started.elapsed().as_secs_f64();
         let train = self.trainer.step(&self.loaded.model, &groups)?;
-        let evaluate = (self.config.eval_every > 0 && (step + 1) % self.config.eval_every == 0) || step + 1 == self.config.steps;
+        let evaluate = (self.config.eval_every > 0 && (step + 1).is_multiple_of(self.config.eval_every)) || step + 1 == self.config.steps;
         let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
         let metrics = StepMetrics {
             run_step: step,
