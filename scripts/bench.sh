@@ -63,7 +63,7 @@ if [[ "$engines" == *" hicra "* ]]; then
     say "cargo build --release -p hicra-core"
     cargo build --release -p hicra-core >&2
   fi
-  hicra_args=(bench --device "$device" --batch "$batch" --prompt-tokens "$ptok" --decode-tokens "$dtok" --json)
+  hicra_args=(bench --device "$device" --batch "$batch" --prompt-tokens "$ptok" --decode-tokens "$dtok" --max-context "$((ptok + dtok + 1))" --json)
   # --dtype only when asked for or on cuda (f32 is hicra's CPU default); --model only when not the default.
   if [ -n "${BENCH_DTYPE:-}" ] || [ "$device" != cpu ]; then hicra_args+=(--dtype "$dtype"); fi
   if [ -n "${BENCH_MODEL:-}" ]; then hicra_args+=(--model "$model"); fi
