@@ -27,7 +27,7 @@ except ImportError:
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from shapes import SHAPES, random_model  # noqa: E402
+from shapes import SHAPES, random_model, synthetic_id  # noqa: E402
 
 def load_model(args, dtype):
     if args.shape:
@@ -71,7 +71,7 @@ def main() -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     vocab = model.config.vocab_size
-    ident = lambda i: (i * 2654435761) % (vocab - 1) + 1  # noqa: E731  (same ids as hicra bench-train)
+    ident = lambda i: synthetic_id(i, vocab)  # noqa: E731  (same ids as hicra bench-train)
     prompt = [ident(i) for i in range(args.prompt_tokens)]
     rows = [prompt + [ident(10_000 + b * 1000 + t) for t in range(args.completion_tokens)] for b in range(args.batch)]
     ids = torch.tensor(rows, device=args.device)

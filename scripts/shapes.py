@@ -32,6 +32,11 @@ def random_model(name: str, dtype, device: str, seed: int = 0):
     return model.to(device)
 
 
+def synthetic_id(i: int, vocab_size: int) -> int:
+    """The i-th id of hicra's pseudo-random token sequences (model::shapes::synthetic_token_id)."""
+    return (i * 2654435761) % (vocab_size - 1) + 1
+
+
 def prompt_ids(vocab_size: int, n: int) -> list[int]:
-    """The ids `hicra bench` and `hicra bench-train` use for a random-weight model."""
-    return [(i * 2654435761) % (vocab_size - 1) + 1 for i in range(n)]
+    """The prompt ids `hicra bench` uses for a random-weight model."""
+    return [synthetic_id(i, vocab_size) for i in range(n)]

@@ -48,6 +48,13 @@ struct BenchResult {
     decode_tokens_per_s: f64,
     decode_ms_per_step: f64,
     decode_steps: usize,
+}
+
+/// A reported row: the measurement and the floor under it.
+#[derive(Debug, serde::Serialize)]
+struct BenchRow {
+    #[serde(flatten)]
+    result: BenchResult,
     /// Weight bytes per decode step / measured read bandwidth: no bandwidth-bound decode step
     /// can be faster.
     bandwidth_floor_ms: f64,
@@ -80,15 +87,16 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         // Random weights have no tokenizer: deterministic pseudo-random ids.
         None => {
-            let vocab = loaded.model.config().vocab_size as u64;
-            (0..args.prompt_tokens as u64).map(|i| (i.wrapping_mul(2_654_435_761) % (vocab - 1) + 1) as u32).collect()
+            let vocab = loaded.model.config().vocab_size;
+            (0..args.prompt_tokens as u64).map(|i| crate::model::shapes::synthetic_token_id(i, vocab)).collect()
         }
     };
     let bandwidth = read_bandwidth_gb_s(loaded.model.device());
-    let floor_ms = loaded.model.decode_weight_bytes() as f64 / (bandwidth * 1e9) * 1e3;
+    let weight_bytes = loaded.model.decode_weight_bytes() as f64;
+    let floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3;
     if !args.json {
         println!("model {} on {:?} ({:?}), prompt {} tokens, decode {} tokens", loaded.name, loaded.model.device(), loaded.model.kind(), prompt.len(), args.decode_tokens);
-        println!("weights read per decode step {:.0} MB at {bandwidth:.1} GB/s: floor {floor_ms:.1} ms/step", loaded.model.decode_weight_bytes() as f64 / 1e6);
+        println!("weights read per decode step {:.0} MB at {bandwidth:.1} GB/s: floor {floor_ms:.1} ms/step", weight_bytes / 1e6);
         println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
     }
     for &batch in &args.batch {
@@ -111,7 +119,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         for _ in 0..args.warmup {
             measure(&mut engine, &requests)?;
         }
-        let mut result = BenchResult { bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth, ..measure(&mut engine, &requests)? };
+        let mut result = measure(&mut engine, &requests)?;
         for _ in 1..args.repeats {
             let again = measure(&mut engine, &requests)?;
             result.prefill_tokens_per_s = result.prefill_tokens_per_s.max(again.prefill_tokens_per_s);
@@ -121,7 +129,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         if args.json {
-            println!("{}", serde_json::to_string(&result)?);
+            println!("{}", serde_json::to_string(&BenchRow { result, bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth })?);
         } else {
             println!("{:>6} {:>16.1} {:>16.1} {:>14.2}", batch, result.prefill_tokens_per_s, result.decode_tokens_per_s, result.decode_ms_per_step);
         }
@@ -151,7 +159,5 @@ fn measure(engine: &mut Engine<'_>, requests: &[GenerationRequest]) -> anyhow::R
         decode_tokens_per_s: (batch * steps) as f64 / decode_s.max(1e-9),
         decode_ms_per_step: 1e3 * decode_s / steps.max(1) as f64,
         decode_steps: steps,
-        bandwidth_floor_ms: f64::NAN,
-        read_bandwidth_gb_s: f64::NAN,
     })
 }

@@ -55,9 +55,9 @@ pub(crate) fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     config.loss.logit_chunk_rows = args.logit_chunk_rows;
     config.loss.activation_checkpointing = args.activation_checkpointing;
     let mut trainer = Trainer::new(&mut loaded.model, config)?;
-    let vocab = loaded.model.config().vocab_size as u32;
+    let vocab = loaded.model.config().vocab_size;
     // Deterministic pseudo-random ids; rewards alternate so the group carries signal.
-    let id = |i: usize| ((i as u64).wrapping_mul(2_654_435_761) % (vocab as u64 - 1)) as u32 + 1;
+    let id = |i: usize| crate::model::shapes::synthetic_token_id(i as u64, vocab);
     let prompt_ids: Vec<u32> = (0..args.prompt_tokens).map(id).collect();
     let group = RolloutGroup {
         id: "bench".into(),

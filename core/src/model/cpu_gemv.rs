@@ -106,18 +106,18 @@ impl Job {
                 return;
             }
         }
-        self.columns(start, end);
+        self.rows_of_columns(start, end, 0);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn columns_avx2(&self, start: usize, end: usize) {
-        self.columns(start, end);
+        self.rows_of_columns(start, end, 0);
     }
 
     /// Output columns `start..end` for every activation row, four weight rows by four
     /// activation rows at a time in AVX-512 registers, then four weight rows by one activation
-    /// row; weight rows left over go through [`Self::columns`]. Each element's arithmetic is
+    /// row; weight rows left over go through [`Self::rows_of_columns`]. Each element's arithmetic is
     /// exactly [`dot4`]'s.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
@@ -126,7 +126,7 @@ impl Job {
         let n = self.in_features;
         let chunks = n / LANES;
         let tail = chunks * LANES;
-        // SAFETY: as in `columns`: the job's pointers cover rows of `n` floats, and every load
+        // SAFETY: as in `rows_of_columns`: the job's pointers cover rows of `n` floats, and every load
         // reads LANES floats at an offset below `chunks * LANES <= n`; parts write disjoint
         // output columns.
         unsafe {
@@ -184,14 +184,8 @@ impl Job {
         }
     }
 
-    /// Output columns `start..end` for every activation row: each weight row is read once
-    /// and multiplied with up to four activation rows at a time.
-    #[inline(always)]
-    fn columns(&self, start: usize, end: usize) {
-        self.rows_of_columns(start, end, 0);
-    }
-
-    /// Output columns `start..end` for activation rows `first_row..`.
+    /// Output columns `start..end` for activation rows `first_row..`: each weight row is read
+    /// once and multiplied with up to four activation rows at a time.
     #[inline(always)]
     fn rows_of_columns(&self, start: usize, end: usize, first_row: usize) {
         let n = self.in_features;

@@ -101,6 +101,13 @@ impl Shape {
     }
 }
 
+/// The `i`-th token id of the deterministic pseudo-random sequences benchmarks feed a model
+/// with no tokenizer (ids 1..vocab, so never 0); `scripts/shapes.py` makes the same ones for
+/// the transformers references.
+pub fn synthetic_token_id(i: u64, vocab_size: usize) -> u32 {
+    (i.wrapping_mul(2_654_435_761) % (vocab_size as u64 - 1) + 1) as u32
+}
+
 /// Every tensor the decoder takes for `config`, by Hugging Face name, with its shape.
 fn weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<i64>)> {
     let (vocab, hidden, inter) = (config.vocab_size as i64, config.hidden_size as i64, config.intermediate_size as i64);

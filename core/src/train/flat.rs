@@ -101,11 +101,6 @@ impl FlatAdapters {
         &self.grads
     }
 
-    /// Number of values.
-    pub fn numel(&self) -> i64 {
-        self.values.size()[0]
-    }
-
     /// Views of a buffer laid out like [`Self::values`] (an optimizer moment), shaped like the
     /// adapter tensors.
     pub fn split(&self, flat: &Tensor) -> Vec<Tensor> {

@@ -80,6 +80,11 @@ pub struct TrainSample {
 }
 
 impl TrainSample {
+    /// Whether completion token `i` carries loss (was sampled, not episode context).
+    pub fn carries_loss(&self, i: usize) -> bool {
+        self.sampled_mask.get(i).copied().unwrap_or(true)
+    }
+
     /// Tokens that carry loss.
     pub fn loss_tokens(&self) -> usize {
         if self.sampled_mask.is_empty() {
@@ -91,7 +96,7 @@ impl TrainSample {
 
     /// 1.0 for each completion token that carries loss, 0.0 for context.
     fn loss_weights(&self) -> impl Iterator<Item = f32> + '_ {
-        (0..self.completion_ids.len()).map(|i| if self.sampled_mask.get(i).copied().unwrap_or(true) { 1.0 } else { 0.0 })
+        (0..self.completion_ids.len()).map(|i| if self.carries_loss(i) { 1.0 } else { 0.0 })
     }
 }
 

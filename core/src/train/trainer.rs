@@ -181,7 +181,7 @@ fn ratio_deviation(samples: &[TrainSample], new_logprobs: &[Vec<f32>]) -> (f64, 
     let (mut sum, mut max, mut count) = (0.0f64, 0.0f64, 0usize);
     for (sample, new) in samples.iter().zip(new_logprobs) {
         for (i, (old, new)) in sample.old_logprobs.iter().zip(new).enumerate() {
-            if sample.sampled_mask.get(i).copied().unwrap_or(true) {
+            if sample.carries_loss(i) {
                 let deviation = ((*new as f64 - *old as f64).exp() - 1.0).abs();
                 sum += deviation;
                 max = max.max(deviation);
