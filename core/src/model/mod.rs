@@ -11,7 +11,9 @@
 
 pub mod bert;
 pub mod config;
+pub mod cpu_attention;
 pub mod cpu_gemv;
+mod cpu_pool;
 pub mod gguf;
 pub mod gguf_model;
 pub mod linear;

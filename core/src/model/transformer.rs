@@ -13,6 +13,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::ModelConfig;
+use super::cpu_attention;
 use super::linear::Linear;
 use super::rope::{self, RotaryTables};
 use super::weights::Weights;
@@ -79,6 +80,15 @@ impl Attention {
         let attended = match (cache, &ctx.mask) {
             (Some((view, layer)), Some(mask)) => {
                 view.write(layer, &k, &v, &ctx.positions);
+                if let Some(rows) = &ctx.cpu_decode_rows {
+                    let (keys, values) = view.layer_storage(layer);
+                    if cpu_attention::applies(&q, keys) {
+                        let cache = cpu_attention::CacheLayer { keys, values };
+                        if let Some(attended) = cpu_attention::decode(&q, &cache, &rows.slots, &rows.positions) {
+                            return self.o_proj.forward(&attended, use_lora, training);
+                        }
+                    }
+                }
                 let (keys, values) = view.read(layer);
                 Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, true)
             }
@@ -105,6 +115,16 @@ struct StepContext {
     /// `(b, 1, t, w)`: query at position p sees cached keys at positions <= p. `None` when
     /// attention is causal over the new tokens alone.
     mask: Option<Tensor>,
+    /// A CPU decode step (one new token per row over the cache): each row's slot and
+    /// position, for [`cpu_attention`], which reads the cache in place.
+    cpu_decode_rows: Option<DecodeRows>,
+}
+
+/// Host copies of a decode step's slots and positions, one per row.
+#[derive(Debug)]
+struct DecodeRows {
+    slots: Vec<i64>,
+    positions: Vec<i64>,
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
@@ -333,7 +353,12 @@ impl Transformer {
             let key_pos = Tensor::arange(window, (Kind::Int64, self.device)).view([1, 1, 1, window]);
             key_pos.le_tensor(&input.positions.view([b_sz, 1, seq_len, 1]))
         });
-        StepContext { cos, sin, positions: input.positions.shallow_clone(), mask }
+        let one_token_per_row = input.positions.size().get(1) == Some(&1);
+        let cpu_decode_rows = cache.filter(|view| !view.is_fresh() && one_token_per_row && self.device == Device::Cpu).map(|view| DecodeRows {
+            slots: view.slot_ids(),
+            positions: Vec::<i64>::try_from(input.positions.reshape([-1])).unwrap_or_default(),
+        });
+        StepContext { cos, sin, positions: input.positions.shallow_clone(), mask, cpu_decode_rows }
     }
 
     /// Every fused linear layer with the projections it holds, for LoRA.
