@@ -38,20 +38,7 @@ py="$root/.deps/venv/bin/python"
 
 scripts/setup.sh >&2
 
-# Reference engines: pinned, installed without dependency resolution (see the requirements files
-# for why), once; the marker holds both pin lists so a changed pin reinstalls.
-marker="$root/.deps/.installed-bench"
-want="$(cat scripts/fixtures/requirements-fixtures.txt scripts/bench-requirements.txt | grep -v '^\s*#' | grep -v '^\s*$')"
-if [ -f "$marker" ] && [ "$(cat "$marker")" = "$want" ]; then
-  say "reference engines: already installed"
-else
-  say "reference engines: pip install (llama-cpp-python builds llama.cpp from source: ~10 minutes)"
-  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
-  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-  "$py" -m pip --disable-pip-version-check -q install --no-deps \
-    -r scripts/fixtures/requirements-fixtures.txt -r scripts/bench-requirements.txt
-  printf '%s' "$want" > "$marker"
-fi
+scripts/install_bench_references.sh
 
 out="$root/target/bench"
 mkdir -p "$out"

@@ -80,18 +80,24 @@ def one_request(http: httpx.Client, body: dict) -> Sample:
         return Sample(time.perf_counter() - start, None, tokens)
     ttft = None
     tokens = None
+    content_chunks = 0
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[len("data: "):])
-            if ttft is None and any(c.get("delta", {}).get("content") for c in chunk["choices"]):
-                ttft = time.perf_counter() - start
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                content_chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     if tokens is None:
-        raise RuntimeError("stream ended without a usage chunk")
+        # Servers that ignore stream_options (llama-cpp-python's) send no usage chunk; they
+        # stream one token per chunk, so the chunks with text count the tokens (a token whose
+        # bytes end mid-character may carry no text: a slight undercount).
+        tokens = content_chunks
     return Sample(time.perf_counter() - start, ttft, tokens)
 
 
