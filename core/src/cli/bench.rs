@@ -2,14 +2,19 @@
 //!
 //! Decode runs greedy with stop tokens disabled so every sequence generates exactly
 //! `--decode-tokens`; prefill is timed as the batched forward over the prompts plus the first
-//! sampled token. `scripts/bench.sh` runs this next to transformers and llama.cpp.
+//! sampled token. `scripts/bench.sh` runs this next to transformers and llama.cpp. With a
+//! dtype other than f32 it also loads the model in f32 and reports how far the log-probabilities
+//! drift from it.
 
 use std::time::Instant;
 
 use clap::Args;
 
+use tch::{Kind, Tensor};
+
 use super::{ModelArgs, ShapeArgs};
 use crate::engine::{Engine, GenerationRequest, SamplingParams};
+use crate::model::{DType, ForwardInput, Transformer};
 
 /// Arguments of `hicra bench`.
 #[derive(Debug, Args)]
@@ -60,6 +65,60 @@ struct BenchRow {
     bandwidth_floor_ms: f64,
     /// The read bandwidth that floor assumes, GB/s.
     read_bandwidth_gb_s: f64,
+    /// For a dtype other than f32: its distance from the same model in f32.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    drift: Option<Drift>,
+}
+
+/// Prose for the drift measurement: a few unrelated sentences, numbers and a little code.
+const DRIFT_TEXT: &str = "In 1887 the lighthouse keeper wrote that the storm had lasted nine days. \
+Photosynthesis converts light, water and carbon dioxide into glucose and oxygen. \
+To compute the mean of a list in Python, write sum(xs) / len(xs), but check that the list is not empty first. \
+The committee postponed its decision until the spring, citing the cost of the new bridge. \
+If 3x + 7 = 22, then x = 5, because 3 * 5 + 7 = 22. \
+She packed a map, two lanterns and a jar of honey, then set off before dawn.";
+
+/// How far a lower-precision model's log-probabilities are from the same weights in f32,
+/// teacher-forced on the benchmark prompt (every position predicting the next prompt token).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Drift {
+    /// Mean |logprob - logprob in f32| of the next prompt token.
+    logprob_drift_mean: f64,
+    /// Largest such difference.
+    logprob_drift_max: f64,
+    /// Share of positions whose most likely next token is the same in both.
+    argmax_agreement: f64,
+}
+
+/// The drift of `model` from its f32 version on `prompt`; `None` for an f32 model.
+fn drift_vs_f32(args: &BenchArgs, model: &Transformer, prompt: &[u32]) -> anyhow::Result<Option<Drift>> {
+    if model.kind() == Kind::Float || prompt.len() < 2 {
+        return Ok(None);
+    }
+    let mut reference_args = args.model.clone();
+    reference_args.dtype = Some(DType::F32);
+    let reference = reference_args.load_for_bench(&args.shape)?;
+    let device = model.device();
+    let ids: Vec<i64> = prompt.iter().map(|&id| i64::from(id)).collect();
+    let tokens = Tensor::from_slice(&ids).to_device(device).unsqueeze(0);
+    let positions = Tensor::arange(ids.len() as i64, (Kind::Int64, device)).unsqueeze(0);
+    let logprobs = |m: &Transformer| {
+        tch::no_grad(|| {
+            let hidden = m.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: false, training: false }, None);
+            m.logits(&hidden).squeeze_dim(0).log_softmax(-1, Kind::Float)
+        })
+    };
+    let (ours, theirs) = (logprobs(model), logprobs(&reference.model));
+    let predicting = ids.len() as i64 - 1;
+    let next = Tensor::from_slice(&ids[1..]).to_device(device).unsqueeze(1);
+    let picked = |lp: &Tensor| lp.narrow(0, 0, predicting).gather(1, &next, false);
+    let diff = (picked(&ours) - picked(&theirs)).abs();
+    let agreement = ours.argmax(-1, false).eq_tensor(&theirs.argmax(-1, false)).to_kind(Kind::Float).mean(Kind::Float);
+    Ok(Some(Drift {
+        logprob_drift_mean: f64::try_from(diff.mean(Kind::Float))?,
+        logprob_drift_max: f64::try_from(diff.max())?,
+        argmax_agreement: f64::try_from(agreement)?,
+    }))
 }
 
 /// Read bandwidth of the device's memory in GB/s: the best of three sums over 1 GiB (each
@@ -91,12 +150,27 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             (0..args.prompt_tokens as u64).map(|i| crate::model::shapes::synthetic_token_id(i, vocab)).collect()
         }
     };
+    // Drift is measured on varied prose (the throughput prompt repeats itself, and a model
+    // is sure of a repetition in any dtype).
+    let drift_text = match &loaded.tokenizer {
+        Some(tokenizer) => tokenizer.encode(DRIFT_TEXT, false)?,
+        None => prompt.clone(),
+    };
+    let drift = drift_vs_f32(&args, &loaded.model, &drift_text)?;
     let bandwidth = read_bandwidth_gb_s(loaded.model.device());
     let weight_bytes = loaded.model.decode_weight_bytes() as f64;
     let floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3;
     if !args.json {
         println!("model {} on {:?} ({:?}), prompt {} tokens, decode {} tokens", loaded.name, loaded.model.device(), loaded.model.kind(), prompt.len(), args.decode_tokens);
         println!("weights read per decode step {:.0} MB at {bandwidth:.1} GB/s: floor {floor_ms:.1} ms/step", weight_bytes / 1e6);
+        if let Some(d) = drift {
+            println!(
+                "log-probabilities vs f32 on the prompt: mean |diff| {:.2e}, max {:.2e}, same most likely token at {:.1}% of positions",
+                d.logprob_drift_mean,
+                d.logprob_drift_max,
+                100.0 * d.argmax_agreement
+            );
+        }
         println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
     }
     for &batch in &args.batch {
@@ -129,7 +203,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         if args.json {
-            println!("{}", serde_json::to_string(&BenchRow { result, bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth })?);
+            println!("{}", serde_json::to_string(&BenchRow { result, bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth, drift })?);
         } else {
             println!("{:>6} {:>16.1} {:>16.1} {:>14.2}", batch, result.prefill_tokens_per_s, result.decode_tokens_per_s, result.decode_ms_per_step);
         }

@@ -107,6 +107,20 @@ impl CacheView<'_> {
         let _ = self.cache.values[layer].index_put_(&indices, &v.transpose(1, 2), false);
     }
 
+    /// The slot each row of the pass lives in.
+    pub(crate) fn slot_ids(&self) -> Vec<i64> {
+        match &self.selection {
+            SlotSelection::Range { start, len } => (*start..start + len).collect(),
+            SlotSelection::Indices(idx) => Vec::<i64>::try_from(idx.to_device(Device::Cpu)).unwrap_or_default(),
+        }
+    }
+
+    /// One layer's whole key and value tensors, `(slots, kv_heads, capacity, d)`, for kernels
+    /// that read the cache in place.
+    pub(crate) fn layer_storage(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.cache.keys[layer], &self.cache.values[layer])
+    }
+
     /// Keys and values of the selected slots over the window: `(b, kv_heads, w, d)` each.
     pub(crate) fn read(&self, layer: usize) -> (Tensor, Tensor) {
         let pick = |t: &Tensor| match &self.selection {

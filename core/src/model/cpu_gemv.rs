@@ -17,7 +17,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::cpu_pool;
+use super::{cpu_gemv_bf16, cpu_pool};
 
 /// Activation rows handled per call: a decode step's batch. Beyond it the product is
 /// compute-bound (a prefill), where libtorch's GEMM is the better tool.
@@ -27,14 +27,19 @@ pub(crate) const MAX_ROWS: i64 = 32;
 /// libtorch to one intra-op thread for the step, so its OpenMP workers do not spin on the
 /// cores this module's workers need.
 pub fn handles_rows(device: Device, kind: Kind, rows: i64) -> bool {
-    device == Device::Cpu && kind == Kind::Float && rows <= MAX_ROWS && cpu_pool::pool().is_some()
+    device == Device::Cpu && handles_kind(kind) && rows <= MAX_ROWS && cpu_pool::pool().is_some()
+}
+
+/// f32 always; bf16 where the CPU has AVX512-BF16 ([`super::cpu_gemv_bf16`]).
+fn handles_kind(kind: Kind) -> bool {
+    kind == Kind::Float || (kind == Kind::BFloat16 && cpu_gemv_bf16::supported())
 }
 
 /// Whether [`linear`] applies to this product.
 pub(crate) fn applies(x: &Tensor, weight: &Tensor) -> bool {
     x.device() == Device::Cpu
-        && x.kind() == Kind::Float
-        && weight.kind() == Kind::Float
+        && handles_kind(x.kind())
+        && weight.kind() == x.kind()
         && weight.is_contiguous()
         && !weight.requires_grad()
         && !x.requires_grad()
@@ -56,6 +61,11 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tens
     if let Some(last) = out_shape.last_mut() {
         *last = out_features;
     }
+    if x.kind() == Kind::BFloat16 {
+        let out = cpu_gemv_bf16::output(rows, out_features);
+        cpu_gemv_bf16::product(&x.view([rows, in_features]), weight, &out);
+        return with_bias(out.view(out_shape.as_slice()), bias);
+    }
     let out = Tensor::empty([rows, out_features], (Kind::Float, Device::Cpu));
     let job = Job {
         weight: weight.data_ptr() as *const f32,
@@ -66,7 +76,10 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tens
         out_features: out_features as usize,
     };
     cpu_pool::run(&|part, parts| job.run_part(part, parts));
-    let out = out.view(out_shape.as_slice());
+    with_bias(out.view(out_shape.as_slice()), bias)
+}
+
+fn with_bias(out: Tensor, bias: Option<&Tensor>) -> Tensor {
     match bias {
         Some(b) => out + b,
         None => out,
@@ -224,7 +237,7 @@ impl Job {
 }
 
 /// Lanes of independent partial sums per row.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// Four dot products of `w` with four rows in one pass over `w`. Each row's arithmetic is the
 /// same whichever rows share the call (fixed lane split, fused multiply-adds, fixed reduction
@@ -275,7 +288,7 @@ fn fma_lanes(acc: &mut [f32; LANES], w: &[f32; LANES], x: &[f32; LANES]) {
 
 /// Adds the tail elements and reduces the lanes pairwise in a fixed order.
 #[inline(always)]
-fn finish(mut acc: [f32; LANES], w_tail: &[f32], x_tail: &[f32]) -> f32 {
+pub(super) fn finish(mut acc: [f32; LANES], w_tail: &[f32], x_tail: &[f32]) -> f32 {
     let mut tail = 0.0f32;
     for (w, x) in w_tail.iter().zip(x_tail) {
         tail = w.mul_add(*x, tail);

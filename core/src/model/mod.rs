@@ -13,6 +13,7 @@ pub mod bert;
 pub mod config;
 pub mod cpu_attention;
 pub mod cpu_gemv;
+mod cpu_gemv_bf16;
 mod cpu_pool;
 pub mod gguf;
 pub mod gguf_model;

@@ -397,7 +397,7 @@ impl Transformer {
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         if super::cpu_gemv::applies(hidden, head) {
-            return super::cpu_gemv::linear(hidden, head, None);
+            return super::cpu_gemv::linear(hidden, head, None).to_kind(Kind::Float);
         }
         hidden.linear::<Tensor>(head, None).to_kind(Kind::Float)
     }
