@@ -343,6 +343,7 @@ impl<'m> Engine<'m> {
         let tokens = Tensor::from_slice(&suffix).view([1, t]).to_device(device);
         let positions = Tensor::arange_start(reused as i64, prompt.len() as i64, (Kind::Int64, device)).view([1, t]);
         let selection = SlotSelection::Range { start: slot as i64, len: 1 };
+        let _threads = IntraOpThreads::for_rows(self.model, t);
         let hidden = tch::no_grad(|| {
             let mut view = self.cache.view(selection, prompt.len() as i64, false);
             self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true, training: false }, Some(&mut view))
@@ -365,6 +366,7 @@ impl<'m> Engine<'m> {
         let tokens = Tensor::from_slice(&padded).view([b_sz, longest as i64]).to_device(device);
         let positions = Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0).expand([b_sz, longest as i64], true);
         let selection = selection_for(slots, device);
+        let _threads = IntraOpThreads::for_rows(self.model, b_sz * longest as i64);
         let hidden = tch::no_grad(|| {
             let mut view = self.cache.view(selection, longest as i64, true);
             self.model.forward_hidden(&ForwardInput { tokens: &tokens, positions: &positions, use_lora: true, training: false }, Some(&mut view))
@@ -534,8 +536,9 @@ pub fn validate_request(request: &GenerationRequest, vocab_size: usize, max_cont
     Ok(())
 }
 
-/// Drops libtorch to one intra-op thread while a small CPU decode step runs on
-/// [`crate::model::cpu_gemv`]'s workers, and restores the count afterwards.
+/// Drops libtorch to one intra-op thread while a CPU forward pass runs its products on
+/// [`crate::model::cpu_gemv`]'s workers (libtorch's OpenMP workers would spin on the same
+/// cores), and restores the count afterwards.
 struct IntraOpThreads(Option<i32>);
 
 impl IntraOpThreads {

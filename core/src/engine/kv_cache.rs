@@ -116,8 +116,8 @@ impl CacheView<'_> {
     }
 
     /// One layer's whole key and value tensors, `(slots, kv_heads, capacity, d)`, for kernels
-    /// that read the cache in place.
-    pub(crate) fn layer_storage(&self, layer: usize) -> (&Tensor, &Tensor) {
+    /// that read the cache in place and write the pass's new keys and values themselves.
+    pub(crate) fn layer_storage(&mut self, layer: usize) -> (&Tensor, &Tensor) {
         (&self.cache.keys[layer], &self.cache.values[layer])
     }
 

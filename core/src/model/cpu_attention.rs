@@ -22,16 +22,15 @@ use tch::{Device, Kind, Tensor};
 
 use super::cpu_pool;
 
-/// Whether [`decode`] applies: one new f32 or bf16 query per row on the CPU, no autograd, and
-/// a contiguous cache layer of the same dtype.
-pub(crate) fn applies(q: &Tensor, cache_keys: &Tensor) -> bool {
-    q.device() == Device::Cpu
-        && matches!(q.kind(), Kind::Float | Kind::BFloat16)
-        && cache_keys.kind() == q.kind()
+/// Whether [`decode`] applies to new tokens in `activations` (the queries or the fused
+/// projection): f32 or bf16 on the CPU, no autograd, and a contiguous cache layer of the same
+/// dtype. [`decode`] checks the shapes.
+pub(crate) fn applies(activations: &Tensor, cache_keys: &Tensor) -> bool {
+    activations.device() == Device::Cpu
+        && matches!(activations.kind(), Kind::Float | Kind::BFloat16)
+        && cache_keys.kind() == activations.kind()
         && cache_keys.is_contiguous()
-        && q.dim() == 4
-        && q.size()[2] == 1
-        && !q.requires_grad()
+        && !activations.requires_grad()
 }
 
 /// One layer of the cache: keys and values `(slots, kv_heads, capacity, head_dim)`,
@@ -41,32 +40,87 @@ pub(crate) struct CacheLayer<'a> {
     pub values: &'a Tensor,
 }
 
-/// Attention of `q` `(b, heads, 1, head_dim)` over the cache: row `i` reads slot `slots[i]`
-/// at positions `0..=positions[i]` (which must already hold the row's new key and value).
-/// Returns `(b, 1, heads * head_dim)`, or `None` when a slot or position lies outside the
-/// cache (the caller's checks failed; the generic path then reports it).
-pub(crate) fn decode(q: &Tensor, cache: &CacheLayer<'_>, slots: &[i64], positions: &[i64]) -> Option<Tensor> {
-    let q = q.contiguous();
-    let [b_sz, heads, _, head_dim] = q.size()[..] else { return None };
-    let [num_slots, kv_heads, capacity, cache_head_dim] = cache.keys.size()[..] else { return None };
-    let shapes_agree = cache.values.size() == cache.keys.size()
+/// A decode step's new tokens, one per row.
+pub(crate) enum NewTokens<'a> {
+    /// Queries `(b, heads, 1, head_dim)` after RoPE; the cache already holds the new keys
+    /// and values.
+    Queries(&'a Tensor),
+    /// The fused q|k|v projection `(b, 1, (heads + 2 kv_heads) * head_dim)` before RoPE,
+    /// contiguous, and each row's RoPE rows `cos`, signed `sin` `(b, 1, 1, head_dim)` (see
+    /// [`super::rope`]): RoPE, the cache write and attention then happen in one pass, with
+    /// libtorch's arithmetic for RoPE (`x * cos + roll(x, d / 2) * sin`, each operation
+    /// rounded to the dtype).
+    Projected { qkv: &'a Tensor, cos: &'a Tensor, sin: &'a Tensor },
+}
+
+/// Attention of the new tokens over the cache: row `i` reads slot `slots[i]` at positions
+/// `0..=positions[i]` (with [`NewTokens::Projected`], after writing its new key and value at
+/// `positions[i]`). Returns `(b, 1, heads * head_dim)`, or `None` when the shapes disagree
+/// or a slot or position lies outside the cache or repeats (the caller's checks failed; the
+/// generic path then reports it).
+pub(crate) fn decode(new: NewTokens<'_>, heads: i64, cache: &CacheLayer<'_>, slots: &[i64], positions: &[i64]) -> Option<Tensor> {
+    let [num_slots, kv_heads, capacity, head_dim] = cache.keys.size()[..] else { return None };
+    let (kind, b_sz, source_ok) = match &new {
+        NewTokens::Queries(q) => (q.kind(), q.size()[0], q.size() == [q.size()[0], heads, 1, head_dim]),
+        NewTokens::Projected { qkv, cos, sin } => {
+            let b = qkv.size()[0];
+            let rows_ok = |t: &Tensor| t.size() == [b, 1, 1, head_dim] && t.is_contiguous() && t.kind() == qkv.kind();
+            let fits = qkv.size() == [b, 1, (heads + 2 * kv_heads) * head_dim] && head_dim as usize <= MAX_HEAD_DIM;
+            (qkv.kind(), b, fits && qkv.is_contiguous() && rows_ok(cos) && rows_ok(sin))
+        }
+    };
+    let shapes_agree = source_ok
+        && cache.keys.kind() == kind
+        && cache.values.size() == cache.keys.size()
+        && cache.values.kind() == kind
+        && cache.keys.is_contiguous()
         && cache.values.is_contiguous()
-        && cache_head_dim == head_dim
         && kv_heads > 0
         && heads % kv_heads == 0
         && slots.len() == b_sz as usize
         && positions.len() == b_sz as usize;
     let in_cache = slots.iter().all(|s| (0..num_slots).contains(s)) && positions.iter().all(|p| (0..capacity).contains(p));
-    if !shapes_agree || !in_cache {
+    // Tasks write their own row's cache cells: two rows in one slot would race.
+    let distinct = slots.iter().enumerate().all(|(i, s)| !slots[..i].contains(s));
+    if !shapes_agree || !in_cache || !distinct {
         return None;
     }
-    let out = Tensor::empty([b_sz, 1, heads * head_dim], (q.kind(), Device::Cpu));
-    match q.kind() {
-        Kind::Float => run::<f32>(&q, cache, &out, slots, positions),
-        Kind::BFloat16 => run::<Bf16>(&q, cache, &out, slots, positions),
+    let out = Tensor::empty([b_sz, 1, heads * head_dim], (kind, Device::Cpu));
+    let queries = match &new {
+        NewTokens::Queries(q) => q.contiguous(),
+        NewTokens::Projected { qkv, .. } => qkv.shallow_clone(),
+    };
+    let projected = match &new {
+        NewTokens::Queries(_) => None,
+        NewTokens::Projected { cos, sin, .. } => Some((cos.data_ptr(), sin.data_ptr())),
+    };
+    let shape = Shape { heads: heads as usize, kv_heads: kv_heads as usize, capacity: capacity as usize, head_dim: head_dim as usize };
+    let pointers = Pointers { queries: queries.data_ptr(), rope: projected, keys: cache.keys.data_ptr(), values: cache.values.data_ptr(), out: out.data_ptr() };
+    match kind {
+        Kind::Float => run::<f32>(pointers, shape, slots, positions),
+        Kind::BFloat16 => run::<Bf16>(pointers, shape, slots, positions),
         _ => return None,
     }
     Some(out)
+}
+
+/// The tensors a job reads and writes, untyped.
+struct Pointers {
+    /// Queries `(b, heads, d)`, or with `rope` the fused projection `(b, (heads + 2 kv_heads) * d)`.
+    queries: *mut std::ffi::c_void,
+    /// Each row's `cos`, signed `sin` `(b, d)` for [`NewTokens::Projected`].
+    rope: Option<(*mut std::ffi::c_void, *mut std::ffi::c_void)>,
+    keys: *mut std::ffi::c_void,
+    values: *mut std::ffi::c_void,
+    out: *mut std::ffi::c_void,
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    capacity: usize,
+    head_dim: usize,
 }
 
 /// A stored value type: computation is in f32 whatever the storage.
@@ -107,30 +161,33 @@ impl Element for Bf16 {
     }
 }
 
-fn run<T: Element>(q: &Tensor, cache: &CacheLayer<'_>, out: &Tensor, slots: &[i64], positions: &[i64]) {
-    let [_, heads, _, head_dim] = q.size()[..] else { return };
-    let [_, kv_heads, capacity, _] = cache.keys.size()[..] else { return };
+fn run<T: Element>(pointers: Pointers, shape: Shape, slots: &[i64], positions: &[i64]) {
     let job = Job::<T> {
-        q: q.data_ptr() as *const T,
-        keys: cache.keys.data_ptr() as *const T,
-        values: cache.values.data_ptr() as *const T,
-        out: out.data_ptr() as *mut T,
+        queries: pointers.queries as *const T,
+        rope: pointers.rope.map(|(cos, sin)| (cos as *const T, sin as *const T)),
+        keys: pointers.keys as *mut T,
+        values: pointers.values as *mut T,
+        out: pointers.out as *mut T,
         slots,
         positions,
-        heads: heads as usize,
-        kv_heads: kv_heads as usize,
-        capacity: capacity as usize,
-        head_dim: head_dim as usize,
-        scale: 1.0 / (head_dim as f32).sqrt(),
+        heads: shape.heads,
+        kv_heads: shape.kv_heads,
+        capacity: shape.capacity,
+        head_dim: shape.head_dim,
+        scale: 1.0 / (shape.head_dim as f32).sqrt(),
     };
     cpu_pool::run(&|part, parts| job.run_part(part, parts));
 }
 
 /// One layer's decode attention, split into (row, key-value head) tasks.
 struct Job<'a, T> {
-    q: *const T,
-    keys: *const T,
-    values: *const T,
+    /// See [`Pointers::queries`].
+    queries: *const T,
+    /// See [`Pointers::rope`].
+    rope: Option<(*const T, *const T)>,
+    /// Written only with `rope`, at each row's own slot and position.
+    keys: *mut T,
+    values: *mut T,
     out: *mut T,
     slots: &'a [i64],
     positions: &'a [i64],
@@ -141,7 +198,8 @@ struct Job<'a, T> {
     scale: f32,
 }
 
-// SAFETY: the pointers are only read, except `out`, where each task writes its own heads.
+// SAFETY: each task writes only its own row's output heads and, with `rope`, its own row's
+// cache cells (`decode` checked that rows have distinct slots); everything else is read.
 unsafe impl<T: Element> Sync for Job<'_, T> {}
 
 thread_local! {
@@ -204,12 +262,34 @@ impl<T: Element> Job<'_, T> {
         // tasks are disjoint (row, head group).
         unsafe {
             let slot_base = (self.slots[row] as usize * self.kv_heads + kv_head) * self.capacity * d;
+            match self.rope {
+                None => {
+                    let stored = std::slice::from_raw_parts(self.queries.add((row * self.heads + first_head) * d), group * d);
+                    for (q, stored) in q.iter_mut().zip(stored) {
+                        *q = stored.to_f32();
+                    }
+                }
+                Some((cos, sin)) => {
+                    let width = (self.heads + 2 * self.kv_heads) * d;
+                    let projected = std::slice::from_raw_parts(self.queries.add(row * width), width);
+                    let cos = std::slice::from_raw_parts(cos.add(row * d), d);
+                    let sin = std::slice::from_raw_parts(sin.add(row * d), d);
+                    let new_at = slot_base + (keys_len - 1) * d;
+                    let new_key = std::slice::from_raw_parts_mut(self.keys.add(new_at), d);
+                    rope(&projected[(self.heads + kv_head) * d..][..d], cos, sin, new_key);
+                    let new_value = std::slice::from_raw_parts_mut(self.values.add(new_at), d);
+                    new_value.copy_from_slice(&projected[(self.heads + self.kv_heads + kv_head) * d..][..d]);
+                    let mut rotated = [T::from_f32(0.0); MAX_HEAD_DIM];
+                    for (h, q_head) in q.chunks_exact_mut(d).enumerate() {
+                        rope(&projected[(first_head + h) * d..][..d], cos, sin, &mut rotated[..d]);
+                        for (q, r) in q_head.iter_mut().zip(&rotated[..d]) {
+                            *q = r.to_f32();
+                        }
+                    }
+                }
+            }
             let keys = std::slice::from_raw_parts(self.keys.add(slot_base), keys_len * d);
             let values = std::slice::from_raw_parts(self.values.add(slot_base), keys_len * d);
-            let q_stored = std::slice::from_raw_parts(self.q.add((row * self.heads + first_head) * d), group * d);
-            for (q, stored) in q.iter_mut().zip(q_stored) {
-                *q = stored.to_f32();
-            }
             let out = std::slice::from_raw_parts_mut(self.out.add((row * self.heads + first_head) * d), group * d);
 
             for (j, key) in keys.chunks_exact(d).enumerate() {
@@ -241,6 +321,22 @@ impl<T: Element> Job<'_, T> {
                 *o = T::from_f32(*a);
             }
         }
+    }
+}
+
+/// Largest head size [`NewTokens::Projected`] handles (Llama, Qwen: 64 or 128).
+pub(crate) const MAX_HEAD_DIM: usize = 256;
+
+/// RoPE of one head as libtorch computes `x * cos + roll(x, d / 2) * sin` in the dtype: each
+/// product and the sum rounded to it.
+#[inline(always)]
+fn rope<T: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [T]) {
+    let half = x.len() / 2;
+    for (i, o) in out.iter_mut().enumerate() {
+        let rolled = x[(i + half) % x.len()];
+        let a = T::from_f32(x[i].to_f32() * cos[i].to_f32()).to_f32();
+        let b = T::from_f32(rolled.to_f32() * sin[i].to_f32()).to_f32();
+        *o = T::from_f32(a + b);
     }
 }
 
@@ -290,7 +386,7 @@ mod tests {
             let rows_positions = [17i64, 49, 0];
             let q = Tensor::randn([3, heads, 1, head_dim], opts).to_kind(kind);
             let cache = CacheLayer { keys: &keys, values: &values };
-            let Some(ours) = decode(&q, &cache, &rows_slots, &rows_positions) else { panic!("decode refused valid input") };
+            let Some(ours) = decode(NewTokens::Queries(&q), heads, &cache, &rows_slots, &rows_positions) else { panic!("decode refused valid input") };
 
             let idx = Tensor::from_slice(&rows_slots);
             let window = 50;
@@ -304,11 +400,48 @@ mod tests {
             assert!(diff < tolerance, "{kind:?}, head_dim {head_dim}: differs from SDPA by {diff}");
 
             for row in 0..3 {
-                let Some(alone) = decode(&q.narrow(0, row as i64, 1), &cache, &rows_slots[row..=row], &rows_positions[row..=row]) else { panic!("refused") };
+                let Some(alone) = decode(NewTokens::Queries(&q.narrow(0, row as i64, 1)), heads, &cache, &rows_slots[row..=row], &rows_positions[row..=row]) else { panic!("refused") };
                 assert!(alone.equal(&ours.narrow(0, row as i64, 1)), "row {row} depends on its batch");
             }
-            assert!(decode(&q, &cache, &[4, 0, 6], &rows_positions).is_none(), "a slot outside the cache must be refused");
-            assert!(decode(&q, &cache, &rows_slots, &[17, 50, 0]).is_none(), "a position outside the cache must be refused");
+            assert!(decode(NewTokens::Queries(&q), heads, &cache, &[4, 0, 6], &rows_positions).is_none(), "a slot outside the cache must be refused");
+            assert!(decode(NewTokens::Queries(&q), heads, &cache, &rows_slots, &[17, 50, 0]).is_none(), "a position outside the cache must be refused");
+        }
+    }
+
+    /// RoPE, the cache write and attention in one pass equal libtorch's RoPE, `index_put_`
+    /// and the `Queries` path: the written keys and values exactly.
+    #[test]
+    fn projected_tokens_write_the_same_cache_and_attend_the_same() {
+        tch::manual_seed(6);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (slots, kv_heads, capacity, heads, d) = (5i64, 2i64, 40i64, 4i64, 64i64);
+            let opts = (Kind::Float, Device::Cpu);
+            let keys = Tensor::randn([slots, kv_heads, capacity, d], opts).to_kind(kind);
+            let values = Tensor::randn([slots, kv_heads, capacity, d], opts).to_kind(kind);
+            let (rows_slots, rows_positions) = ([3i64, 1], [12i64, 39]);
+            let qkv = Tensor::randn([2, 1, (heads + 2 * kv_heads) * d], opts).to_kind(kind);
+            let angles = Tensor::randn([2, 1, 1, d / 2], opts);
+            let cos = Tensor::cat(&[angles.cos(), angles.cos()], -1).to_kind(kind);
+            let sin = Tensor::cat(&[-angles.sin(), angles.sin()], -1).to_kind(kind);
+
+            // libtorch: RoPE on q and k, k and v into the cache, then the Queries path.
+            let (mut expected_keys, mut expected_values) = (keys.copy(), values.copy());
+            let qk = qkv.narrow(-1, 0, (heads + kv_heads) * d).view([2, 1, heads + kv_heads, d]).transpose(1, 2);
+            let qk = super::super::rope::apply(&qk, &cos, &sin);
+            let (q, k) = (qk.narrow(1, 0, heads), qk.narrow(1, heads, kv_heads));
+            let v = qkv.narrow(-1, (heads + kv_heads) * d, kv_heads * d).view([2, 1, kv_heads, d]).transpose(1, 2);
+            let indices = [Some(Tensor::from_slice(&rows_slots).view([2, 1])), None, Some(Tensor::from_slice(&rows_positions).view([2, 1]))];
+            let _ = expected_keys.index_put_(&indices, &k.transpose(1, 2), false);
+            let _ = expected_values.index_put_(&indices, &v.transpose(1, 2), false);
+            let expected_cache = CacheLayer { keys: &expected_keys, values: &expected_values };
+            let Some(expected) = decode(NewTokens::Queries(&q), heads, &expected_cache, &rows_slots, &rows_positions) else { panic!("refused") };
+
+            let cache = CacheLayer { keys: &keys, values: &values };
+            let Some(fused) = decode(NewTokens::Projected { qkv: &qkv, cos: &cos, sin: &sin }, heads, &cache, &rows_slots, &rows_positions) else { panic!("refused") };
+            assert!(keys.equal(&expected_keys), "{kind:?}: the written keys differ");
+            assert!(values.equal(&expected_values), "{kind:?}: the written values differ");
+            assert!(fused.equal(&expected), "{kind:?}: attention differs");
+            assert!(decode(NewTokens::Projected { qkv: &qkv, cos: &cos, sin: &sin }, heads, &cache, &[3, 3], &rows_positions).is_none(), "two rows in one slot must be refused");
         }
     }
 }

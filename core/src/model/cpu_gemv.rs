@@ -27,7 +27,7 @@ pub(crate) const MAX_ROWS: i64 = 32;
 /// libtorch to one intra-op thread for the step, so its OpenMP workers do not spin on the
 /// cores this module's workers need.
 pub fn handles_rows(device: Device, kind: Kind, rows: i64) -> bool {
-    device == Device::Cpu && handles_kind(kind) && rows <= MAX_ROWS && cpu_pool::pool().is_some()
+    device == Device::Cpu && handles_kind(kind) && (rows <= MAX_ROWS || kind == Kind::Float) && cpu_pool::pool().is_some()
 }
 
 /// f32 always; bf16 where the CPU has AVX512-BF16 ([`super::cpu_gemv_bf16`]).
@@ -43,7 +43,7 @@ pub(crate) fn applies(x: &Tensor, weight: &Tensor) -> bool {
         && weight.is_contiguous()
         && !weight.requires_grad()
         && !x.requires_grad()
-        && rows_of(x) <= MAX_ROWS
+        && (rows_of(x) <= MAX_ROWS || x.kind() == Kind::Float)
         && cpu_pool::pool().is_some()
 }
 
@@ -67,15 +67,21 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tens
         return with_bias(out.view(out_shape.as_slice()), bias);
     }
     let out = Tensor::empty([rows, out_features], (Kind::Float, Device::Cpu));
-    let job = Job {
-        weight: weight.data_ptr() as *const f32,
-        x: x.data_ptr() as *const f32,
-        out: out.data_ptr() as *mut f32,
-        rows: rows as usize,
-        in_features: in_features as usize,
-        out_features: out_features as usize,
-    };
-    cpu_pool::run(&|part, parts| job.run_part(part, parts));
+    // A prefill's rows go MAX_ROWS at a time: each block streams the weights once, and the
+    // kernel's tiles keep the arithmetic of every row the same as in a decode step.
+    let (x_base, out_base) = (x.data_ptr() as *const f32, out.data_ptr() as *mut f32);
+    let (in_width, out_width) = (in_features as usize, out_features as usize);
+    for first in (0..rows as usize).step_by(MAX_ROWS as usize) {
+        let job = Job {
+            weight: weight.data_ptr() as *const f32,
+            x: x_base.wrapping_add(first * in_width),
+            out: out_base.wrapping_add(first * out_width),
+            rows: (rows as usize - first).min(MAX_ROWS as usize),
+            in_features: in_width,
+            out_features: out_width,
+        };
+        cpu_pool::run(&|part, parts| job.run_part(part, parts));
+    }
     with_bias(out.view(out_shape.as_slice()), bias)
 }
 

@@ -61,6 +61,22 @@ pub(crate) fn pool() -> Option<&'static Pool> {
     })
 }
 
+/// Runs `f`, a heavy libtorch kernel (a prefill's attention), with as many libtorch threads as
+/// the pool has, when the caller lowered libtorch to fewer so that its workers would not spin
+/// against the pool's during the pass; the previous count comes back afterwards.
+pub(crate) fn with_libtorch_threads<T>(f: impl FnOnce() -> T) -> T {
+    let Some(pool) = pool() else { return f() };
+    let threads = (pool.workers.len() + 1) as i32;
+    let previous = tch::get_num_threads();
+    if previous >= threads {
+        return f();
+    }
+    tch::set_num_threads(threads);
+    let out = f();
+    tch::set_num_threads(previous);
+    out
+}
+
 /// Runs `work` split into parts over the pool, or in one part on the calling thread when
 /// there is no pool or it is busy. Returns when every part is done.
 pub(crate) fn run(work: &Work<'_>) {

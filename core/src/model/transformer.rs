@@ -13,7 +13,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::ModelConfig;
-use super::cpu_attention;
+use super::{cpu_attention, cpu_pool};
 use super::linear::Linear;
 use super::rope::{self, RotaryTables};
 use super::weights::Weights;
@@ -64,7 +64,18 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &StepContext, cache: Option<(&mut CacheView<'_>, usize)>, use_lora: bool, training: bool) -> Tensor {
         let (b_sz, seq_len, _) = x.size3().unwrap_or((1, 1, 1));
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut cache = cache;
         let qkv = self.qkv.forward(x, use_lora, training);
+        if let (Some((view, layer)), Some(rows), None) = (cache.as_mut(), &ctx.cpu_decode_rows, &self.qk_norm) {
+            // A CPU decode step: RoPE, the cache write and attention in one pass.
+            let (keys, values) = view.layer_storage(*layer);
+            if cpu_attention::applies(&qkv, keys) {
+                let new = cpu_attention::NewTokens::Projected { qkv: &qkv, cos: &ctx.cos, sin: &ctx.sin };
+                if let Some(attended) = cpu_attention::decode(new, h, &cpu_attention::CacheLayer { keys, values }, &rows.slots, &rows.positions) {
+                    return self.o_proj.forward(&attended, use_lora, training);
+                }
+            }
+        }
         // q and k go through norm and RoPE together as h + kvh heads: fewer kernels per layer.
         let qk = qkv.narrow(-1, 0, (h + kvh) * d).view([b_sz, seq_len, h + kvh, d]);
         let qk = match &self.qk_norm {
@@ -84,23 +95,40 @@ impl Attention {
                     let (keys, values) = view.layer_storage(layer);
                     if cpu_attention::applies(&q, keys) {
                         let cache = cpu_attention::CacheLayer { keys, values };
-                        if let Some(attended) = cpu_attention::decode(&q, &cache, &rows.slots, &rows.positions) {
+                        if let Some(attended) = cpu_attention::decode(cpu_attention::NewTokens::Queries(&q), h, &cache, &rows.slots, &rows.positions) {
                             return self.o_proj.forward(&attended, use_lora, training);
                         }
                     }
                 }
                 let (keys, values) = view.read(layer);
-                Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, true)
+                long_attention(seq_len, || Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, true))
             }
             (Some((view, layer)), None) => {
                 // A fresh prefill: the new keys are all there is to attend to.
                 view.write(layer, &k, &v, &ctx.positions);
-                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true)
+                long_attention(seq_len, || Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true))
             }
             (None, _) => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true),
         };
         let attended = attended.transpose(1, 2).reshape([b_sz, seq_len, h * d]);
         self.o_proj.forward(&attended, use_lora, training)
+    }
+}
+
+/// New tokens per row from which a CPU prefill's attention gets every core back.
+///
+/// A CPU pass whose products run on [`super::cpu_gemv`] lowers libtorch to one thread (its
+/// OpenMP workers would spin against the kernel's). Attention grows with the square of the
+/// prompt and runs in libtorch: from about a thousand tokens it outweighs the spinning
+/// (default model, 2 cores: a 4096-token prefill went from 393 to 565 tok/s; a 128-token one
+/// fell from 1000 to 520, so short prompts keep one thread).
+const LONG_ATTENTION_TOKENS: i64 = 1024;
+
+fn long_attention(seq_len: i64, attention: impl FnOnce() -> Tensor) -> Tensor {
+    if seq_len >= LONG_ATTENTION_TOKENS {
+        cpu_pool::with_libtorch_threads(attention)
+    } else {
+        attention()
     }
 }
 
