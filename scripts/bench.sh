@@ -123,4 +123,10 @@ if floor:
     cells = [by.get(("hicra", b), {}).get("decode_ms_per_step") for b in batches]
     print("| ms/step | " + " | ".join("-" if c is None else f"{c:.1f} (x{c / floor['bandwidth_floor_ms']:.2f} floor)" for c in cells) + " |")
     print()
+drift = next((r for r in rows if r["engine"] == "hicra" and r.get("logprob_drift_mean") is not None), None)
+if drift:
+    print(f"hicra {drift['dtype']} against the same weights in f32 (teacher-forced log-probabilities on varied prose): "
+          f"mean |difference| {drift['logprob_drift_mean']:.2e}, largest {drift['logprob_drift_max']:.2e}, "
+          f"same most likely token at {100 * drift['argmax_agreement']:.1f}% of positions.")
+    print()
 EOF
