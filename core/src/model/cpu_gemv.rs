@@ -24,9 +24,12 @@ use tch::{Device, Kind, Tensor};
 
 use super::{cpu_gemv_bf16, cpu_pool};
 
-/// Activation rows per pass over the weights: a decode step's largest batch, and the block a
-/// prefill's rows are cut into.
+/// A decode step's largest batch on this kernel.
 pub(crate) const MAX_ROWS: i64 = 32;
+
+/// Activation rows per pass over the weights in a prefill: each four-row weight tile stays in
+/// L1 while it meets all of them (from L2), so the weights are read from memory once per block.
+const PREFILL_BLOCK_ROWS: usize = 128;
 
 /// Whether a pass over `rows` activation rows will use this module: the engine then drops
 /// libtorch to one intra-op thread for the step, so its OpenMP workers do not spin on the
@@ -83,12 +86,12 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tens
     // kernel's tiles keep the arithmetic of every row the same as in a decode step.
     let (x_base, out_base) = (x.data_ptr() as *const f32, out.data_ptr() as *mut f32);
     let (in_width, out_width) = (in_features as usize, out_features as usize);
-    for first in (0..rows as usize).step_by(MAX_ROWS as usize) {
+    for first in (0..rows as usize).step_by(PREFILL_BLOCK_ROWS) {
         let job = Job {
             weight: weight.data_ptr() as *const f32,
             x: x_base.wrapping_add(first * in_width),
             out: out_base.wrapping_add(first * out_width),
-            rows: (rows as usize - first).min(MAX_ROWS as usize),
+            rows: (rows as usize - first).min(PREFILL_BLOCK_ROWS),
             in_features: in_width,
             out_features: out_width,
         };
@@ -342,11 +345,12 @@ mod tests {
             }
             let alone = linear(&x.get(MAX_ROWS - 1).unsqueeze(0), &w, None);
             assert!(alone.equal(&all.narrow(0, MAX_ROWS - 1, 1)), "a row's result must not depend on the batch");
-            // A prefill's rows go in blocks of MAX_ROWS, each row with its decode arithmetic.
-            let many = Tensor::cat(&[&x, &x.flip([0]), &x.narrow(0, 0, 6)], 0);
+            // A prefill's rows go in blocks (the last one here starts at row 128), each row with
+            // its decode arithmetic.
+            let many = Tensor::cat(&[&x, &x.flip([0]), &x, &x.flip([0]), &x, &x.narrow(0, 0, 6)], 0);
             let blocks = linear(&many, &w, None);
             assert!(f64::try_from((&blocks - many.linear::<Tensor>(&w, None)).abs().max()).unwrap_or(1.0) < 1e-4);
-            assert!(blocks.narrow(0, 2 * MAX_ROWS, 6).equal(&all.narrow(0, 0, 6)), "a row in a prefill block must equal its decode result");
+            assert!(blocks.narrow(0, 5 * MAX_ROWS, 6).equal(&all.narrow(0, 0, 6)), "a row in a prefill block must equal its decode result");
             let shaped = linear(&x.view([4, MAX_ROWS / 4, in_features]), &w, Some(&b));
             assert_eq!(shaped.size(), vec![4, MAX_ROWS / 4, 37]);
             assert!(f64::try_from((&shaped - x.linear(&w, Some(&b)).view([4, MAX_ROWS / 4, 37])).abs().max()).unwrap_or(1.0) < 1e-4);
