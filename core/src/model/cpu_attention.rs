@@ -150,14 +150,9 @@ impl Element for Bf16 {
     fn to_f32(self) -> f32 {
         f32::from_bits(u32::from(self.0) << 16)
     }
-    /// Rounds to nearest even, as libtorch does.
     #[inline(always)]
     fn from_f32(value: f32) -> Self {
-        if value.is_nan() {
-            return Bf16(0x7fc0);
-        }
-        let bits = value.to_bits();
-        Bf16(((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16)
+        Bf16(super::cpu_gemv_bf16::to_bf16(value))
     }
 }
 
@@ -262,52 +257,17 @@ impl<T: Element> Job<'_, T> {
         // tasks are disjoint (row, head group).
         unsafe {
             let slot_base = (self.slots[row] as usize * self.kv_heads + kv_head) * self.capacity * d;
-            match self.rope {
-                None => {
-                    let stored = std::slice::from_raw_parts(self.queries.add((row * self.heads + first_head) * d), group * d);
-                    for (q, stored) in q.iter_mut().zip(stored) {
-                        *q = stored.to_f32();
-                    }
-                }
-                Some((cos, sin)) => {
-                    let width = (self.heads + 2 * self.kv_heads) * d;
-                    let projected = std::slice::from_raw_parts(self.queries.add(row * width), width);
-                    let cos = std::slice::from_raw_parts(cos.add(row * d), d);
-                    let sin = std::slice::from_raw_parts(sin.add(row * d), d);
-                    let new_at = slot_base + (keys_len - 1) * d;
-                    let new_key = std::slice::from_raw_parts_mut(self.keys.add(new_at), d);
-                    rope(&projected[(self.heads + kv_head) * d..][..d], cos, sin, new_key);
-                    let new_value = std::slice::from_raw_parts_mut(self.values.add(new_at), d);
-                    new_value.copy_from_slice(&projected[(self.heads + self.kv_heads + kv_head) * d..][..d]);
-                    let mut rotated = [T::from_f32(0.0); MAX_HEAD_DIM];
-                    for (h, q_head) in q.chunks_exact_mut(d).enumerate() {
-                        rope(&projected[(first_head + h) * d..][..d], cos, sin, &mut rotated[..d]);
-                        for (q, r) in q_head.iter_mut().zip(&rotated[..d]) {
-                            *q = r.to_f32();
-                        }
-                    }
-                }
-            }
+            self.queries_of(row, kv_head, slot_base + (keys_len - 1) * d, q);
             let keys = std::slice::from_raw_parts(self.keys.add(slot_base), keys_len * d);
             let values = std::slice::from_raw_parts(self.values.add(slot_base), keys_len * d);
             let out = std::slice::from_raw_parts_mut(self.out.add((row * self.heads + first_head) * d), group * d);
-
             for (j, key) in keys.chunks_exact(d).enumerate() {
                 for (h, q_head) in q.chunks_exact(d).enumerate() {
                     scores[h * keys_len + j] = dot(q_head, key) * self.scale;
                 }
             }
             for head_scores in scores.chunks_exact_mut(keys_len) {
-                let max = head_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in head_scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                for s in head_scores.iter_mut() {
-                    *s *= inv;
-                }
+                softmax_in_place(head_scores);
             }
             for (j, value) in values.chunks_exact(d).enumerate() {
                 for (h, acc_head) in acc.chunks_exact_mut(d).enumerate() {
@@ -321,6 +281,58 @@ impl<T: Element> Job<'_, T> {
                 *o = T::from_f32(*a);
             }
         }
+    }
+
+    /// The f32 queries of the heads sharing `kv_head` in `row`, into `q`. With projected new
+    /// tokens it also applies RoPE and writes the row's new key and value at cache offset
+    /// `new_at`.
+    ///
+    /// # Safety
+    /// `row`, `kv_head` and `new_at` must lie inside the job's tensors (`decode` checks them).
+    #[inline(always)]
+    unsafe fn queries_of(&self, row: usize, kv_head: usize, new_at: usize, q: &mut [f32]) {
+        let d = self.head_dim;
+        let first_head = kv_head * (self.heads / self.kv_heads);
+        // SAFETY: the caller's contract.
+        unsafe {
+            let Some((cos, sin)) = self.rope else {
+                let stored = std::slice::from_raw_parts(self.queries.add((row * self.heads + first_head) * d), q.len());
+                for (q, stored) in q.iter_mut().zip(stored) {
+                    *q = stored.to_f32();
+                }
+                return;
+            };
+            let width = (self.heads + 2 * self.kv_heads) * d;
+            let projected = std::slice::from_raw_parts(self.queries.add(row * width), width);
+            let cos = std::slice::from_raw_parts(cos.add(row * d), d);
+            let sin = std::slice::from_raw_parts(sin.add(row * d), d);
+            let new_key = std::slice::from_raw_parts_mut(self.keys.add(new_at), d);
+            rope(&projected[(self.heads + kv_head) * d..][..d], cos, sin, new_key);
+            let new_value = std::slice::from_raw_parts_mut(self.values.add(new_at), d);
+            new_value.copy_from_slice(&projected[(self.heads + self.kv_heads + kv_head) * d..][..d]);
+            let mut rotated = [T::from_f32(0.0); MAX_HEAD_DIM];
+            for (h, q_head) in q.chunks_exact_mut(d).enumerate() {
+                rope(&projected[(first_head + h) * d..][..d], cos, sin, &mut rotated[..d]);
+                for (q, r) in q_head.iter_mut().zip(&rotated[..d]) {
+                    *q = r.to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// Scores to probabilities: subtract the largest, exponentiate, normalise.
+#[inline(always)]
+fn softmax_in_place(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for s in scores.iter_mut() {
+        *s *= inv;
     }
 }
 

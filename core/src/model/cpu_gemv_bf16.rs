@@ -164,9 +164,9 @@ fn to_f32(values: &[u16]) -> [f32; PAIRS] {
     out
 }
 
-/// f32 to bf16, rounding to nearest even (NaN stays NaN).
+/// f32 to bf16 bits, rounding to nearest even as libtorch does (NaN stays NaN).
 #[inline(always)]
-fn to_bf16(value: f32) -> u16 {
+pub(super) fn to_bf16(value: f32) -> u16 {
     if value.is_nan() {
         return 0x7fc0;
     }
