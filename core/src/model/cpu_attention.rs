@@ -20,6 +20,8 @@ use std::cell::RefCell;
 
 use tch::{Device, Kind, Tensor};
 
+use super::cpu_gemv::{reduce_lanes, LANES};
+use super::cpu_gemv_bf16::{bf16_to_f32, to_bf16};
 use super::cpu_pool;
 
 /// Whether [`decode`] applies to new tokens in `activations` (the queries or the fused
@@ -148,11 +150,11 @@ struct Bf16(u16);
 impl Element for Bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        f32::from_bits(u32::from(self.0) << 16)
+        bf16_to_f32(self.0)
     }
     #[inline(always)]
     fn from_f32(value: f32) -> Self {
-        Bf16(super::cpu_gemv_bf16::to_bf16(value))
+        Bf16(to_bf16(value))
     }
 }
 
@@ -352,9 +354,6 @@ fn rope<T: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [T]) {
     }
 }
 
-/// Lanes of independent partial sums in [`dot`].
-const LANES: usize = 16;
-
 /// A dot product with a fixed lane split and reduction order.
 #[inline(always)]
 fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
@@ -370,14 +369,7 @@ fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
     for (x, y) in a[chunks * LANES..].iter().zip(&b[chunks * LANES..]) {
         tail = x.mul_add(y.to_f32(), tail);
     }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for k in 0..width {
-            acc[k] += acc[k + width];
-        }
-    }
-    acc[0] + tail
+    reduce_lanes(acc) + tail
 }
 
 #[cfg(test)]

@@ -122,9 +122,7 @@ unsafe impl Sync for Job {}
 
 impl Job {
     fn run_part(&self, part: usize, parts: usize) {
-        let chunk = self.out_features.div_ceil(parts);
-        let start = (part * chunk).min(self.out_features);
-        let end = ((part + 1) * chunk).min(self.out_features);
+        let std::ops::Range { start, end } = cpu_pool::part_range(self.out_features, part, parts);
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
@@ -309,11 +307,18 @@ fn fma_lanes(acc: &mut [f32; LANES], w: &[f32; LANES], x: &[f32; LANES]) {
 
 /// Adds the tail elements and reduces the lanes pairwise in a fixed order.
 #[inline(always)]
-pub(super) fn finish(mut acc: [f32; LANES], w_tail: &[f32], x_tail: &[f32]) -> f32 {
+pub(super) fn finish(acc: [f32; LANES], w_tail: &[f32], x_tail: &[f32]) -> f32 {
     let mut tail = 0.0f32;
     for (w, x) in w_tail.iter().zip(x_tail) {
         tail = w.mul_add(*x, tail);
     }
+    reduce_lanes(acc) + tail
+}
+
+/// The lanes' sum in a fixed order: lane k plus lane k + 8, then k + 4, k + 2, k + 1. Every
+/// CPU kernel reduces with it, so results never depend on which path computed them.
+#[inline(always)]
+pub(super) fn reduce_lanes(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
@@ -321,7 +326,7 @@ pub(super) fn finish(mut acc: [f32; LANES], w_tail: &[f32], x_tail: &[f32]) -> f
             acc[k] += acc[k + width];
         }
     }
-    acc[0] + tail
+    acc[0]
 }
 
 #[cfg(test)]

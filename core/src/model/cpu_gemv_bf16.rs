@@ -65,13 +65,11 @@ unsafe impl Sync for Job {}
 
 impl Job {
     fn run_part(&self, part: usize, parts: usize) {
-        let chunk = self.out_features.div_ceil(parts);
-        let start = (part * chunk).min(self.out_features);
-        let end = ((part + 1) * chunk).min(self.out_features);
+        let rows = cpu_pool::part_range(self.out_features, part, parts);
         #[cfg(target_arch = "x86_64")]
         if supported() {
             // SAFETY: the CPU supports the features `columns` is compiled for.
-            unsafe { self.columns(start, end) };
+            unsafe { self.columns(rows.start, rows.end) };
         }
     }
 
@@ -159,9 +157,15 @@ impl Job {
 fn to_f32(values: &[u16]) -> [f32; PAIRS] {
     let mut out = [0.0f32; PAIRS];
     for (o, v) in out.iter_mut().zip(values) {
-        *o = f32::from_bits(u32::from(*v) << 16);
+        *o = bf16_to_f32(*v);
     }
     out
+}
+
+/// bf16 bits to f32 (exact).
+#[inline(always)]
+pub(super) fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// f32 to bf16 bits, rounding to nearest even as libtorch does (NaN stays NaN).

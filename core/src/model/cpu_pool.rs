@@ -77,6 +77,13 @@ pub(crate) fn with_libtorch_threads<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Part `part` of `parts` equal, contiguous shares of `0..len` (the last may be shorter or
+/// empty): a weight matrix's rows, split once per product.
+pub(crate) fn part_range(len: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
+    let chunk = len.div_ceil(parts.max(1));
+    (part * chunk).min(len)..((part + 1) * chunk).min(len)
+}
+
 /// Runs `work` split into parts over the pool, or in one part on the calling thread when
 /// there is no pool or it is busy. Returns when every part is done.
 pub(crate) fn run(work: &Work<'_>) {

@@ -68,12 +68,9 @@ impl Attention {
         let qkv = self.qkv.forward(x, use_lora, training);
         if let (Some((view, layer)), Some(rows), None) = (cache.as_mut(), &ctx.cpu_decode_rows, &self.qk_norm) {
             // A CPU decode step: RoPE, the cache write and attention in one pass.
-            let (keys, values) = view.layer_storage(*layer);
-            if cpu_attention::applies(&qkv, keys) {
-                let new = cpu_attention::NewTokens::Projected { qkv: &qkv, cos: &ctx.cos, sin: &ctx.sin };
-                if let Some(attended) = cpu_attention::decode(new, h, &cpu_attention::CacheLayer { keys, values }, &rows.slots, &rows.positions) {
-                    return self.o_proj.forward(&attended, use_lora, training);
-                }
+            let new = cpu_attention::NewTokens::Projected { qkv: &qkv, cos: &ctx.cos, sin: &ctx.sin };
+            if let Some(attended) = self.cpu_decode(new, view, *layer, rows) {
+                return self.o_proj.forward(&attended, use_lora, training);
             }
         }
         // q and k go through norm and RoPE together as h + kvh heads: fewer kernels per layer.
@@ -91,14 +88,9 @@ impl Attention {
         let attended = match (cache, &ctx.mask) {
             (Some((view, layer)), Some(mask)) => {
                 view.write(layer, &k, &v, &ctx.positions);
-                if let Some(rows) = &ctx.cpu_decode_rows {
-                    let (keys, values) = view.layer_storage(layer);
-                    if cpu_attention::applies(&q, keys) {
-                        let cache = cpu_attention::CacheLayer { keys, values };
-                        if let Some(attended) = cpu_attention::decode(cpu_attention::NewTokens::Queries(&q), h, &cache, &rows.slots, &rows.positions) {
-                            return self.o_proj.forward(&attended, use_lora, training);
-                        }
-                    }
+                let cpu_attended = ctx.cpu_decode_rows.as_ref().and_then(|rows| self.cpu_decode(cpu_attention::NewTokens::Queries(&q), view, layer, rows));
+                if let Some(attended) = cpu_attended {
+                    return self.o_proj.forward(&attended, use_lora, training);
                 }
                 let (keys, values) = view.read(layer);
                 long_attention(seq_len, || Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, true))
@@ -129,6 +121,22 @@ fn long_attention(seq_len: i64, attention: impl FnOnce() -> Tensor) -> Tensor {
         cpu_pool::with_libtorch_threads(attention)
     } else {
         attention()
+    }
+}
+
+impl Attention {
+    /// [`cpu_attention::decode`] of a CPU decode step's new tokens over `layer` of the cache,
+    /// `(b, 1, heads * head_dim)`; `None` where it does not apply (the generic path runs).
+    fn cpu_decode(&self, new: cpu_attention::NewTokens<'_>, view: &mut CacheView<'_>, layer: usize, rows: &DecodeRows) -> Option<Tensor> {
+        let activations = match &new {
+            cpu_attention::NewTokens::Queries(q) => *q,
+            cpu_attention::NewTokens::Projected { qkv, .. } => *qkv,
+        };
+        let (keys, values) = view.layer_storage(layer);
+        if !cpu_attention::applies(activations, keys) {
+            return None;
+        }
+        cpu_attention::decode(new, self.num_heads, &cpu_attention::CacheLayer { keys, values }, &rows.slots, &rows.positions)
     }
 }
 
