@@ -15,6 +15,8 @@ pub mod cpu_attention;
 pub mod cpu_gemv;
 mod cpu_gemv_bf16;
 mod cpu_pool;
+#[cfg(target_arch = "x86_64")]
+mod cpu_prefill_attention;
 pub mod gguf;
 pub mod gguf_model;
 pub mod linear;

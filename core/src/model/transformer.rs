@@ -66,7 +66,7 @@ impl Attention {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let mut cache = cache;
         let qkv = self.qkv.forward(x, use_lora, training);
-        if let (Some((view, layer)), Some(rows), None) = (cache.as_mut(), &ctx.cpu_decode_rows, &self.qk_norm) {
+        if let (Some((view, layer)), Some(rows), None) = (cache.as_mut(), ctx.cpu_decode_rows(), &self.qk_norm) {
             // A CPU decode step: RoPE, the cache write and attention in one pass.
             let new = cpu_attention::NewTokens::Projected { qkv: &qkv, cos: &ctx.cos, sin: &ctx.sin };
             if let Some(attended) = self.cpu_decode(new, view, *layer, rows) {
@@ -86,19 +86,19 @@ impl Attention {
         let v = qkv.narrow(-1, (h + kvh) * d, kvh * d).view([b_sz, seq_len, kvh, d]).transpose(1, 2);
 
         let attended = match (cache, &ctx.mask) {
-            (Some((view, layer)), Some(mask)) => {
+            (Some((view, layer)), mask) => {
                 view.write(layer, &k, &v, &ctx.positions);
-                let cpu_attended = ctx.cpu_decode_rows.as_ref().and_then(|rows| self.cpu_decode(cpu_attention::NewTokens::Queries(&q), view, layer, rows));
-                if let Some(attended) = cpu_attended {
+                if let Some(attended) = self.cpu_cached_attention(&q, view, layer, ctx) {
                     return self.o_proj.forward(&attended, use_lora, training);
                 }
-                let (keys, values) = view.read(layer);
-                long_attention(seq_len, || Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, true))
-            }
-            (Some((view, layer)), None) => {
-                // A fresh prefill: the new keys are all there is to attend to.
-                view.write(layer, &k, &v, &ctx.positions);
-                long_attention(seq_len, || Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true))
+                match mask {
+                    Some(mask) => {
+                        let (keys, values) = view.read(layer);
+                        long_attention(seq_len, || Tensor::scaled_dot_product_attention(&q, &keys, &values, Some(mask), 0.0, false, None, true))
+                    }
+                    // A fresh prefill: the new keys are all there is to attend to.
+                    None => long_attention(seq_len, || Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true)),
+                }
             }
             (None, _) => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true),
         };
@@ -107,11 +107,12 @@ impl Attention {
     }
 }
 
-/// New tokens per row from which a CPU prefill's attention gets every core back.
+/// New tokens per row from which a CPU prefill's attention in libtorch (where the pool's
+/// kernel does not apply: bf16, no AVX-512) gets every core back.
 ///
 /// A CPU pass whose products run on [`super::cpu_gemv`] lowers libtorch to one thread (its
 /// OpenMP workers would spin against the kernel's). Attention grows with the square of the
-/// prompt and runs in libtorch: from about a thousand tokens it outweighs the spinning
+/// prompt: from about a thousand tokens it outweighs the spinning
 /// (default model, 2 cores: a 4096-token prefill went from 393 to 565 tok/s; a 128-token one
 /// fell from 1000 to 520, so short prompts keep one thread).
 const LONG_ATTENTION_TOKENS: i64 = 1024;
@@ -127,7 +128,7 @@ fn long_attention(seq_len: i64, attention: impl FnOnce() -> Tensor) -> Tensor {
 impl Attention {
     /// [`cpu_attention::decode`] of a CPU decode step's new tokens over `layer` of the cache,
     /// `(b, 1, heads * head_dim)`; `None` where it does not apply (the generic path runs).
-    fn cpu_decode(&self, new: cpu_attention::NewTokens<'_>, view: &mut CacheView<'_>, layer: usize, rows: &DecodeRows) -> Option<Tensor> {
+    fn cpu_decode(&self, new: cpu_attention::NewTokens<'_>, view: &mut CacheView<'_>, layer: usize, rows: &CacheRows) -> Option<Tensor> {
         let activations = match &new {
             cpu_attention::NewTokens::Queries(q) => *q,
             cpu_attention::NewTokens::Projected { qkv, .. } => *qkv,
@@ -138,6 +139,31 @@ impl Attention {
         }
         cpu_attention::decode(new, self.num_heads, &cpu_attention::CacheLayer { keys, values }, &rows.slots, &rows.positions)
     }
+
+    /// Attention of queries `(b, heads, t, head_dim)`, whose keys and values are already in
+    /// the cache, by the CPU kernels that read it in place: a decode step's or a prompt's.
+    /// Returns `(b, t, heads * head_dim)`, or `None` where they do not apply.
+    fn cpu_cached_attention(&self, q: &Tensor, view: &mut CacheView<'_>, layer: usize, ctx: &StepContext) -> Option<Tensor> {
+        let rows = ctx.cpu_rows.as_ref()?;
+        if rows.decode {
+            return self.cpu_decode(cpu_attention::NewTokens::Queries(q), view, layer, rows);
+        }
+        let (keys, values) = view.layer_storage(layer);
+        cpu_prefill(q, &cpu_attention::CacheLayer { keys, values }, rows)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_prefill(q: &Tensor, cache: &cpu_attention::CacheLayer<'_>, rows: &CacheRows) -> Option<Tensor> {
+    if !super::cpu_prefill_attention::applies(q, cache.keys) {
+        return None;
+    }
+    super::cpu_prefill_attention::attend(q, cache, &rows.slots, &rows.positions)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_prefill(_q: &Tensor, _cache: &cpu_attention::CacheLayer<'_>, _rows: &CacheRows) -> Option<Tensor> {
+    None
 }
 
 /// Per-pass tensors every layer shares, built once per forward.
@@ -151,16 +177,27 @@ struct StepContext {
     /// `(b, 1, t, w)`: query at position p sees cached keys at positions <= p. `None` when
     /// attention is causal over the new tokens alone.
     mask: Option<Tensor>,
-    /// A CPU decode step (one new token per row over the cache): each row's slot and
-    /// position, for [`cpu_attention`], which reads the cache in place.
-    cpu_decode_rows: Option<DecodeRows>,
+    /// A CPU pass over the cache: each row's slot and positions, for the kernels that read
+    /// the cache in place.
+    cpu_rows: Option<CacheRows>,
 }
 
-/// Host copies of a decode step's slots and positions, one per row.
+impl StepContext {
+    /// The rows of a CPU decode step (one new token per row over the cache).
+    fn cpu_decode_rows(&self) -> Option<&CacheRows> {
+        self.cpu_rows.as_ref().filter(|rows| rows.decode)
+    }
+}
+
+/// Host copies of a CPU pass's cache slots and positions.
 #[derive(Debug)]
-struct DecodeRows {
+struct CacheRows {
+    /// The slot of each row.
     slots: Vec<i64>,
+    /// `(b * t)` absolute positions, row after row.
     positions: Vec<i64>,
+    /// One new token per row over earlier keys: a decode step.
+    decode: bool,
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
@@ -390,11 +427,12 @@ impl Transformer {
             key_pos.le_tensor(&input.positions.view([b_sz, 1, seq_len, 1]))
         });
         let one_token_per_row = input.positions.size().get(1) == Some(&1);
-        let cpu_decode_rows = cache.filter(|view| !view.is_fresh() && one_token_per_row && self.device == Device::Cpu).map(|view| DecodeRows {
+        let cpu_rows = cache.filter(|_| self.device == Device::Cpu).map(|view| CacheRows {
             slots: view.slot_ids(),
             positions: Vec::<i64>::try_from(input.positions.reshape([-1])).unwrap_or_default(),
+            decode: !view.is_fresh() && one_token_per_row,
         });
-        StepContext { cos, sin, positions: input.positions.shallow_clone(), mask, cpu_decode_rows }
+        StepContext { cos, sin, positions: input.positions.shallow_clone(), mask, cpu_rows }
     }
 
     /// Every fused linear layer with the projections it holds, for LoRA.
