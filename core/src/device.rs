@@ -100,11 +100,17 @@ fn dlopen_global(name: &str) -> Result<(), String> {
 
 /// Resolves a [`DeviceChoice`] to a `tch::Device`, loading CUDA support first.
 pub fn resolve(choice: DeviceChoice) -> Result<tch::Device, DeviceError> {
+    resolve_for_replica(choice, 0)
+}
+
+/// [`resolve`] for the replica with `LOCAL_RANK` `local_rank`: `auto` picks that CUDA device
+/// (one GPU per replica, as torchrun lays them out).
+pub fn resolve_for_replica(choice: DeviceChoice, local_rank: usize) -> Result<tch::Device, DeviceError> {
     let loaded = init_cuda();
     let available = if loaded.is_ok() { tch::Cuda::device_count() as usize } else { 0 };
     match choice {
         DeviceChoice::Cpu => Ok(tch::Device::Cpu),
-        DeviceChoice::Auto if available > 0 => Ok(tch::Device::Cuda(0)),
+        DeviceChoice::Auto if available > 0 => Ok(tch::Device::Cuda(local_rank % available)),
         DeviceChoice::Auto => Ok(tch::Device::Cpu),
         DeviceChoice::Cuda(ordinal) if ordinal < available => Ok(tch::Device::Cuda(ordinal)),
         DeviceChoice::Cuda(ordinal) => Err(DeviceError::CudaUnavailable {

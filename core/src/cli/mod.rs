@@ -6,6 +6,7 @@ mod bench;
 mod bench_train;
 mod generate;
 mod plot;
+mod replicas;
 mod serve;
 mod sg;
 mod train;
@@ -68,12 +69,16 @@ pub struct ModelArgs {
     /// A PEFT LoRA adapter directory to apply (e.g. a `hicra train` checkpoint).
     #[arg(long)]
     pub adapter: Option<std::path::PathBuf>,
+    /// This process's `LOCAL_RANK` among data-parallel replicas: `--device auto` then picks
+    /// that GPU.
+    #[arg(skip)]
+    pub local_rank: usize,
 }
 
 impl ModelArgs {
     /// Resolves the device and loads the model.
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        let device = crate::device::resolve(self.device)?;
+        let device = crate::device::resolve_for_replica(self.device, self.local_rank)?;
         let dtype = self.dtype.unwrap_or_else(|| DType::default_for(device));
         let options = LoadOptions { device, dtype, max_context: self.max_context };
         let started = std::time::Instant::now();

@@ -220,7 +220,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (settings, policy) = (training_settings(&args)?, checkpoint_policy(&args)?);
     // With training, the adapter is the trainer's starting point (see `start_trainer`).
     let adapter = if training_requested { None } else { args.adapter.clone() };
-    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter };
+    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter, local_rank: 0 };
     let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let addr: SocketAddr = format!("{host}:{}", args.port.unwrap_or(8000))
         .parse()

@@ -26,15 +26,34 @@ pub(crate) struct Pool {
 /// Spin iterations before a worker parks (a decode step's kernels come microseconds apart).
 const SPINS: u32 = 20_000;
 
-/// The process-wide pool: `HICRA_GEMV_THREADS` threads (default: the available parallelism),
-/// `None` with a single thread.
+/// Processes sharing this machine's cores (data-parallel replicas on one host).
+static CORE_SHARERS: AtomicUsize = AtomicUsize::new(1);
+
+/// Tells the CPU kernels that `processes` replicas share this machine's cores: unless
+/// `HICRA_GEMV_THREADS` says otherwise, the pool then takes `cores / processes` threads, and so
+/// does libtorch unless `OMP_NUM_THREADS` is set. Replicas spinning on more threads than there
+/// are cores slow each other down several times over. Call it before the first forward pass.
+pub fn share_cores_among(processes: usize) {
+    let processes = processes.max(1);
+    CORE_SHARERS.store(processes, Ordering::Relaxed);
+    if processes > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+        tch::set_num_threads((available_cores() / processes).max(1) as i32);
+    }
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The process-wide pool: `HICRA_GEMV_THREADS` threads (default: the available parallelism,
+/// divided among replicas sharing the machine), `None` with a single thread.
 pub(crate) fn pool() -> Option<&'static Pool> {
     static POOL: OnceLock<Option<&'static Pool>> = OnceLock::new();
     *POOL.get_or_init(|| {
         let threads = std::env::var("HICRA_GEMV_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            .unwrap_or_else(|| (available_cores() / CORE_SHARERS.load(Ordering::Relaxed)).max(1));
         if threads <= 1 {
             return None;
         }

@@ -34,6 +34,7 @@ use tch::{Device, Kind};
 
 pub use config::{Architecture, ModelConfig};
 pub use source::ModelSource;
+pub use cpu_pool::share_cores_among;
 pub use transformer::{ForwardInput, Transformer};
 
 use crate::tokenizer::{Tokenizer, TokenizerError};

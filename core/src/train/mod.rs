@@ -43,4 +43,7 @@ pub enum TrainError {
     /// Adapters could not be attached.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    /// The replicas could not take the step together (a peer lost); weights unchanged.
+    #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
 }

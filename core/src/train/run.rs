@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,8 @@ use super::episodes::{play, Table};
 use super::planning::StrategicGrams;
 use super::reward;
 use super::trainer::{StepReport, Trainer, TrainerConfig};
+use super::TrainError;
+use crate::collective::{CollectiveError, ProcessGroup};
 use crate::engine::{Engine, Generation, GenerationRequest, SamplingParams};
 use crate::analysis::{analyze_step, RolloutRecord, StepAnalysis};
 use crate::plugins::step::{ScoredCompletion, StepPlugins};
@@ -182,6 +185,9 @@ pub enum RunError {
     /// The configuration is inconsistent.
     #[error("invalid run configuration: {0}")]
     Config(String),
+    /// The replicas could not agree (a peer lost).
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
 }
 
 /// One line of `metrics.jsonl`.
@@ -268,6 +274,8 @@ pub struct Run {
     step_plugins: StepPlugins,
     /// Replaces `config.environment` when set (library users with their own environment).
     custom_environment: Option<(usize, EnvironmentFactory)>,
+    /// This process's share of the prompts: (rank, world size); (0, 1) alone.
+    replica: (usize, usize),
 }
 
 /// A library user's environment: one per episode, for its example.
@@ -332,7 +340,39 @@ impl Run {
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins, custom_environment: None })
+        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins, custom_environment: None, replica: (0, 1) })
+    }
+
+    /// Trains together with the other replicas of `group` (data parallel): each samples its
+    /// share of every step's prompts, and the replicas take each step together. Rank 0's
+    /// `start` (the step `resume` found) and trainer state go to every replica. Rank 0 writes
+    /// checkpoints and evaluates; rank `r > 0` writes its metrics and rollouts to
+    /// `<output_dir>/rank-<r>/`. Returns the step to start from. Every replica calls it once.
+    pub fn join(&mut self, group: Arc<ProcessGroup>, start: u64) -> Result<u64, RunError> {
+        let mut agreed = tch::Tensor::from_slice(&[start as i64]);
+        group.broadcast(&mut agreed, 0)?;
+        let start = i64::try_from(&agreed).map_err(|e| RunError::Config(format!("start step from rank 0: {e}")))? as u64;
+        self.replica = (group.rank(), group.world_size());
+        self.trainer.join(group)?;
+        let dir = self.rank_dir();
+        std::fs::create_dir_all(&dir).map_err(|source| RunError::Io { path: dir.clone(), source })?;
+        self.metrics_path = dir.join("metrics.jsonl");
+        Ok(start)
+    }
+
+    /// Where this replica's metrics and rollouts go: the output folder for rank 0.
+    fn rank_dir(&self) -> PathBuf {
+        match self.replica.0 {
+            0 => self.config.output_dir.clone(),
+            rank => self.config.output_dir.join(format!("rank-{rank}")),
+        }
+    }
+
+    /// This replica's prompts of a step of `n`: a contiguous share `first..first + count`.
+    fn shard(&self, n: usize) -> (usize, usize) {
+        let (rank, world) = self.replica;
+        let (first, end) = (rank * n / world, (rank + 1) * n / world);
+        (first, end - first)
     }
 
     /// Plays each sample as a multi-turn episode of at most `max_turns` answers against an
@@ -421,7 +461,9 @@ impl Run {
 
     /// Plays `samples` episodes per example (seeds from `(seed, tag, example, sample, turn)`)
     /// and returns each example's opening prompt ids and its scored episodes.
-    fn sample_episodes(&self, examples: &[&Example], samples: usize, tag: u64, max_turns: usize) -> Result<Vec<ScoredGroup>, RunError> {
+    /// `first` is the first example's index in the step (seeds are the same whichever replica
+    /// plays it).
+    fn sample_episodes(&self, examples: &[&Example], first: usize, samples: usize, tag: u64, max_turns: usize) -> Result<Vec<ScoredGroup>, RunError> {
         let tokenizer = &self.loaded.tokenizer;
         let template = tokenizer.chat_template().filter(|_| self.config.chat).ok_or_else(|| RunError::Config("a multi-turn environment needs a chat model (a chat template and chat = true)".into()))?;
         let mut episodes = Vec::new();
@@ -433,7 +475,7 @@ impl Run {
         let seed = self.config.seed;
         let temperature = self.config.temperature;
         let sampling = |episode: usize, turn: usize| {
-            let mut state = seed ^ tag.wrapping_mul(0x9E37_79B9) ^ (((episode / samples) as u64) << 20) ^ (episode % samples) as u64 ^ ((turn as u64) << 40);
+            let mut state = seed ^ tag.wrapping_mul(0x9E37_79B9) ^ (((first + episode / samples) as u64) << 20) ^ (episode % samples) as u64 ^ ((turn as u64) << 40);
             SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: data::splitmix(&mut state) }
         };
         let table = Table { model: &self.loaded.model, tokenizer, template, max_new_tokens: self.config.max_new_tokens, max_turns };
@@ -463,14 +505,15 @@ impl Run {
         Ok(out)
     }
 
-    /// Samples `samples` completions for each example, seeds from `(seed, tag, example, sample)`.
-    fn sample(&self, examples: &[&Example], samples: usize, tag: u64, temperature: f64) -> Result<Vec<PromptSamples>, RunError> {
+    /// Samples `samples` completions for each example, seeds from `(seed, tag, example, sample)`
+    /// with examples numbered from `first`.
+    fn sample(&self, examples: &[&Example], first: usize, samples: usize, tag: u64, temperature: f64) -> Result<Vec<PromptSamples>, RunError> {
         let mut requests = Vec::new();
         let mut prompts = Vec::new();
         for (p, example) in examples.iter().enumerate() {
             let ids = self.prompt_ids(example)?;
             for s in 0..samples {
-                let mut state = self.config.seed ^ tag.wrapping_mul(0x9E37_79B9) ^ ((p as u64) << 20) ^ s as u64;
+                let mut state = self.config.seed ^ tag.wrapping_mul(0x9E37_79B9) ^ (((first + p) as u64) << 20) ^ s as u64;
                 let sampling = SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: data::splitmix(&mut state) };
                 requests.push(GenerationRequest::new(ids.clone(), sampling, self.config.max_new_tokens, &self.loaded.tokenizer));
             }
@@ -496,20 +539,26 @@ impl Run {
             )));
         }
         keep_lines_before(&self.metrics_path, "run_step", start)?;
-        keep_lines_before(&self.config.output_dir.join("rollouts.jsonl"), "step", start)?;
+        keep_lines_before(&self.rank_dir().join("rollouts.jsonl"), "step", start)?;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.metrics_path)
             .map_err(|source| RunError::Io { path: self.metrics_path.clone(), source })?;
-        let rollouts_path = self.config.output_dir.join("rollouts.jsonl");
+        let rollouts_path = self.rank_dir().join("rollouts.jsonl");
         let mut rollout_log = match self.config.log_rollouts {
             true => Some(std::fs::OpenOptions::new().create(true).append(true).open(&rollouts_path).map_err(|source| RunError::Io { path: rollouts_path.clone(), source })?),
             false => None,
         };
         let mut all = Vec::new();
         for step in start..self.config.steps {
-            let (metrics, rollouts) = self.step(step)?;
+            let (metrics, rollouts) = match self.step(step) {
+                Err(RunError::Train(TrainError::Collective(err))) => {
+                    self.checkpoint_after_lost_peer(step);
+                    return Err(RunError::Collective(err));
+                }
+                other => other?,
+            };
             if let Some(log) = rollout_log.as_mut() {
                 let lines: String = rollouts.iter().map(|r| serde_json::to_string(r).unwrap_or_default() + "\n").collect();
                 log.write_all(lines.as_bytes()).map_err(|source| RunError::Io { path: rollouts_path.clone(), source })?;
@@ -518,13 +567,26 @@ impl Run {
             writeln!(file, "{line}").map_err(|source| RunError::Io { path: self.metrics_path.clone(), source })?;
             progress(&metrics);
             let last = step + 1 == self.config.steps;
-            if last || (self.config.checkpoint_every > 0 && (step + 1) % self.config.checkpoint_every == 0) {
+            let due = last || (self.config.checkpoint_every > 0 && (step + 1) % self.config.checkpoint_every == 0);
+            if due && self.replica.0 == 0 {
                 let snapshot = TrainerSnapshot::capture(&mut self.trainer);
                 checkpoints.write(step + 1, &snapshot, &self.loaded.name, serde_json::json!({"next_step": step + 1}))?;
             }
             all.push(metrics);
         }
         Ok(all)
+    }
+
+    /// After a peer was lost: this replica's adapters are those of the last step every replica
+    /// took, so it saves them (in its own folder) before the run stops, to resume from.
+    fn checkpoint_after_lost_peer(&mut self, step: u64) {
+        let dir = self.rank_dir();
+        let snapshot = TrainerSnapshot::capture(&mut self.trainer);
+        let written = CheckpointStore::open(&dir, self.config.keep_checkpoints).and_then(|store| store.write(step, &snapshot, &self.loaded.name, serde_json::json!({"next_step": step})));
+        match written {
+            Ok(path) => tracing::error!(checkpoint = %path.display(), step, "a replica was lost; this one saved its adapters and stops training"),
+            Err(err) => tracing::error!(dir = %dir.display(), %err, "a replica was lost, and saving this one's adapters failed"),
+        }
     }
 
     /// Rewards and planning masks of one prompt's completions.
@@ -590,12 +652,14 @@ impl Run {
         // run draw what an uninterrupted one draws, with nothing extra in the checkpoint.
         tch::manual_seed((self.config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
         let n = self.config.prompts_per_step;
-        let batch: Vec<&Example> = (0..n).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
+        // With replicas, each samples its share; indices stay those of the whole step.
+        let (first, count) = self.shard(n);
+        let batch: Vec<&Example> = (first..first + count).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
         let started = Instant::now();
         let (scored, masked): (Vec<ScoredGroup>, usize) = match self.episode_turns() {
-            Some(turns) => (self.sample_episodes(&batch, self.config.group_size, step, turns)?, 0),
+            Some(turns) => (self.sample_episodes(&batch, first, self.config.group_size, step, turns)?, 0),
             None => {
-                let sampled = self.sample(&batch, self.config.group_size, step, self.config.temperature)?;
+                let sampled = self.sample(&batch, first, self.config.group_size, step, self.config.temperature)?;
                 let mut masked = 0;
                 let scored = batch
                     .iter()
@@ -613,7 +677,8 @@ impl Run {
         let mut rollouts = Vec::new();
         let (mut resampled, mut masked_items) = (0, masked);
         let mut plugin_report = self.step_plugins.report();
-        for (p, (example, (prompt_ids, members))) in batch.iter().zip(scored).enumerate() {
+        for (local, (example, (prompt_ids, members))) in batch.iter().zip(scored).enumerate() {
+            let p = first + local;
             let mut members = members;
             // Equal rewards carry no GRPO signal: draw the group again, a bounded number of times
             // (single-turn samples only).
@@ -621,7 +686,7 @@ impl Run {
             for attempt in 1..=resample {
                 if members.windows(2).all(|w| w[0].reward == w[1].reward) {
                     let tag = step ^ ((attempt as u64) << 40) ^ ((p as u64) << 48);
-                    let again = self.sample(&[*example], self.config.group_size, tag, self.config.temperature)?;
+                    let again = self.sample(&[*example], 0, self.config.group_size, tag, self.config.temperature)?;
                     let generations = again.into_iter().next().map(|(_, g)| g).unwrap_or_default();
                     let (again, masked) = self.score_group(example, &prompt_ids, generations);
                     members = again;
@@ -645,7 +710,8 @@ impl Run {
         }
         let sample_seconds = started.elapsed().as_secs_f64();
         let train = self.trainer.step(&self.loaded.model, &groups)?;
-        let evaluate = (self.config.eval_every > 0 && (step + 1).is_multiple_of(self.config.eval_every)) || step + 1 == self.config.steps;
+        let due = (self.config.eval_every > 0 && (step + 1).is_multiple_of(self.config.eval_every)) || step + 1 == self.config.steps;
+        let evaluate = due && self.replica.0 == 0;
         let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
         let metrics = StepMetrics {
             run_step: step,
@@ -665,7 +731,7 @@ impl Run {
     pub fn evaluate(&self, step: u64) -> Result<(f64, f64), RunError> {
         let examples: Vec<&Example> = self.eval.iter().take(self.config.eval_prompts.max(1)).collect();
         let k = self.config.eval_samples.max(1);
-        let sampled = self.sample(&examples, k, u64::MAX - step, self.config.temperature.clamp(0.0, 0.6))?;
+        let sampled = self.sample(&examples, 0, k, u64::MAX - step, self.config.temperature.clamp(0.0, 0.6))?;
         let (mut pass1, mut pass_k) = (0.0, 0.0);
         for (example, (_, generations)) in examples.iter().zip(sampled) {
             let scores: Vec<f32> = generations.iter().map(|g| self.reward(&g.text, &example.answer)).collect();

@@ -4,7 +4,13 @@
 //! planning masks) -> clipped policy loss with gradient accumulation -> gradient clipping ->
 //! AdamW on the LoRA tensors inside the served model -> `policy_version += 1`. The next token
 //! any engine samples from this model uses the new adapters: there is no copy to sync.
+//!
+//! Data-parallel replicas ([`Trainer::join`]) take every step together: each contributes the
+//! groups it holds (possibly none), the loss is normalised by the tokens and sequences of all
+//! replicas, and the gradients are summed with one all-reduce. Every replica then clips and
+//! applies the same bits, so their adapters stay identical.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +21,7 @@ use super::flat::FlatAdapters;
 use super::loss::{self, LossConfig, TrainSample};
 use super::optimizer::{self, AdamW, OptimConfig};
 use super::TrainError;
+use crate::collective::ProcessGroup;
 use crate::engine::sampler::SamplingParams;
 use crate::model::lora::{self, LoraConfig};
 use crate::model::Transformer;
@@ -120,8 +127,13 @@ pub struct StepReport {
     pub entropy_execution: f64,
     /// Tokens trained on.
     pub tokens: usize,
+    /// CRC-32 of the adapters after the step ([`Trainer::adapter_hash`]): data-parallel
+    /// replicas report the same value for the same step.
+    pub adapter_hash: u32,
     /// Wall time of the step.
     pub step_seconds: f64,
+    /// Of which in collectives with the other replicas (waiting for them included); 0 alone.
+    pub collective_seconds: f64,
     /// Trained tokens per second.
     pub tokens_per_s: f64,
     /// Per trained member (by id), its per-token advantages (for rollout logs, not replies).
@@ -200,6 +212,8 @@ pub struct Trainer {
     flat: FlatAdapters,
     optimizer: AdamW,
     policy_version: u64,
+    /// The replicas this trainer steps with; `None` for a single process.
+    group: Option<Arc<ProcessGroup>>,
 }
 
 impl Trainer {
@@ -221,7 +235,40 @@ impl Trainer {
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let flat = FlatAdapters::adopt(&tensors)?;
         let optimizer = AdamW::new(config.optim.clone(), flat.values());
-        Ok(Self { config, params, flat, optimizer, policy_version: 0 })
+        Ok(Self { config, params, flat, optimizer, policy_version: 0, group: None })
+    }
+
+    /// Steps together with the replicas of `group` from now on. Rank 0's adapters, optimizer
+    /// moments, step count and policy version are first copied to every replica (a resumed
+    /// rank 0 thus resumes them all). Every replica must call this at the same point.
+    pub fn join(&mut self, group: Arc<ProcessGroup>) -> Result<(), TrainError> {
+        let (m, v) = self.optimizer.moments();
+        for tensor in [self.flat.values(), m, v] {
+            group.broadcast(&mut tensor.shallow_clone(), 0)?;
+        }
+        let mut counters = Tensor::from_slice(&[self.optimizer.step as i64, self.policy_version as i64]);
+        group.broadcast(&mut counters, 0)?;
+        let counters = Vec::<i64>::try_from(&counters).map_err(|e| TrainError::NonFinite(format!("step counters: {e}")))?;
+        self.optimizer.step = counters[0] as u64;
+        self.policy_version = counters[1] as u64;
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// The replicas this trainer steps with, if any.
+    pub fn group(&self) -> Option<&Arc<ProcessGroup>> {
+        self.group.as_ref()
+    }
+
+    /// A CRC-32 of the adapters' bytes: equal on every replica after every step.
+    pub fn adapter_hash(&self) -> u32 {
+        let values = self.flat.values().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float);
+        let floats = Vec::<f32>::try_from(&values.reshape([-1])).unwrap_or_default();
+        let mut hasher = crc32fast::Hasher::new();
+        for value in floats {
+            hasher.update(&value.to_le_bytes());
+        }
+        hasher.finalize()
     }
 
     /// Trains the adapters already attached to `model` (a PEFT adapter loaded with
@@ -361,13 +408,22 @@ impl Trainer {
         report.response_length = if members > 0 { length_sum as f64 / members as f64 } else { 0.0 };
         report.step = self.optimizer.step;
         report.policy_version = self.policy_version;
-        if samples.is_empty() {
+        let local_tokens: usize = samples.iter().map(TrainSample::loss_tokens).sum();
+        let collective_started = Instant::now();
+        let (total_tokens, total_sequences) = self.global_counts(local_tokens, samples.len())?;
+        report.collective_seconds = collective_started.elapsed().as_secs_f64();
+        if total_sequences == 0 {
             report.step_seconds = started.elapsed().as_secs_f64();
             return Ok(report);
         }
-        let total_tokens: usize = samples.iter().map(TrainSample::loss_tokens).sum();
         self.flat.zero_grad();
-        let stats = loss::accumulate(model, &samples, &self.config.loss, total_tokens, samples.len());
+        let mut stats = if samples.is_empty() { loss::LossStats::default() } else { loss::accumulate(model, &samples, &self.config.loss, total_tokens, total_sequences) };
+        let collective_started = Instant::now();
+        if let Err(err) = self.sum_over_replicas(&mut stats) {
+            self.flat.zero_grad();
+            return Err(err);
+        }
+        report.collective_seconds += collective_started.elapsed().as_secs_f64();
         if !stats.loss.is_finite() {
             self.flat.zero_grad();
             return Err(TrainError::NonFinite(format!("loss {}", stats.loss)));
@@ -398,6 +454,7 @@ impl Trainer {
             }
         }
         report.updated = true;
+        report.adapter_hash = self.adapter_hash();
         report.step = self.optimizer.step;
         report.policy_version = self.policy_version;
         report.loss = stats.loss;
@@ -410,5 +467,34 @@ impl Trainer {
         report.step_seconds = started.elapsed().as_secs_f64();
         report.tokens_per_s = stats.tokens as f64 / report.step_seconds.max(1e-9);
         Ok(report)
+    }
+
+    /// The step's loss tokens and sequences over every replica (this process's alone without
+    /// a group). Every replica calls it once per step, whatever it holds: it is also how they
+    /// agree on whether the step happens.
+    fn global_counts(&self, tokens: usize, sequences: usize) -> Result<(usize, usize), TrainError> {
+        let Some(group) = &self.group else { return Ok((tokens, sequences)) };
+        let mut counts = Tensor::from_slice(&[tokens as i64, sequences as i64]);
+        group.all_reduce_sum(&mut counts)?;
+        let counts = Vec::<i64>::try_from(&counts).map_err(|e| TrainError::NonFinite(format!("step counts: {e}")))?;
+        Ok((counts[0] as usize, counts[1] as usize))
+    }
+
+    /// Sums the adapters' gradients and the loss statistics over the replicas. A replica whose
+    /// own loss is not finite sends NaN gradients, so that every replica discards the step.
+    fn sum_over_replicas(&self, stats: &mut loss::LossStats) -> Result<(), TrainError> {
+        let Some(group) = &self.group else { return Ok(()) };
+        if !stats.loss.is_finite() {
+            let _ = self.flat.grads().shallow_clone().fill_(f64::NAN);
+        }
+        group.all_reduce_sum(&mut self.flat.grads().shallow_clone())?;
+        let mut totals = Tensor::from_slice(&[stats.loss, stats.tokens as f64, stats.clipped_tokens as f64, stats.kl_sum]);
+        group.all_reduce_sum(&mut totals)?;
+        let totals = Vec::<f64>::try_from(&totals).map_err(|e| TrainError::NonFinite(format!("step statistics: {e}")))?;
+        stats.loss = totals[0];
+        stats.tokens = totals[1] as usize;
+        stats.clipped_tokens = totals[2] as usize;
+        stats.kl_sum = totals[3];
+        Ok(())
     }
 }

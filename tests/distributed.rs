@@ -1,0 +1,144 @@
+//! Data-parallel replicas over Gloo on loopback, as real processes of the `hicra` binary:
+//! `hicra train --nproc 2` trains the adapter a single process trains on the union of the
+//! same groups, with bit-identical adapters on both ranks; a killed rank is reported by its
+//! peer, which saves its adapters.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+/// A run of the tiny model whose rewards vary (completions containing an `e`), so that steps
+/// update. Dropout is 0: both layouts must compute the same function.
+fn write_config(dir: &Path, steps: u64) -> PathBuf {
+    let model = common::tiny_model_file();
+    let text = format!(
+        r#"
+model = "{model}"
+steps = {steps}
+prompts_per_step = 4
+group_size = 4
+max_new_tokens = 8
+eval_prompts = 2
+eval_samples = 2
+reward = "regex"
+reward_pattern = "e"
+output_dir = "{out}"
+
+[data]
+kind = "arithmetic"
+count = 40
+max_operand = 9
+seed = 3
+
+[trainer.optim]
+lr = 0.0001
+
+[trainer.lora]
+rank = 4
+dropout = 0.0
+"#,
+        model = model.display(),
+        out = dir.join("out").display(),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines().map(|l| serde_json::from_str(l).expect("metrics line is JSON")).collect()
+}
+
+/// The adapter tensors of the checkpoint in `out`.
+fn adapters(out: &Path) -> Vec<(String, Tensor)> {
+    let file = out.join("checkpoint/adapter_model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+#[test]
+fn two_replicas_train_what_one_process_trains_on_the_union_of_their_groups() {
+    let steps = 3;
+    let single_dir = common::scratch_dir("dp-single");
+    let single = common::hicra(&["train", "--device", "cpu", "--config", write_config(&single_dir, steps).to_str().unwrap_or_default()]);
+    assert!(single.success, "single process failed:\n{}", single.stderr);
+
+    let pair_dir = common::scratch_dir("dp-pair");
+    let pair = common::hicra(&["train", "--device", "cpu", "--nproc", "2", "--config", write_config(&pair_dir, steps).to_str().unwrap_or_default()]);
+    assert!(pair.success, "two replicas failed:\n{}", pair.stderr);
+
+    let alone = metrics(&single_dir.join("out/metrics.jsonl"));
+    let rank0 = metrics(&pair_dir.join("out/metrics.jsonl"));
+    let rank1 = metrics(&pair_dir.join("out/rank-1/metrics.jsonl"));
+    assert_eq!((alone.len(), rank0.len(), rank1.len()), (steps as usize, steps as usize, steps as usize));
+    for (step, ((a, r0), r1)) in alone.iter().zip(&rank0).zip(&rank1).enumerate() {
+        assert_eq!(a["updated"], true, "step {step} must update for the comparison to mean anything");
+        assert_eq!(r0["updated"], true, "rank 0 step {step}");
+        assert_eq!(r0["adapter_hash"], r1["adapter_hash"], "step {step}: the replicas' adapters differ");
+        // Each replica sampled half the prompts; together, the single process's groups.
+        assert_eq!(r0["tokens"], a["tokens"], "step {step}: the replicas trained on other tokens than the single process");
+        assert_eq!(r0["tokens"], r1["tokens"], "step {step}: the replicas disagree on the step's tokens");
+    }
+
+    let (expected, got) = (adapters(&single_dir.join("out")), adapters(&pair_dir.join("out")));
+    assert_eq!(expected.len(), got.len());
+    let moved: f64 = expected.iter().filter(|(n, _)| n.contains("lora_B")).map(|(_, t)| t.abs().sum(tch::Kind::Double).double_value(&[])).sum();
+    assert!(moved > 0.0, "training must have moved the adapters");
+    for ((name, a), (other, b)) in expected.iter().zip(&got) {
+        assert_eq!(name, other);
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{name}: two replicas differ from one process by {diff}");
+    }
+    assert!(!pair_dir.join("out/rank-1/checkpoint").exists(), "only rank 0 writes checkpoints");
+}
+
+#[test]
+fn a_killed_replica_is_reported_and_its_peer_saves_its_adapters() {
+    let dir = common::scratch_dir("dp-killed");
+    let config = write_config(&dir, 1000);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
+    let spawn = |rank: usize| {
+        Command::new(env!("CARGO_BIN_EXE_hicra"))
+            .args(["train", "--device", "cpu", "--dist-timeout", "120", "--config"])
+            .arg(&config)
+            .envs([("RANK", rank.to_string()), ("WORLD_SIZE", "2".into()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.to_string())])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("replica starts")
+    };
+    let survivor = spawn(0);
+    let mut victim = spawn(1);
+    // Wait until the pair has taken two steps together, then kill rank 1 outright.
+    let rank1_metrics = dir.join("out/rank-1/metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&rank1_metrics).map(|t| t.lines().count()).unwrap_or(0) < 2 {
+        assert!(Instant::now() < deadline, "the replicas took no two steps in 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = victim.kill();
+    let _ = victim.wait();
+    let killed_at = Instant::now();
+
+    let out = survivor.wait_with_output().expect("survivor exits");
+    let waited = killed_at.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the survivor must fail the run, not train on alone:\n{stderr}");
+    assert!(waited < Duration::from_secs(60), "the lost peer took {waited:?} to notice (time-out 120 s)");
+    assert!(stderr.contains("a peer lost") || stderr.contains("replica was lost"), "the survivor must say a peer was lost:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let saved = dir.join("out/checkpoint/adapter_model.safetensors");
+    assert!(saved.exists(), "the survivor must save its adapters:\n{stderr}");
+    // The saved state continues after the last step both took: the one rank 0 logged last.
+    let trained = metrics(&dir.join("out/metrics.jsonl"));
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out/checkpoint/trainer_state.json")).unwrap_or_default()).unwrap_or_default();
+    assert!(trained.len() >= 2, "rank 0 logged {} steps", trained.len());
+    assert_eq!(state["extra"]["next_step"].as_u64(), Some(trained.len() as u64), "the checkpoint must continue after the last logged step");
+}
