@@ -142,3 +142,93 @@ fn a_killed_replica_is_reported_and_its_peer_saves_its_adapters() {
     assert!(trained.len() >= 2, "rank 0 logged {} steps", trained.len());
     assert_eq!(state["extra"]["next_step"].as_u64(), Some(trained.len() as u64), "the checkpoint must continue after the last logged step");
 }
+
+mod serving {
+    use super::common::{self, last_step, Server};
+    use reqwest::blocking::Client;
+    use serde_json::{json, Value};
+    use std::time::{Duration, Instant};
+
+    /// Two `hicra serve --train` replicas of the tiny model (ranks 0 and 1 over loopback),
+    /// stepping when they hold two complete groups between them. Started together: each waits
+    /// for the other to join before it listens.
+    fn start_pair(tag: &str) -> (Server, Server) {
+        let config = common::scratch_dir(&format!("dp-serve-{tag}")).join("trainer.toml");
+        std::fs::write(&config, "[optim]\nlr = 0.05\n[lora]\nrank = 4\n").expect("trainer config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port").to_string();
+        let model = common::tiny_model_file();
+        let start = move |rank: &'static str, config: std::path::PathBuf, model: std::path::PathBuf, port: String| {
+            let args = ["--max-context".into(), "128".into(), "--groups-per-step".into(), "2".into(), "--dist-timeout-s".into(), "60".into(), "--train-config".into(), config.into_os_string(), "--model".into(), model.into_os_string()];
+            let env = [("WORLD_SIZE", "2"), ("RANK", rank), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())];
+            common::start_server_env(&args, "warn,hicra_core=info", &env)
+        };
+        let second = {
+            let (config, model, port) = (config.clone(), model.clone(), port.clone());
+            std::thread::spawn(move || start("1", config, model, port))
+        };
+        let first = start("0", config, model, port);
+        (first, second.join().expect("rank 1 started"))
+    }
+
+    fn post(client: &Client, url: &str, body: Value) -> (u16, Value) {
+        let response = client.post(url).json(&body).send().expect("request");
+        (response.status().as_u16(), response.json().unwrap_or(Value::Null))
+    }
+
+    /// One group of two sampled choices, rewarded 1 and 0.
+    fn rewarded_group(client: &Client, server: &Server, content: &str) {
+        let body = json!({"model": "model", "messages": [{"role": "user", "content": content}], "n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 5});
+        let (status, reply) = post(client, &format!("{}/v1/chat/completions", server.url), body);
+        assert_eq!(status, 200, "{reply}");
+        for (choice, reward) in reply["choices"].as_array().expect("choices").iter().zip([1.0, 0.0]) {
+            let id = choice["hicra"]["rollout_id"].as_str().expect("rollout id");
+            let (status, reply) = post(client, &format!("{}/v1/rollouts/{id}/reward", server.url), json!({"reward": reward}));
+            assert_eq!(status, 200, "{reply}");
+        }
+    }
+
+    fn greedy_version(client: &Client, server: &Server) -> u64 {
+        let (status, reply) = post(client, &format!("{}/v1/completions", server.url), json!({"model": "model", "prompt": [5, 17, 99], "max_tokens": 3, "temperature": 0}));
+        assert_eq!(status, 200, "{reply}");
+        reply["choices"][0]["hicra"]["policy_version"].as_u64().expect("policy_version")
+    }
+
+    #[test]
+    fn replicas_rewarded_separately_take_one_step_together_with_identical_adapters() {
+        let (first, second) = start_pair("step");
+        let client = Client::new();
+        // One group on each replica: neither holds two, together they do.
+        rewarded_group(&client, &first, "left");
+        rewarded_group(&client, &second, "right");
+        let statuses: Vec<Value> = [&first, &second].iter().map(|s| common::wait_for_steps(&s.url, None, 1)).collect();
+        let steps: Vec<&Value> = statuses.iter().map(last_step).collect();
+        for (rank, step) in steps.iter().enumerate() {
+            assert_eq!(step["updated"], true, "rank {rank}: {step}");
+            assert_eq!(step["trained_groups"].as_array().map(Vec::len), Some(1), "rank {rank} trains its own group: {step}");
+            assert_eq!(step["tokens"], steps[0]["tokens"], "the replicas disagree on the step's tokens");
+        }
+        assert_eq!(steps[0]["adapter_hash"], steps[1]["adapter_hash"], "the replicas' adapters differ after the step");
+        assert_eq!((greedy_version(&client, &first), greedy_version(&client, &second)), (1, 1));
+        let replicas = &statuses[1]["replicas"];
+        assert_eq!((replicas["rank"].as_u64(), replicas["world_size"].as_u64(), replicas["lost"].is_null()), (Some(1), Some(2), true));
+    }
+
+    #[test]
+    fn a_killed_replica_is_reported_and_the_survivor_keeps_serving() {
+        let (first, second) = start_pair("killed");
+        let client = Client::new();
+        second.kill();
+        let killed_at = Instant::now();
+        let status = common::wait_for_training(&first.url, None, "the lost replica reported", |s| !s["replicas"]["lost"].is_null());
+        assert!(killed_at.elapsed() < Duration::from_secs(60), "noticed after {:?} (time-out 60 s)", killed_at.elapsed());
+        assert!(status["replicas"]["lost"].as_str().is_some_and(|reason| !reason.is_empty()), "{status}");
+        // Still serving, at the policy both had.
+        assert_eq!(greedy_version(&client, &first), 0);
+        let saved = first.state_dir.join("checkpoint/adapter_model.safetensors");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !saved.exists() {
+            assert!(Instant::now() < deadline, "the survivor saved no checkpoint:\n{}", first.log_lines().join("\n"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -10,6 +10,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use super::ModelArgs;
+use crate::collective::{ProcessGroup, WorldConfig};
 use crate::device::DeviceChoice;
 use crate::engine::scheduler::{self, SchedulerConfig};
 use crate::model::{source::DEFAULT_MODEL, DType};
@@ -157,6 +158,11 @@ pub(crate) struct ServeArgs {
     /// Incomplete reward groups held at once; more are answered 429 [default: 4096].
     #[arg(long)]
     max_pending_groups: Option<usize>,
+    /// With data-parallel replicas (torchrun's WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT in
+    /// the environment): seconds to wait for the peers, to join and in every step, before
+    /// reporting them lost [default: 300].
+    #[arg(long)]
+    dist_timeout_s: Option<u64>,
 }
 
 impl ServeArgs {
@@ -205,6 +211,7 @@ impl ServeArgs {
             group_timeout_s: self.group_timeout_s.or(file.group_timeout_s),
             max_staleness: self.max_staleness.or(file.max_staleness),
             max_pending_groups: self.max_pending_groups.or(file.max_pending_groups),
+            dist_timeout_s: self.dist_timeout_s.or(file.dist_timeout_s),
         })
     }
 }
@@ -217,10 +224,14 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     let max_context = args.max_context.unwrap_or(2048);
     let training_requested = args.train || args.train_config.is_some();
     // Checked before the model loads, so a typo fails at once.
-    let (settings, policy) = (training_settings(&args)?, checkpoint_policy(&args)?);
+    let (mut settings, policy) = (training_settings(&args)?, checkpoint_policy(&args)?);
+    // Replicas only matter to training: inference replicas need nothing from each other.
+    let world = if training_requested { WorldConfig::from_env()? } else { None };
+    crate::model::share_cores_among(world.as_ref().map_or(1, |w| w.local_world_size));
     // With training, the adapter is the trainer's starting point (see `start_trainer`).
     let adapter = if training_requested { None } else { args.adapter.clone() };
-    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter, local_rank: 0 };
+    let local_rank = world.as_ref().map_or(0, |w| w.local_rank);
+    let model_args = ModelArgs { model: args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string()), device, dtype, max_context, adapter, local_rank };
     let host = args.host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let addr: SocketAddr = format!("{host}:{}", args.port.unwrap_or(8000))
         .parse()
@@ -246,11 +257,20 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let (trainer, restored) = match trainer_config {
         Some(config) => {
-            let (trainer, restored) = start_trainer(&mut loaded, config, args.adapter.as_deref(), folder.as_ref(), args.keep_checkpoints.unwrap_or(3))?;
+            let (mut trainer, restored) = start_trainer(&mut loaded, config, args.adapter.as_deref(), folder.as_ref(), args.keep_checkpoints.unwrap_or(3))?;
+            if let Some(world) = &world {
+                let timeout = std::time::Duration::from_secs(args.dist_timeout_s.unwrap_or(300));
+                let group = Arc::new(ProcessGroup::join(world, timeout)?);
+                // Rank 0's adapters, optimizer and policy version go to every replica.
+                trainer.join(group.clone())?;
+                eprintln!("replica {} of {} (master {}): policy version {}", world.rank, world.world_size, world.master(), trainer.policy_version());
+                settings.replicas = Some(group);
+            }
             (Some(trainer), restored)
         }
         None => (None, None),
     };
+    let start_version = trainer.as_ref().map_or(0, Trainer::policy_version);
     let journal = match &folder {
         Some(folder) => Some(Journal::open(&folder.journal_path(), args.journal_retention.unwrap_or(200_000))?),
         None => None,
@@ -306,7 +326,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let state = match (training_requested, &folder) {
         (true, Some(folder)) => {
-            let version = restored.as_ref().map(|r| r.policy_version).unwrap_or(0);
+            // The trainer's version: the restored checkpoint's, or rank 0's among replicas.
+            let version = start_version;
             let buffer = TrainingBuffer::new(settings, journal.clone());
             if let Some(journal) = &journal {
                 journal.set_checkpoint_version(version);

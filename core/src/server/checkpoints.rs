@@ -186,6 +186,9 @@ pub async fn checkpoint_now(state: &AppState, reason: &str, freeze: bool) -> Res
 /// `every_steps` updates have accumulated.
 pub fn after_update(state: &AppState) {
     let Some(checkpointer) = &state.checkpoints else { return };
+    if !state.training.as_ref().is_some_and(|buffer| buffer.writes_periodic_checkpoints()) {
+        return;
+    }
     let every = checkpointer.policy.every_steps;
     if every == 0 || checkpointer.updates_since.fetch_add(1, Ordering::AcqRel) + 1 < every {
         return;
@@ -201,6 +204,9 @@ pub fn after_update(state: &AppState) {
 /// Writes a checkpoint every `every` seconds when the weights changed since the last one.
 pub async fn run_timer(state: AppState) {
     let Some(every) = state.checkpoints.as_ref().and_then(|c| c.policy.every) else { return };
+    if !state.training.as_ref().is_some_and(|buffer| buffer.writes_periodic_checkpoints()) {
+        return;
+    }
     loop {
         tokio::time::sleep(every).await;
         let version = state.engine.policy_version.load(Ordering::Acquire);

@@ -28,6 +28,12 @@
 //!
 //! `GET /v1/training` (and `/metrics`) shows the policy version, the queues, every counter and
 //! the last steps' reports.
+//!
+//! Data-parallel replicas (`TrainingSettings::replicas`) step together: every tick each step
+//! worker offers how many complete groups it holds in one all-reduce; when the replicas hold
+//! `groups_per_step` between them, every replica steps with the groups it has (possibly none)
+//! and the trainer sums their gradients. A lost peer stops the stepping on the survivors,
+//! which save a checkpoint and keep serving.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -44,6 +50,7 @@ use super::plugins::PluginRegistry;
 use super::journal::{self, GroupOutcome, GroupRef, Journal, NewGroup, Recovery, RewardRow, StepRecord};
 use super::rollouts::{RewardRefusal, Rollout, RolloutStore};
 use super::AppState;
+use crate::collective::ProcessGroup;
 use crate::analysis::{analyze_step, RolloutRecord, StepAnalysis};
 use crate::plugins::step::{ScoredCompletion, StepPluginReport, StepPlugins};
 use crate::train::planning::StrategicGrams;
@@ -76,6 +83,8 @@ pub struct TrainingSettings {
     pub credit_plugin: Option<String>,
     /// Appends each step's rollouts here (JSON lines for `hicra analyze`), when set.
     pub rollout_log: Option<std::path::PathBuf>,
+    /// The data-parallel replicas this server steps with (the trainer's group), if any.
+    pub replicas: Option<Arc<ProcessGroup>>,
 }
 
 impl Default for TrainingSettings {
@@ -90,6 +99,7 @@ impl Default for TrainingSettings {
             sg_plugin: None,
             credit_plugin: None,
             rollout_log: None,
+            replicas: None,
         }
     }
 }
@@ -234,6 +244,8 @@ pub struct TrainingBuffer {
     pub(super) step_gate: Arc<tokio::sync::Mutex<()>>,
     /// Set when the journal failed to record an update (see [`Self::journal_step`]).
     journal_behind: std::sync::atomic::AtomicBool,
+    /// Why the replicas stopped stepping together (a peer lost), once they have.
+    replicas_lost: Mutex<Option<String>>,
 }
 
 impl TrainingBuffer {
@@ -249,7 +261,50 @@ impl TrainingBuffer {
             journal,
             step_gate: Arc::new(tokio::sync::Mutex::new(())),
             journal_behind: std::sync::atomic::AtomicBool::new(false),
+            replicas_lost: Mutex::new(None),
         }
+    }
+
+    /// Whether this server writes the periodic checkpoints: alone, or as rank 0 of its
+    /// replicas (the others write one when they stop or lose a peer).
+    pub fn writes_periodic_checkpoints(&self) -> bool {
+        self.settings.replicas.as_ref().is_none_or(|group| group.rank() == 0)
+    }
+
+    /// Why the replicas stopped stepping, if they did.
+    pub fn replicas_lost(&self) -> Option<String> {
+        self.replicas_lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many complete groups wait for a step.
+    fn ready_count(&self) -> usize {
+        let mut state = self.lock();
+        self.expire(&mut state, Instant::now());
+        state.ready.len()
+    }
+
+    /// Puts the groups of a step that could not run back at the front of the ready queue.
+    fn requeue(&self, groups: Vec<ReadyGroup>) {
+        let mut state = self.lock();
+        for group in groups.into_iter().rev() {
+            state.ready.push_front(group);
+        }
+    }
+
+    /// Up to `groups_per_step` complete groups (possibly none): this replica's share of a
+    /// step the replicas agreed on.
+    fn take_share(&self) -> Vec<ReadyGroup> {
+        let mut state = self.lock();
+        let count = state.ready.len().min(self.settings.groups_per_step);
+        let mut batch: Vec<ReadyGroup> = state.ready.drain(..count).collect();
+        let mut seen = HashSet::new();
+        for (i, group) in batch.iter_mut().enumerate() {
+            if !seen.insert(group.id.clone()) {
+                group.id = format!("{}#{}", group.id, group.seq.map_or(i as i64, |s| s));
+                seen.insert(group.id.clone());
+            }
+        }
+        batch
     }
 
     /// The journal, when the server has a state folder.
@@ -641,6 +696,11 @@ impl TrainingBuffer {
                 "max_ready_groups": s.max_ready_groups,
             },
             "last_steps": state.history,
+            "replicas": self.settings.replicas.as_ref().map(|group| json!({
+                "rank": group.rank(),
+                "world_size": group.world_size(),
+                "lost": self.replicas_lost.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            })),
         })
     }
 
@@ -711,6 +771,9 @@ fn append_log(path: &std::path::Path, records: &[RolloutRecord]) {
 /// as long as the server runs. Started once by the server when it trains.
 pub async fn run_steps(state: AppState) {
     let Some(buffer) = state.training.clone() else { return };
+    if let Some(group) = buffer.settings.replicas.clone() {
+        return run_steps_with_replicas(state, buffer, group).await;
+    }
     loop {
         // Woken by a reward that completes enough groups; the tick also expires old groups.
         let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
@@ -723,14 +786,58 @@ pub async fn run_steps(state: AppState) {
     }
 }
 
+/// The step worker of a replica: every tick (or reward) the replicas agree in one all-reduce
+/// whether they hold `groups_per_step` complete groups between them; if so each steps with its
+/// share. The rounds are collectives, so every replica runs them in the same order: a replica
+/// that is ahead waits for the others. A failed round or step (a peer lost) stops stepping
+/// here: the survivor reports it, saves a checkpoint and keeps serving.
+async fn run_steps_with_replicas(state: AppState, buffer: Arc<TrainingBuffer>, group: Arc<ProcessGroup>) {
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
+        let ready = tokio::task::block_in_place(|| buffer.ready_count());
+        let agreed = tokio::task::block_in_place(|| {
+            let mut held = tch::Tensor::from_slice(&[ready as i64]);
+            group.all_reduce_sum(&mut held).map(|()| i64::try_from(&held).unwrap_or(0))
+        });
+        let held_by_all = match agreed {
+            Ok(held) => held,
+            Err(err) => return lose_replicas(&state, &buffer, err.to_string()).await,
+        };
+        if held_by_all < buffer.settings.groups_per_step as i64 {
+            continue;
+        }
+        let share = tokio::task::block_in_place(|| buffer.take_share());
+        if step_once(&state, &buffer, share).await {
+            super::checkpoints::after_update(&state);
+        }
+        if group.is_broken() {
+            return lose_replicas(&state, &buffer, "a training step across the replicas failed (see the log)".into()).await;
+        }
+    }
+}
+
+/// Stops stepping with the replicas after `reason`: reported in `GET /v1/training` and the log,
+/// and the weights of the last step taken together are saved.
+async fn lose_replicas(state: &AppState, buffer: &Arc<TrainingBuffer>, reason: String) {
+    tracing::error!(%reason, "lost a replica: training stops here; serving goes on");
+    *buffer.replicas_lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    if state.checkpoints.is_some() {
+        match super::checkpoints::checkpoint_now(state, "replica lost", false).await {
+            Ok(info) => tracing::warn!(path = %info.path, policy_version = info.policy_version, "checkpoint after losing a replica"),
+            Err(err) => tracing::error!(%err, "the checkpoint after losing a replica failed"),
+        }
+    }
+}
+
 /// Runs one step on `batch` and records its outcome; never loses the report. The step gate
-/// is held from before the update until the journal has recorded it.
+/// is held from before the update until the journal has recorded it. With replicas the
+/// engine steps even with no groups of its own: the step is taken together.
 async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<ReadyGroup>) -> bool {
     let _gate = buffer.step_gate.lock().await;
     let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
     let mut outcomes = Vec::new();
     let batch = buffer.drop_stale(batch, version, &mut outcomes);
-    if batch.is_empty() {
+    if batch.is_empty() && buffer.settings.replicas.is_none() {
         buffer.journal_step(version, None, &outcomes, &[]);
         return false;
     }
@@ -781,6 +888,15 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
             buffer.journal_step(version, Some((&report, &entry)), &outcomes, &report.advantages);
             buffer.record_step(entry, Some(&report), &plugin_report);
             report.updated
+        }
+        Err(message) if buffer.settings.replicas.as_ref().is_some_and(|group| group.is_broken()) => {
+            // A peer was lost, not these groups' fault: they wait again (their journal rows
+            // stay ready, so a restart offers them too).
+            tracing::error!(%message, groups = ?group_ids, "the step across the replicas failed; its groups wait again");
+            buffer.journal_step(version, None, &outcomes, &[]);
+            buffer.requeue(batch);
+            buffer.record_step(json!({"error": message, "groups": group_ids}), None, &plugin_report);
+            false
         }
         Err(message) => {
             tracing::error!(%message, groups = ?group_ids, "training step failed; its groups are not trained");
