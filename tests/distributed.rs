@@ -175,16 +175,19 @@ mod serving {
         (response.status().as_u16(), response.json().unwrap_or(Value::Null))
     }
 
-    /// One group of two sampled choices, rewarded 1 and 0.
-    fn rewarded_group(client: &Client, server: &Server, content: &str) {
+    /// One group of two sampled choices, rewarded 1 and 0; returns their rollout ids.
+    fn rewarded_group(client: &Client, server: &Server, content: &str) -> Vec<String> {
         let body = json!({"model": "model", "messages": [{"role": "user", "content": content}], "n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 5});
         let (status, reply) = post(client, &format!("{}/v1/chat/completions", server.url), body);
         assert_eq!(status, 200, "{reply}");
+        let mut ids = Vec::new();
         for (choice, reward) in reply["choices"].as_array().expect("choices").iter().zip([1.0, 0.0]) {
             let id = choice["hicra"]["rollout_id"].as_str().expect("rollout id");
             let (status, reply) = post(client, &format!("{}/v1/rollouts/{id}/reward", server.url), json!({"reward": reward}));
             assert_eq!(status, 200, "{reply}");
+            ids.push(id.to_string());
         }
+        ids
     }
 
     fn greedy_version(client: &Client, server: &Server) -> u64 {
@@ -199,7 +202,9 @@ mod serving {
         let client = Client::new();
         // One group on each replica: neither holds two, together they do.
         rewarded_group(&client, &first, "left");
-        rewarded_group(&client, &second, "right");
+        let ids = rewarded_group(&client, &second, "right");
+        // A load balancer routes a reward to the replica holding its rollout by the id.
+        assert!(ids.iter().all(|id| id.starts_with("ro-r1-")), "{ids:?}");
         let statuses: Vec<Value> = [&first, &second].iter().map(|s| common::wait_for_steps(&s.url, None, 1)).collect();
         let steps: Vec<&Value> = statuses.iter().map(last_step).collect();
         for (rank, step) in steps.iter().enumerate() {

@@ -309,7 +309,10 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let state = AppState {
         engine,
-        rollouts: Arc::new(RolloutStore::new(args.rollout_capacity.unwrap_or(10_000))),
+        rollouts: Arc::new(match &world {
+            Some(world) => RolloutStore::for_replica(args.rollout_capacity.unwrap_or(10_000), world.rank),
+            None => RolloutStore::new(args.rollout_capacity.unwrap_or(10_000)),
+        }),
         metrics: Arc::new(ServerMetrics::default()),
         options: Arc::new(ServerOptions {
             api_key: args.api_key.clone(),

@@ -107,6 +107,13 @@ impl RolloutStore {
         Self { capacity: capacity.max(1), boot, inner: Mutex::new(StoreInner::default()) }
     }
 
+    /// [`Self::new`] for data-parallel replica `rank`: its ids start `ro-r<rank>-`, so a load
+    /// balancer can send a reward to the replica that holds the rollout by its path.
+    pub fn for_replica(capacity: usize, rank: usize) -> Self {
+        let store = Self::new(capacity);
+        Self { boot: format!("r{rank}-{}", store.boot), ..store }
+    }
+
     /// A fresh rollout id, unique across restarts (request ids derive from it too).
     pub fn next_id(&self) -> String {
         let mut inner = self.lock();
@@ -209,6 +216,12 @@ mod tests {
         assert!(store.get(&ids[1]).is_some() && store.get(&ids[2]).is_some());
         assert_eq!(store.counts(), (2, 1));
         assert_ne!(ids[1], ids[2]);
+    }
+
+    #[test]
+    fn a_replicas_ids_name_its_rank() {
+        let id = RolloutStore::for_replica(4, 3).next_id();
+        assert!(id.starts_with("ro-r3-"), "{id}");
     }
 
     #[test]
