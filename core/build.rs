@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=cpp/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=cpp/gloo-include");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: run scripts/setup.sh (it installs libtorch into .deps/, which .cargo/config.toml names)");
     };

@@ -80,6 +80,7 @@ fn two_replicas_train_what_one_process_trains_on_the_union_of_their_groups() {
     for (step, ((a, r0), r1)) in alone.iter().zip(&rank0).zip(&rank1).enumerate() {
         assert_eq!(a["updated"], true, "step {step} must update for the comparison to mean anything");
         assert_eq!(r0["updated"], true, "rank 0 step {step}");
+        assert_ne!(r0["adapter_hash"], 0, "step {step}: replicas report their adapters' hash");
         assert_eq!(r0["adapter_hash"], r1["adapter_hash"], "step {step}: the replicas' adapters differ");
         // Each replica sampled half the prompts; together, the single process's groups.
         assert_eq!(r0["tokens"], a["tokens"], "step {step}: the replicas trained on other tokens than the single process");
@@ -175,15 +176,20 @@ mod serving {
         (response.status().as_u16(), response.json().unwrap_or(Value::Null))
     }
 
-    /// One group of two sampled choices, rewarded 1 and 0; returns their rollout ids.
-    fn rewarded_group(client: &Client, server: &Server, content: &str) -> Vec<String> {
-        let body = json!({"model": "model", "messages": [{"role": "user", "content": content}], "n": 2, "temperature": 1.0, "max_tokens": 8, "seed": 5});
+    /// Rollout ids of `n` sampled choices served by `server`.
+    fn sample(client: &Client, server: &Server, content: &str, n: usize) -> Vec<String> {
+        let body = json!({"model": "model", "messages": [{"role": "user", "content": content}], "n": n, "temperature": 1.0, "max_tokens": 8, "seed": 5});
         let (status, reply) = post(client, &format!("{}/v1/chat/completions", server.url), body);
         assert_eq!(status, 200, "{reply}");
+        reply["choices"].as_array().expect("choices").iter().map(|c| c["hicra"]["rollout_id"].as_str().expect("rollout id").to_string()).collect()
+    }
+
+    /// One group of two choices sampled on `server`, rewarded 1 and 0 through `rewarded_at`
+    /// (which forwards them when they are another replica's); returns their rollout ids.
+    fn rewarded_group(client: &Client, server: &Server, rewarded_at: &Server, content: &str) -> Vec<String> {
         let mut ids = Vec::new();
-        for (choice, reward) in reply["choices"].as_array().expect("choices").iter().zip([1.0, 0.0]) {
-            let id = choice["hicra"]["rollout_id"].as_str().expect("rollout id");
-            let (status, reply) = post(client, &format!("{}/v1/rollouts/{id}/reward", server.url), json!({"reward": reward}));
+        for (id, reward) in sample(client, server, content, 2).iter().zip([1.0, 0.0]) {
+            let (status, reply) = post(client, &format!("{}/v1/rollouts/{id}/reward", rewarded_at.url), json!({"reward": reward}));
             assert_eq!(status, 200, "{reply}");
             ids.push(id.to_string());
         }
@@ -201,10 +207,17 @@ mod serving {
         let (first, second) = start_pair("step");
         let client = Client::new();
         // One group on each replica: neither holds two, together they do.
-        rewarded_group(&client, &first, "left");
-        let ids = rewarded_group(&client, &second, "right");
-        // A load balancer routes a reward to the replica holding its rollout by the id.
-        assert!(ids.iter().all(|id| id.starts_with("ro-r1-")), "{ids:?}");
+        // A batch mixing the replicas' rollouts cannot be recorded as a whole: refused.
+        let mixed = [sample(&client, &first, "mixed", 1), sample(&client, &second, "mixed", 1)].concat();
+        let batch: Vec<Value> = mixed.iter().map(|id| json!({"rollout_id": id, "reward": 1.0})).collect();
+        let (status, reply) = post(&client, &format!("{}/v1/rewards", first.url), json!({"rewards": batch}));
+        assert_eq!(status, 400, "{reply}");
+        assert!(reply.to_string().contains("replicas [0, 1]"), "{reply}");
+        // One group on each replica: neither holds two, together they do. The second group is
+        // rewarded through the first replica, which forwards each reward to its owner.
+        rewarded_group(&client, &first, &first, "left");
+        let ids = rewarded_group(&client, &second, &first, "right");
+        assert!(ids.iter().all(|id| id.starts_with("ro-r1-")), "replica 1's ids name it: {ids:?}");
         let statuses: Vec<Value> = [&first, &second].iter().map(|s| common::wait_for_steps(&s.url, None, 1)).collect();
         let steps: Vec<&Value> = statuses.iter().map(last_step).collect();
         for (rank, step) in steps.iter().enumerate() {
@@ -212,6 +225,7 @@ mod serving {
             assert_eq!(step["trained_groups"].as_array().map(Vec::len), Some(1), "rank {rank} trains its own group: {step}");
             assert_eq!(step["tokens"], steps[0]["tokens"], "the replicas disagree on the step's tokens");
         }
+        assert_ne!(steps[0]["adapter_hash"], 0, "replicas report their adapters' hash");
         assert_eq!(steps[0]["adapter_hash"], steps[1]["adapter_hash"], "the replicas' adapters differ after the step");
         assert_eq!((greedy_version(&client, &first), greedy_version(&client, &second)), (1, 1));
         let replicas = &statuses[1]["replicas"];

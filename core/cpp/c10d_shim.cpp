@@ -11,6 +11,7 @@
 #include <exception>
 #include <string>
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -21,22 +22,42 @@ struct Group {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
 };
 
-void report(const std::exception& error, char* err, size_t err_len) {
+void report_text(const char* text, char* err, size_t err_len) {
   if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, error.what(), err_len - 1);
+  std::strncpy(err, text, err_len - 1);
   err[err_len - 1] = '\0';
 }
 
-// PyTorch's convention: GLOO_SOCKET_IFNAME names the interface(s) to use, else the address the
-// host name resolves to, else loopback.
-std::shared_ptr<::gloo::transport::Device> device_from_environment() {
+// c10 errors carry a C++ backtrace in what(); the message alone is what a user needs.
+void report(const std::exception& error, char* err, size_t err_len) {
+  if (auto c10_error = dynamic_cast<const c10::Error*>(&error)) {
+    report_text(c10_error->what_without_backtrace(), err, err_len);
+  } else {
+    report_text(error.what(), err, err_len);
+  }
+}
+
+void report_unknown(char* err, size_t err_len) {
+  report_text("an exception that is not a std::exception", err, err_len);
+}
+
+// PyTorch's convention: GLOO_SOCKET_IFNAME names the interfaces to use (comma-separated),
+// else the address the host name resolves to, else loopback.
+std::vector<std::shared_ptr<::gloo::transport::Device>> devices_from_environment() {
+  std::vector<std::shared_ptr<::gloo::transport::Device>> devices;
   const char* interfaces = std::getenv("GLOO_SOCKET_IFNAME");
   if (interfaces != nullptr && interfaces[0] != '\0') {
-    std::string first(interfaces);
-    first = first.substr(0, first.find(','));
-    return c10d::ProcessGroupGloo::createDeviceForInterface(first);
+    std::string list(interfaces);
+    size_t start = 0;
+    while (start <= list.size()) {
+      size_t end = list.find(',', start);
+      if (end == std::string::npos) end = list.size();
+      if (end > start) devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(list.substr(start, end - start)));
+      start = end + 1;
+    }
   }
-  return c10d::ProcessGroupGloo::createDefaultDevice();
+  if (devices.empty()) devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  return devices;
 }
 
 int wait_for(const c10::intrusive_ptr<c10d::Work>& work, char* err, size_t err_len) {
@@ -46,6 +67,9 @@ int wait_for(const c10::intrusive_ptr<c10d::Work>& work, char* err, size_t err_l
   } catch (const std::exception& error) {
     report(error, err, err_len);
     return -1;
+  } catch (...) {
+    report_unknown(err, err_len);
+    return -1;
   }
 }
 
@@ -53,25 +77,32 @@ int wait_for(const c10::intrusive_ptr<c10d::Work>& work, char* err, size_t err_l
 
 extern "C" {
 
-// Joins the group: rank 0 serves the store at master_addr:master_port, the others connect.
+// Joins the group. With serve_store, rank 0 serves the rendezvous store at
+// master_addr:master_port; otherwise (torchrun's agent already serves one there) every rank
+// connects. Keys live under `prefix`, so a restarted attempt never reads an earlier one's.
 // Returns NULL with the reason in err on failure (a peer missing past timeout_ms included).
-void* hicra_gloo_new(const char* master_addr, uint16_t master_port, int rank, int world_size, int64_t timeout_ms, char* err, size_t err_len) {
+void* hicra_gloo_new(const char* master_addr, uint16_t master_port, int rank, int world_size, int serve_store, const char* prefix, int64_t timeout_ms, char* err, size_t err_len) {
   try {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions options;
     options.port = master_port;
-    options.isServer = rank == 0;
+    options.isServer = serve_store != 0 && rank == 0;
     options.numWorkers = static_cast<size_t>(world_size);
+    // Every rank counts itself in; the serving one also waits for all of them.
     options.waitWorkers = true;
     options.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(master_addr), options);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(master_addr), options);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout);
-    gloo_options->devices.push_back(device_from_environment());
+    gloo_options->devices = devices_from_environment();
     gloo_options->threads = 2;
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, gloo_options);
     return new Group{store, gloo};
   } catch (const std::exception& error) {
     report(error, err, err_len);
+    return nullptr;
+  } catch (...) {
+    report_unknown(err, err_len);
     return nullptr;
   }
 }
@@ -87,6 +118,9 @@ int hicra_gloo_all_reduce_sum(void* group, at::Tensor* tensor, char* err, size_t
   } catch (const std::exception& error) {
     report(error, err, err_len);
     return -1;
+  } catch (...) {
+    report_unknown(err, err_len);
+    return -1;
   }
 }
 
@@ -101,7 +135,48 @@ int hicra_gloo_broadcast(void* group, at::Tensor* tensor, int root, char* err, s
   } catch (const std::exception& error) {
     report(error, err, err_len);
     return -1;
+  } catch (...) {
+    report_unknown(err, err_len);
+    return -1;
   }
+}
+
+// Sets `key` to `len` bytes in the group's rendezvous store.
+int hicra_store_set(void* group, const char* key, const uint8_t* value, size_t len, char* err, size_t err_len) {
+  try {
+    std::vector<uint8_t> bytes(value, value + len);
+    static_cast<Group*>(group)->store->set(std::string(key), bytes);
+    return 0;
+  } catch (const std::exception& error) {
+    report(error, err, err_len);
+    return -1;
+  } catch (...) {
+    report_unknown(err, err_len);
+    return -1;
+  }
+}
+
+// Reads `key` from the store, waiting for it up to the store's time-out. On success *value is
+// a malloc'd buffer of *len bytes for the caller to release with hicra_buffer_free.
+int hicra_store_get(void* group, const char* key, uint8_t** value, size_t* len, char* err, size_t err_len) {
+  try {
+    std::vector<uint8_t> bytes = static_cast<Group*>(group)->store->get(std::string(key));
+    *len = bytes.size();
+    *value = static_cast<uint8_t*>(std::malloc(bytes.size() > 0 ? bytes.size() : 1));
+    if (*value == nullptr) throw std::bad_alloc();
+    std::memcpy(*value, bytes.data(), bytes.size());
+    return 0;
+  } catch (const std::exception& error) {
+    report(error, err, err_len);
+    return -1;
+  } catch (...) {
+    report_unknown(err, err_len);
+    return -1;
+  }
+}
+
+void hicra_buffer_free(uint8_t* buffer) {
+  std::free(buffer);
 }
 
 void hicra_gloo_free(void* group) {

@@ -2,13 +2,15 @@
 //! torchrun starts them (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`).
 //!
 //! Each child runs this binary with the same arguments minus `--nproc`; its stderr lines come
-//! out prefixed with `[rank r]`. The launcher waits for all of them and fails if any failed.
+//! out prefixed with `[rank r]`. The launcher waits for all of them. When one fails, it stops
+//! the others at once (they would otherwise wait for their lost peer until the time-out) and
+//! reports which failed.
 //!
 //! `LOCAL_WORLD_SIZE` tells each replica how many share the machine: they divide its cores
 //! (see [`crate::model::share_cores_among`]).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
 
@@ -18,9 +20,9 @@ pub(crate) fn launch(nproc: usize, subcommand: &[&str]) -> anyhow::Result<()> {
     let args = without_nproc(std::env::args().skip(1));
     let port = free_port()?;
     eprintln!("starting {nproc} replicas of `hicra {}` (master 127.0.0.1:{port})", subcommand.join(" "));
-    let mut children = Vec::with_capacity(nproc);
+    let mut children: Vec<(usize, Child, Option<std::thread::JoinHandle<()>>)> = Vec::with_capacity(nproc);
     for rank in 0..nproc {
-        let mut child = Command::new(&exe)
+        let spawned = Command::new(&exe)
             .args(&args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
@@ -29,8 +31,14 @@ pub(crate) fn launch(nproc: usize, subcommand: &[&str]) -> anyhow::Result<()> {
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting replica {rank}"))?;
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(err) => {
+                stop_all(&mut children);
+                return Err(err).with_context(|| format!("starting replica {rank}"));
+            }
+        };
         let prefixer = child.stderr.take().map(|stderr| {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -40,18 +48,54 @@ pub(crate) fn launch(nproc: usize, subcommand: &[&str]) -> anyhow::Result<()> {
         });
         children.push((rank, child, prefixer));
     }
-    let mut failed = Vec::new();
-    for (rank, mut child, prefixer) in children {
-        let status = child.wait().with_context(|| format!("waiting for replica {rank}"))?;
+    let failed = wait_all(&mut children);
+    for (_, _, prefixer) in children {
         if let Some(prefixer) = prefixer {
             let _ = prefixer.join();
-        }
-        if !status.success() {
-            failed.push(format!("rank {rank}: {status}"));
         }
     }
     anyhow::ensure!(failed.is_empty(), "replicas failed: {}", failed.join(", "));
     Ok(())
+}
+
+/// Waits until every child has exited; after the first failure, kills the rest. Returns the
+/// failures, `rank r: status`.
+fn wait_all(children: &mut [(usize, Child, Option<std::thread::JoinHandle<()>>)]) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut running: Vec<usize> = (0..children.len()).collect();
+    while !running.is_empty() {
+        running.retain(|&i| {
+            let (rank, child, _) = &mut children[i];
+            match child.try_wait() {
+                Ok(None) => true,
+                Ok(Some(status)) => {
+                    if !status.success() {
+                        failed.push(format!("rank {rank}: {status}"));
+                    }
+                    false
+                }
+                Err(err) => {
+                    failed.push(format!("rank {rank}: {err}"));
+                    false
+                }
+            }
+        });
+        if !failed.is_empty() {
+            stop_all(children);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    failed
+}
+
+/// Kills and reaps every child still running.
+fn stop_all(children: &mut [(usize, Child, Option<std::thread::JoinHandle<()>>)]) {
+    for (_, child, _) in children.iter_mut() {
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// The arguments without `--nproc N` / `--nproc=N`.

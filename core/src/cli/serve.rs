@@ -245,10 +245,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, true) => Some(TrainerConfig::default()),
         (None, false) => None,
     };
-    let folder = match (&args.state_dir, training_requested) {
-        (Some(dir), _) => Some(StateFolder::open(dir)?),
-        (None, true) => Some(StateFolder::open(Path::new(DEFAULT_STATE_DIR))?),
-        (None, false) => None,
+    let folder = match (&args.state_dir, training_requested, &world) {
+        (Some(dir), _, _) => Some(StateFolder::open(dir)?),
+        // Replicas on one machine must not share a folder (it is locked): one per rank.
+        (None, true, Some(world)) if world.rank > 0 => Some(StateFolder::open(Path::new(&format!("{DEFAULT_STATE_DIR}-rank-{}", world.rank)))?),
+        (None, true, _) => Some(StateFolder::open(Path::new(DEFAULT_STATE_DIR))?),
+        (None, false, _) => None,
     };
     let mut loaded = model_args.load()?;
     if let Some(path) = &args.chat_template {
@@ -326,6 +328,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<()> {
         journal: journal.clone(),
         checkpoints: None,
         episodes: Arc::new(crate::server::episodes::EpisodeStore::default()),
+        replicas: settings.replicas.clone().map(|group| Arc::new(crate::server::replicas::Replicas::new(group))),
     };
     let state = match (training_requested, &folder) {
         (true, Some(folder)) => {

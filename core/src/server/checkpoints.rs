@@ -175,7 +175,9 @@ pub async fn checkpoint_now(state: &AppState, reason: &str, freeze: bool) -> Res
     let info = CheckpointInfo { path: path.display().to_string(), policy_version: version, step, at: super::unix_now(), write_seconds: started.elapsed().as_secs_f64(), reason: reason.into() };
     tracing::info!(path = %info.path, policy_version = version, reason, seconds = info.write_seconds, "checkpoint written");
     *checkpointer.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
-    if let Some(journal) = &state.journal {
+    // Among replicas a restart resumes from rank 0's checkpoint, whatever this one wrote; the
+    // step worker gives the other replicas' journals rank 0's version instead.
+    if let (Some(journal), true) = (&state.journal, buffer.writes_periodic_checkpoints()) {
         journal.set_checkpoint_version(version);
     }
     checkpointer.written.fetch_add(1, Ordering::Relaxed);

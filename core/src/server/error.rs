@@ -54,6 +54,9 @@ pub enum ApiError {
     /// 500: our fault; details go to the log, not the client.
     #[error("internal error")]
     Internal(String),
+    /// 502: the data-parallel replica that holds the object did not answer.
+    #[error("{0}")]
+    ReplicaUnavailable(String),
 }
 
 impl ApiError {
@@ -72,6 +75,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None),
             Self::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            Self::ReplicaUnavailable(_) => (StatusCode::BAD_GATEWAY, "server_error", None),
         }
     }
 

@@ -24,6 +24,7 @@ pub mod error;
 pub mod journal;
 pub mod metrics;
 pub mod openai;
+pub mod replicas;
 mod requests;
 pub mod rollouts;
 mod stream;
@@ -83,6 +84,9 @@ pub struct AppState {
     pub checkpoints: Option<Arc<checkpoints::Checkpointer>>,
     /// Agent episodes.
     pub episodes: Arc<episodes::EpisodeStore>,
+    /// The data-parallel replicas to forward another replica's rollouts to, when training
+    /// with replicas.
+    pub replicas: Option<Arc<replicas::Replicas>>,
 }
 
 /// The router with every route and layer.
@@ -95,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rollouts/{id}", get(get_rollout))
         .route("/v1/episodes/{id}", get(get_episode))
         .route("/v1/training", get(training::status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), replicas::forward_to_owner))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // Rewards and scores move the weights, so they may need more than the inference key.
     let train = Router::new()
@@ -102,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rewards", post(training::reward_batch))
         .route("/v1/rollouts/{id}/score", post(plugins::score))
         .route("/v1/episodes/{id}/reward", post(training::reward_episode))
+        .route_layer(middleware::from_fn_with_state(state.clone(), replicas::forward_to_owner))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_train_key));
     let admin = Router::new()
         .route("/admin/plugins", get(plugins::list))
@@ -129,6 +135,10 @@ const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn serve(state: AppState, addr: SocketAddr) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    if let Some(replicas) = &state.replicas {
+        let url = advertised_url(local);
+        replicas.publish(&url).map_err(|e| std::io::Error::other(format!("publishing this replica's address {url}: {e}")))?;
+    }
     tracing::info!(%local, model = %state.engine.info.name, "serving");
     eprintln!("listening on http://{local}");
     if state.training.is_some() {
@@ -154,6 +164,19 @@ pub async fn serve(state: AppState, addr: SocketAddr) -> std::io::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The URL other replicas reach this one at: `HICRA_ADVERTISE_URL` when set, else the bound
+/// address, with this machine's host name for a wildcard address (0.0.0.0, ::).
+fn advertised_url(local: SocketAddr) -> String {
+    if let Ok(url) = std::env::var("HICRA_ADVERTISE_URL") {
+        return url.trim_end_matches('/').to_string();
+    }
+    if !local.ip().is_unspecified() {
+        return format!("http://{local}");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    format!("http://{host}:{}", local.port())
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header.

@@ -792,18 +792,33 @@ pub async fn run_steps(state: AppState) {
 /// that is ahead waits for the others. A failed round or step (a peer lost) stops stepping
 /// here: the survivor reports it, saves a checkpoint and keeps serving.
 async fn run_steps_with_replicas(state: AppState, buffer: Arc<TrainingBuffer>, group: Arc<ProcessGroup>) {
+    let mut stepped = false;
     loop {
-        let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
+        // Right after a step, more groups may already wait: no pause then.
+        if !stepped {
+            let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
+        }
         let ready = tokio::task::block_in_place(|| buffer.ready_count());
+        // Rank 0 also tells the others which version its last checkpoint holds: theirs are
+        // not what a restart resumes from, so their journals keep what rank 0's would need.
+        let checkpointed = match (group.rank(), &state.checkpoints) {
+            (0, Some(checkpointer)) => checkpointer.last().map_or(0, |c| c.policy_version),
+            _ => 0,
+        };
         let agreed = tokio::task::block_in_place(|| {
-            let mut held = tch::Tensor::from_slice(&[ready as i64]);
-            group.all_reduce_sum(&mut held).map(|()| i64::try_from(&held).unwrap_or(0))
+            let mut round = tch::Tensor::from_slice(&[ready as i64, checkpointed as i64]);
+            group.all_reduce_sum(&mut round).map(|()| Vec::<i64>::try_from(&round).unwrap_or_default())
         });
-        let held_by_all = match agreed {
-            Ok(held) => held,
+        let (held_by_all, rank0_checkpoint) = match agreed.as_deref() {
+            Ok([held, version]) => (*held, *version as u64),
+            Ok(_) => (0, 0),
             Err(err) => return lose_replicas(&state, &buffer, err.to_string()).await,
         };
-        if held_by_all < buffer.settings.groups_per_step as i64 {
+        if let (true, Some(journal)) = (group.rank() > 0, &state.journal) {
+            journal.set_checkpoint_version(rank0_checkpoint);
+        }
+        stepped = held_by_all >= buffer.settings.groups_per_step as i64;
+        if !stepped {
             continue;
         }
         let share = tokio::task::block_in_place(|| buffer.take_share());
@@ -856,6 +871,11 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
             // The groups stay ready in the journal: a restart offers them again.
             tracing::error!(%err, "building a training step panicked; its groups are counted as a failed step");
             buffer.record_step(json!({"error": "building the step failed"}), None, &StepPluginReport::default());
+            if buffer.settings.replicas.is_some() {
+                // The others are stepping: take part with no groups, or their collectives and
+                // ours fall out of step.
+                return matches!(state.engine.train(Vec::new()).await, Ok(report) if report.updated);
+            }
             return false;
         }
     };
@@ -889,9 +909,14 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
             buffer.record_step(entry, Some(&report), &plugin_report);
             report.updated
         }
-        Err(message) if buffer.settings.replicas.as_ref().is_some_and(|group| group.is_broken()) => {
-            // A peer was lost, not these groups' fault: they wait again (their journal rows
-            // stay ready, so a restart offers them too).
+        Err(message) if buffer.settings.replicas.as_ref().is_some_and(|group| group.is_broken() || !symmetric_failure(&message)) => {
+            // A peer was lost, or this engine failed in a way the others did not see (its
+            // collectives may be out of step with theirs, so it takes no further part): not
+            // these groups' fault. They wait again (their journal rows stay ready, so a restart
+            // offers them too).
+            if let Some(group) = &buffer.settings.replicas {
+                group.abandon();
+            }
             tracing::error!(%message, groups = ?group_ids, "the step across the replicas failed; its groups wait again");
             buffer.journal_step(version, None, &outcomes, &[]);
             buffer.requeue(batch);
@@ -910,6 +935,13 @@ async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<Re
             false
         }
     }
+}
+
+/// Whether a failed step failed on every replica alike: a non-finite loss or gradient norm is
+/// decided on values the replicas summed together, so all of them discard the step and stay in
+/// step. Anything else (the engine thread gone, a panic) happened here alone.
+fn symmetric_failure(message: &str) -> bool {
+    message.starts_with("non-finite ")
 }
 
 /// One history entry: the trainer's report, the step's analyses and the plugins' report.

@@ -532,7 +532,8 @@ impl Run {
     /// than overwritten.
     pub fn run(&mut self, start: u64, mut progress: impl FnMut(&StepMetrics)) -> Result<Vec<StepMetrics>, RunError> {
         let checkpoints = self.checkpoints()?;
-        if let Some((label, path)) = checkpoints.list().into_iter().find(|(label, _)| *label > start) {
+        let newer = checkpoints.list().into_iter().find(|(label, _)| *label > start).filter(|_| self.replica.0 == 0);
+        if let Some((label, path)) = newer {
             return Err(RunError::Config(format!(
                 "{} holds a checkpoint of step {label} from an earlier run; continue it with --resume or choose another output_dir",
                 path.display()
@@ -650,7 +651,8 @@ impl Run {
     fn step(&mut self, step: u64) -> Result<(StepMetrics, Vec<RolloutRecord>), RunError> {
         // libtorch's generator drives LoRA dropout; seeding it from (seed, step) makes a resumed
         // run draw what an uninterrupted one draws, with nothing extra in the checkpoint.
-        tch::manual_seed((self.config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
+        // Replicas draw their own masks (rank 0's are a single process's).
+        tch::manual_seed((self.config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((self.replica.0 as u64) << 56)) as i64);
         let n = self.config.prompts_per_step;
         // With replicas, each samples its share; indices stay those of the whole step.
         let (first, count) = self.shard(n);
@@ -710,8 +712,7 @@ impl Run {
         }
         let sample_seconds = started.elapsed().as_secs_f64();
         let train = self.trainer.step(&self.loaded.model, &groups)?;
-        let due = (self.config.eval_every > 0 && (step + 1).is_multiple_of(self.config.eval_every)) || step + 1 == self.config.steps;
-        let evaluate = due && self.replica.0 == 0;
+        let evaluate = (self.config.eval_every > 0 && (step + 1).is_multiple_of(self.config.eval_every)) || step + 1 == self.config.steps;
         let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
         let metrics = StepMetrics {
             run_step: step,
@@ -727,18 +728,28 @@ impl Run {
         Ok((metrics, rollouts))
     }
 
-    /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts.
+    /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts. With
+    /// replicas each evaluates its share of the prompts and the sums are all-reduced (every
+    /// replica calls this at the same steps).
     pub fn evaluate(&self, step: u64) -> Result<(f64, f64), RunError> {
-        let examples: Vec<&Example> = self.eval.iter().take(self.config.eval_prompts.max(1)).collect();
+        let all: Vec<&Example> = self.eval.iter().take(self.config.eval_prompts.max(1)).collect();
+        let (first, count) = self.shard(all.len());
+        let examples = &all[first..first + count];
         let k = self.config.eval_samples.max(1);
-        let sampled = self.sample(&examples, 0, k, u64::MAX - step, self.config.temperature.clamp(0.0, 0.6))?;
+        let sampled = self.sample(examples, first, k, u64::MAX - step, self.config.temperature.clamp(0.0, 0.6))?;
         let (mut pass1, mut pass_k) = (0.0, 0.0);
         for (example, (_, generations)) in examples.iter().zip(sampled) {
             let scores: Vec<f32> = generations.iter().map(|g| self.reward(&g.text, &example.answer)).collect();
             pass1 += scores.iter().map(|&s| (s >= 1.0) as u32 as f64).sum::<f64>() / k as f64;
             pass_k += scores.iter().any(|&s| s >= 1.0) as u32 as f64;
         }
-        let n = examples.len().max(1) as f64;
+        if let Some(group) = self.trainer.group() {
+            let mut sums = tch::Tensor::from_slice(&[pass1, pass_k]);
+            group.all_reduce_sum(&mut sums)?;
+            let sums = Vec::<f64>::try_from(&sums).map_err(|e| RunError::Config(format!("evaluation sums: {e}")))?;
+            (pass1, pass_k) = (sums[0], sums[1]);
+        }
+        let n = all.len().max(1) as f64;
         Ok((pass1 / n, pass_k / n))
     }
 }

@@ -127,8 +127,9 @@ pub struct StepReport {
     pub entropy_execution: f64,
     /// Tokens trained on.
     pub tokens: usize,
-    /// CRC-32 of the adapters after the step ([`Trainer::adapter_hash`]): data-parallel
-    /// replicas report the same value for the same step.
+    /// With data-parallel replicas, the CRC-32 of the adapters after the step
+    /// ([`Trainer::adapter_hash`]): every replica reports the same value for the same step.
+    /// 0 for a single process.
     pub adapter_hash: u32,
     /// Wall time of the step.
     pub step_seconds: f64,
@@ -242,6 +243,19 @@ impl Trainer {
     /// moments, step count and policy version are first copied to every replica (a resumed
     /// rank 0 thus resumes them all). Every replica must call this at the same point.
     pub fn join(&mut self, group: Arc<ProcessGroup>) -> Result<(), TrainError> {
+        // Every replica must hold the same adapters (model, rank, targets): compared first,
+        // so that a mismatch fails clearly everywhere instead of copying garbage.
+        let size = self.flat.values().numel() as i64;
+        let mut rank0_size = Tensor::from_slice(&[size]);
+        group.broadcast(&mut rank0_size, 0)?;
+        let rank0_size = i64::try_from(&rank0_size).map_err(|e| TrainError::NonFinite(format!("adapter size: {e}")))?;
+        let mut mismatches = Tensor::from_slice(&[i64::from(rank0_size != size)]);
+        group.all_reduce_sum(&mut mismatches)?;
+        if i64::try_from(&mismatches).unwrap_or(1) != 0 {
+            return Err(TrainError::Model(crate::model::ModelError::InvalidConfig(format!(
+                "the replicas' adapters differ in size (this one {size} values, rank 0's {rank0_size}): every replica needs the same model and LoRA settings"
+            ))));
+        }
         let (m, v) = self.optimizer.moments();
         for tensor in [self.flat.values(), m, v] {
             group.broadcast(&mut tensor.shallow_clone(), 0)?;
@@ -265,8 +279,11 @@ impl Trainer {
         let values = self.flat.values().to_device(tch::Device::Cpu).to_kind(tch::Kind::Float);
         let floats = Vec::<f32>::try_from(&values.reshape([-1])).unwrap_or_default();
         let mut hasher = crc32fast::Hasher::new();
-        for value in floats {
-            hasher.update(&value.to_le_bytes());
+        let mut bytes = Vec::with_capacity(4 * 4096);
+        for chunk in floats.chunks(4096) {
+            bytes.clear();
+            bytes.extend(chunk.iter().flat_map(|value| value.to_le_bytes()));
+            hasher.update(&bytes);
         }
         hasher.finalize()
     }
@@ -454,7 +471,9 @@ impl Trainer {
             }
         }
         report.updated = true;
-        report.adapter_hash = self.adapter_hash();
+        if self.group.is_some() {
+            report.adapter_hash = self.adapter_hash();
+        }
         report.step = self.optimizer.step;
         report.policy_version = self.policy_version;
         report.loss = stats.loss;
