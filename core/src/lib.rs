@@ -14,6 +14,7 @@
 //! - [`plugins`]: loading reward, detector and credit plugins built against `hicra-sdk`, with guards.
 //! - [`sg`]: Strategic-Gram mining; [`analysis`]: the paper's per-step analyses of rollouts.
 //! - [`collective`]: c10d (TCPStore, Gloo) across data-parallel replicas.
+//! - [`compare`]: statistics for comparing training arms over seeds.
 //! - [`files`]: writing files atomically (temp file, then rename).
 //! - [`memory`]: resident memory, and returning freed memory to the OS after a step.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
@@ -25,6 +26,7 @@
 pub mod analysis;
 pub mod cli;
 pub mod collective;
+pub mod compare;
 pub mod device;
 pub mod engine;
 pub mod files;
