@@ -4,6 +4,7 @@
 mod analyze;
 mod bench;
 mod bench_train;
+mod compare;
 mod generate;
 mod plot;
 mod replicas;
@@ -41,6 +42,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Train LoRA adapters with GRPO/HICRA on a dataset (offline loop).
     Train(train::TrainArgs),
+    /// Compare credit schemes (or any settings) over seeds at equal compute: a sweep of runs
+    /// and a table with bootstrap intervals.
+    Compare(compare::CompareArgs),
     /// Draw PNG curves from a training run's metrics.jsonl.
     Plot(plot::PlotArgs),
     /// The paper's analyses of a training run's rollouts: JSON summary and PNG charts.
@@ -148,6 +152,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchTrain(args) => bench_train::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Train(args) => train::run(args),
+        Command::Compare(args) => compare::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Sg(command) => sg::run(command),
         Command::Analyze(args) => analyze::run(args),

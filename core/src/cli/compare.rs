@@ -1,0 +1,86 @@
+//! `hicra compare --config sweep.toml`: every arm x seed of a sweep (see
+//! [`crate::compare::sweep`]), one after the other, then the comparison
+//! (`<output_dir>/compare.md` and `compare.json`).
+//!
+//! Finished runs are skipped and interrupted ones resume from their checkpoint, so the command
+//! can be stopped and started again at any point; `--report-only` summarises what is finished.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+
+use super::ModelArgs;
+use crate::compare::report::{self, Curve};
+use crate::compare::sweep::SweepConfig;
+use crate::device::DeviceChoice;
+use crate::train::run::Run;
+
+/// Arguments of `hicra compare`.
+#[derive(Debug, Args)]
+pub(crate) struct CompareArgs {
+    /// The sweep file (base run, arms, grid, seeds, output_dir).
+    #[arg(long)]
+    config: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Run nothing: summarise the runs already finished.
+    #[arg(long)]
+    report_only: bool,
+}
+
+/// Runs `hicra compare`.
+pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
+    let (sweep, base) = SweepConfig::load(&args.config)?;
+    let plan = sweep.plan(&base)?;
+    let total = plan.len();
+    for (index, planned) in plan.iter().enumerate() {
+        let label = format!("[{}/{total}] {} seed {}", index + 1, planned.arm, planned.seed);
+        let dir = &planned.config.output_dir;
+        if finished(dir, planned.config.steps) {
+            eprintln!("{label}: finished earlier, skipped");
+            continue;
+        }
+        if args.report_only {
+            continue;
+        }
+        eprintln!("{label}: training {} steps in {}", planned.config.steps, dir.display());
+        let model = ModelArgs { model: planned.config.model.clone(), device: args.device, dtype: None, max_context: 4096, adapter: None, local_rank: 0 }.load()?;
+        let mut run = Run::new(planned.config.clone(), model)?;
+        let start = if dir.join("checkpoint").exists() { run.resume().with_context(|| format!("{label}: resuming"))? } else { 0 };
+        let steps = planned.config.steps;
+        run.run(start, |m| {
+            let eval = m.eval_pass1.map(|p| format!(", held-out pass@1 {p:.3}")).unwrap_or_default();
+            eprintln!("{label}: step {}/{steps} reward {:.3}{eval}", m.run_step + 1, m.train.reward_mean);
+        })
+        .with_context(|| label.clone())?;
+    }
+
+    let mut curves: BTreeMap<(String, u64), Curve> = BTreeMap::new();
+    let mut arms: Vec<String> = Vec::new();
+    for planned in &plan {
+        if !arms.contains(&planned.arm) {
+            arms.push(planned.arm.clone());
+        }
+        if finished(&planned.config.output_dir, planned.config.steps) {
+            curves.insert((planned.arm.clone(), planned.seed), report::read_curve(&planned.config.output_dir.join("metrics.jsonl"))?);
+        }
+    }
+    let summaries = report::summarise(&arms, &curves);
+    let table = report::markdown(&summaries);
+    std::fs::create_dir_all(&sweep.output_dir).with_context(|| format!("creating {}", sweep.output_dir.display()))?;
+    let json = serde_json::to_string_pretty(&summaries)?;
+    crate::files::write_atomically(&sweep.output_dir.join("compare.json"), json.as_bytes()).context("writing compare.json")?;
+    crate::files::write_atomically(&sweep.output_dir.join("compare.md"), table.as_bytes()).context("writing compare.md")?;
+    println!("{table}");
+    eprintln!("comparison of {} finished runs of {total} written to {}", curves.len(), sweep.output_dir.join("compare.md").display());
+    Ok(())
+}
+
+/// Whether the run in `dir` has logged its last step.
+fn finished(dir: &Path, steps: u64) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) else { return false };
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|row| row["run_step"].as_u64() == Some(steps.saturating_sub(1)))
+}
