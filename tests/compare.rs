@@ -81,6 +81,9 @@ fn two_arms_two_seeds_compared_at_equal_compute_and_resumed() {
     let sweep = sweep.to_str().unwrap_or_default();
     let first = common::hicra(&["compare", "--device", "cpu", "--config", sweep]);
     assert!(first.success, "{}", first.stderr);
+    // Not a terminal: progress comes as plain lines, one per step, without escape codes.
+    assert!(first.stderr.contains("grpo seed 1 step 2/2: reward"), "{}", first.stderr);
+    assert!(!first.stderr.contains('\u{1b}'), "escape codes in a pipe: {}", first.stderr);
 
     let out = dir.join("out");
     let table = std::fs::read_to_string(out.join("compare.md")).expect("compare.md");

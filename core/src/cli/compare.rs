@@ -50,12 +50,13 @@ pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
         let model = ModelArgs { model: planned.config.model.clone(), device: args.device, dtype: None, max_context: 4096, adapter: None, local_rank: 0 }.load()?;
         let mut run = Run::new(planned.config.clone(), model)?;
         let start = if dir.join("checkpoint").exists() { run.resume().with_context(|| format!("{label}: resuming"))? } else { 0 };
-        let steps = planned.config.steps;
+        let progress = super::progress::Progress::new(&format!("{} seed {} step", planned.arm, planned.seed), start, planned.config.steps);
         run.run(start, |m| {
             let eval = m.eval_pass1.map(|p| format!(", held-out pass@1 {p:.3}")).unwrap_or_default();
-            eprintln!("{label}: step {}/{steps} reward {:.3}{eval}", m.run_step + 1, m.train.reward_mean);
+            progress.reached(m.run_step + 1, &format!("reward {:.3}{eval}", m.train.reward_mean));
         })
         .with_context(|| label.clone())?;
+        progress.finish();
     }
 
     let mut curves: BTreeMap<(String, u64), Curve> = BTreeMap::new();

@@ -7,6 +7,7 @@ mod bench_train;
 mod compare;
 mod generate;
 mod plot;
+mod progress;
 mod replicas;
 mod serve;
 mod sg;

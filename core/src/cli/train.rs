@@ -68,19 +68,20 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<()> {
         eprintln!("replica {} of {} (master {})", world.rank, world.world_size, world.master());
     }
     eprintln!("training steps {start}..{steps} ({} adapter values)", run.trainer().parameters().iter().map(|(_, t)| t.numel()).sum::<usize>());
+    let progress = super::progress::Progress::new("step", start, steps);
     run.run(start, |m| {
         let eval = match (m.eval_pass1, m.eval_pass_k) {
             (Some(p1), Some(pk)) => format!(" | eval pass@1 {p1:.3} pass@k {pk:.3}"),
             _ => String::new(),
         };
-        let done = (m.run_step + 1).min(steps) as usize;
-        let bar: String = (0..20).map(|i| if i * steps as usize / 20 < done { '#' } else { '.' }).collect();
-        eprintln!(
-            "[{bar}] step {:>4}/{steps} v{} reward {:.3} acc {:.3} len {:.0} loss {:+.4} clip {:.3} |g| {:.3} planning {:.3} H(plan) {:.2} H(exec) {:.2} sem-H {:.2} zero-var {} sample {:.1}s step {:.1}s{eval}",
-            m.run_step + 1, m.train.policy_version, m.train.reward_mean, m.analysis.accuracy, m.train.response_length, m.train.loss, m.train.clip_fraction,
+        let report = format!(
+            "v{} reward {:.3} acc {:.3} len {:.0} loss {:+.4} clip {:.3} |g| {:.3} planning {:.3} H(plan) {:.2} H(exec) {:.2} sem-H {:.2} zero-var {} sample {:.1}s step {:.1}s{eval}",
+            m.train.policy_version, m.train.reward_mean, m.analysis.accuracy, m.train.response_length, m.train.loss, m.train.clip_fraction,
             m.train.grad_norm, m.train.planning_share, m.train.entropy_planning, m.train.entropy_execution, m.analysis.semantic_entropy,
             m.train.zero_variance_groups, m.sample_seconds, m.train.step_seconds,
         );
+        progress.reached(m.run_step + 1, &report);
     })?;
+    progress.finish();
     Ok(())
 }
