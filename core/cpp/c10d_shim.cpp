@@ -60,9 +60,11 @@ std::vector<std::shared_ptr<::gloo::transport::Device>> devices_from_environment
   return devices;
 }
 
-int wait_for(const c10::intrusive_ptr<c10d::Work>& work, char* err, size_t err_len) {
+// Runs `body`; an exception becomes -1 and its message in err, so none crosses into Rust.
+template <typename Body>
+int guarded(char* err, size_t err_len, Body&& body) {
   try {
-    work->wait();
+    body();
     return 0;
   } catch (const std::exception& error) {
     report(error, err, err_len);
@@ -82,7 +84,8 @@ extern "C" {
 // connects. Keys live under `prefix`, so a restarted attempt never reads an earlier one's.
 // Returns NULL with the reason in err on failure (a peer missing past timeout_ms included).
 void* hicra_gloo_new(const char* master_addr, uint16_t master_port, int rank, int world_size, int serve_store, const char* prefix, int64_t timeout_ms, char* err, size_t err_len) {
-  try {
+  Group* created = nullptr;
+  guarded(err, err_len, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions options;
     options.port = master_port;
@@ -97,82 +100,49 @@ void* hicra_gloo_new(const char* master_addr, uint16_t master_port, int rank, in
     gloo_options->devices = devices_from_environment();
     gloo_options->threads = 2;
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, gloo_options);
-    return new Group{store, gloo};
-  } catch (const std::exception& error) {
-    report(error, err, err_len);
-    return nullptr;
-  } catch (...) {
-    report_unknown(err, err_len);
-    return nullptr;
-  }
+    created = new Group{store, gloo};
+  });
+  return created;
 }
 
 // Sums `tensor` over the group, in place. Returns 0, or -1 with the reason in err.
 int hicra_gloo_all_reduce_sum(void* group, at::Tensor* tensor, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     std::vector<at::Tensor> tensors{*tensor};
     c10d::AllreduceOptions options;
     options.reduceOp = c10d::ReduceOp::SUM;
-    auto work = static_cast<Group*>(group)->gloo->allreduce(tensors, options);
-    return wait_for(work, err, err_len);
-  } catch (const std::exception& error) {
-    report(error, err, err_len);
-    return -1;
-  } catch (...) {
-    report_unknown(err, err_len);
-    return -1;
-  }
+    static_cast<Group*>(group)->gloo->allreduce(tensors, options)->wait();
+  });
 }
 
 // Copies rank `root`'s `tensor` to every rank, in place.
 int hicra_gloo_broadcast(void* group, at::Tensor* tensor, int root, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     std::vector<at::Tensor> tensors{*tensor};
     c10d::BroadcastOptions options;
     options.rootRank = root;
-    auto work = static_cast<Group*>(group)->gloo->broadcast(tensors, options);
-    return wait_for(work, err, err_len);
-  } catch (const std::exception& error) {
-    report(error, err, err_len);
-    return -1;
-  } catch (...) {
-    report_unknown(err, err_len);
-    return -1;
-  }
+    static_cast<Group*>(group)->gloo->broadcast(tensors, options)->wait();
+  });
 }
 
 // Sets `key` to `len` bytes in the group's rendezvous store.
 int hicra_store_set(void* group, const char* key, const uint8_t* value, size_t len, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     std::vector<uint8_t> bytes(value, value + len);
     static_cast<Group*>(group)->store->set(std::string(key), bytes);
-    return 0;
-  } catch (const std::exception& error) {
-    report(error, err, err_len);
-    return -1;
-  } catch (...) {
-    report_unknown(err, err_len);
-    return -1;
-  }
+  });
 }
 
 // Reads `key` from the store, waiting for it up to the store's time-out. On success *value is
 // a malloc'd buffer of *len bytes for the caller to release with hicra_buffer_free.
 int hicra_store_get(void* group, const char* key, uint8_t** value, size_t* len, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     std::vector<uint8_t> bytes = static_cast<Group*>(group)->store->get(std::string(key));
     *len = bytes.size();
     *value = static_cast<uint8_t*>(std::malloc(bytes.size() > 0 ? bytes.size() : 1));
     if (*value == nullptr) throw std::bad_alloc();
     std::memcpy(*value, bytes.data(), bytes.size());
-    return 0;
-  } catch (const std::exception& error) {
-    report(error, err, err_len);
-    return -1;
-  } catch (...) {
-    report_unknown(err, err_len);
-    return -1;
-  }
+  });
 }
 
 void hicra_buffer_free(uint8_t* buffer) {
