@@ -238,6 +238,24 @@ impl ProcessGroup {
         })
     }
 
+    /// Sums a few host numbers (counts, statistics) over every process.
+    pub fn sum_values<T: tch::kind::Element + Copy>(&self, values: &[T]) -> Result<Vec<T>, CollectiveError> {
+        let mut tensor = Tensor::from_slice(values);
+        self.all_reduce_sum(&mut tensor)?;
+        self.host_values("all-reduce", &tensor)
+    }
+
+    /// Rank `root`'s values of a few host numbers, on every process.
+    pub fn broadcast_values<T: tch::kind::Element + Copy>(&self, values: &[T], root: usize) -> Result<Vec<T>, CollectiveError> {
+        let mut tensor = Tensor::from_slice(values);
+        self.broadcast(&mut tensor, root)?;
+        self.host_values("broadcast", &tensor)
+    }
+
+    fn host_values<T: tch::kind::Element + Copy>(&self, operation: &'static str, tensor: &Tensor) -> Result<Vec<T>, CollectiveError> {
+        Vec::<T>::try_from(tensor).map_err(|e| CollectiveError::Failed { operation, world_size: self.world_size, reason: format!("reading the result back: {e}") })
+    }
+
     /// Sets `key` to `value` in the group's rendezvous store (not a collective: any process,
     /// any time).
     pub fn store_set(&self, key: &str, value: &[u8]) -> Result<(), CollectiveError> {

@@ -40,7 +40,7 @@ const VALUE_CHUNK: usize = 32;
 
 /// Whether [`attend`] applies: f32 queries on the CPU without autograd, a contiguous f32
 /// cache, and a CPU with AVX-512 (elsewhere libtorch's kernel runs).
-pub(crate) fn applies(queries: &Tensor, cache_keys: &Tensor) -> bool {
+fn applies(queries: &Tensor, cache_keys: &Tensor) -> bool {
     queries.device() == Device::Cpu
         && queries.kind() == Kind::Float
         && cache_keys.kind() == Kind::Float

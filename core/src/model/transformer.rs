@@ -155,9 +155,7 @@ impl Attention {
 
 #[cfg(target_arch = "x86_64")]
 fn cpu_prefill(q: &Tensor, cache: &cpu_attention::CacheLayer<'_>, rows: &CacheRows) -> Option<Tensor> {
-    if !super::cpu_prefill_attention::applies(q, cache.keys) {
-        return None;
-    }
+    // `attend` checks that it applies (f32, no autograd, AVX-512) and the shapes.
     super::cpu_prefill_attention::attend(q, cache, &rows.slots, &rows.positions)
 }
 

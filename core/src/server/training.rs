@@ -296,15 +296,7 @@ impl TrainingBuffer {
     fn take_share(&self) -> Vec<ReadyGroup> {
         let mut state = self.lock();
         let count = state.ready.len().min(self.settings.groups_per_step);
-        let mut batch: Vec<ReadyGroup> = state.ready.drain(..count).collect();
-        let mut seen = HashSet::new();
-        for (i, group) in batch.iter_mut().enumerate() {
-            if !seen.insert(group.id.clone()) {
-                group.id = format!("{}#{}", group.id, group.seq.map_or(i as i64, |s| s));
-                seen.insert(group.id.clone());
-            }
-        }
-        batch
+        drain_step(&mut state, count)
     }
 
     /// The journal, when the server has a state folder.
@@ -565,17 +557,7 @@ impl TrainingBuffer {
         if state.ready.len() < self.settings.groups_per_step {
             return None;
         }
-        let mut batch: Vec<ReadyGroup> = state.ready.drain(..self.settings.groups_per_step).collect();
-        // Outcomes are matched by id: a client reusing a group name must not make two groups
-        // of one step indistinguishable.
-        let mut seen = HashSet::new();
-        for (i, group) in batch.iter_mut().enumerate() {
-            if !seen.insert(group.id.clone()) {
-                group.id = format!("{}#{}", group.id, group.seq.map_or(i as i64, |s| s));
-                seen.insert(group.id.clone());
-            }
-        }
-        Some(batch)
+        Some(drain_step(&mut state, self.settings.groups_per_step))
     }
 
     /// Drops members whose first token is older than `max_staleness` versions before
@@ -734,6 +716,20 @@ impl TrainingBuffer {
     }
 }
 
+/// The first `count` ready groups, as one step's batch. Outcomes are matched by id: a client
+/// reusing a group name must not make two groups of one step indistinguishable.
+fn drain_step(state: &mut BufferState, count: usize) -> Vec<ReadyGroup> {
+    let mut batch: Vec<ReadyGroup> = state.ready.drain(..count).collect();
+    let mut seen = HashSet::new();
+    for (i, group) in batch.iter_mut().enumerate() {
+        if !seen.insert(group.id.clone()) {
+            group.id = format!("{}#{}", group.id, group.seq.map_or(i as i64, |s| s));
+            seen.insert(group.id.clone());
+        }
+    }
+    batch
+}
+
 /// What the step builder needs of a rollout.
 fn scored_completion(rollout: &Rollout) -> ScoredCompletion {
     ScoredCompletion {
@@ -805,10 +801,7 @@ async fn run_steps_with_replicas(state: AppState, buffer: Arc<TrainingBuffer>, g
             (0, Some(checkpointer)) => checkpointer.last().map_or(0, |c| c.policy_version),
             _ => 0,
         };
-        let agreed = tokio::task::block_in_place(|| {
-            let mut round = tch::Tensor::from_slice(&[ready as i64, checkpointed as i64]);
-            group.all_reduce_sum(&mut round).map(|()| Vec::<i64>::try_from(&round).unwrap_or_default())
-        });
+        let agreed = tokio::task::block_in_place(|| group.sum_values(&[ready as i64, checkpointed as i64]));
         let (held_by_all, rank0_checkpoint) = match agreed.as_deref() {
             Ok([held, version]) => (*held, *version as u64),
             Ok(_) => (0, 0),

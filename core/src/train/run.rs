@@ -349,9 +349,7 @@ impl Run {
     /// checkpoints and evaluates; rank `r > 0` writes its metrics and rollouts to
     /// `<output_dir>/rank-<r>/`. Returns the step to start from. Every replica calls it once.
     pub fn join(&mut self, group: Arc<ProcessGroup>, start: u64) -> Result<u64, RunError> {
-        let mut agreed = tch::Tensor::from_slice(&[start as i64]);
-        group.broadcast(&mut agreed, 0)?;
-        let start = i64::try_from(&agreed).map_err(|e| RunError::Config(format!("start step from rank 0: {e}")))? as u64;
+        let start = group.broadcast_values(&[start as i64], 0)?[0] as u64;
         self.replica = (group.rank(), group.world_size());
         self.trainer.join(group)?;
         let dir = self.rank_dir();
@@ -744,9 +742,7 @@ impl Run {
             pass_k += scores.iter().any(|&s| s >= 1.0) as u32 as f64;
         }
         if let Some(group) = self.trainer.group() {
-            let mut sums = tch::Tensor::from_slice(&[pass1, pass_k]);
-            group.all_reduce_sum(&mut sums)?;
-            let sums = Vec::<f64>::try_from(&sums).map_err(|e| RunError::Config(format!("evaluation sums: {e}")))?;
+            let sums = group.sum_values(&[pass1, pass_k])?;
             (pass1, pass_k) = (sums[0], sums[1]);
         }
         let n = all.len().max(1) as f64;

@@ -246,12 +246,9 @@ impl Trainer {
         // Every replica must hold the same adapters (model, rank, targets): compared first,
         // so that a mismatch fails clearly everywhere instead of copying garbage.
         let size = self.flat.values().numel() as i64;
-        let mut rank0_size = Tensor::from_slice(&[size]);
-        group.broadcast(&mut rank0_size, 0)?;
-        let rank0_size = i64::try_from(&rank0_size).map_err(|e| TrainError::NonFinite(format!("adapter size: {e}")))?;
-        let mut mismatches = Tensor::from_slice(&[i64::from(rank0_size != size)]);
-        group.all_reduce_sum(&mut mismatches)?;
-        if i64::try_from(&mismatches).unwrap_or(1) != 0 {
+        let rank0_size = group.broadcast_values(&[size], 0)?[0];
+        let mismatches = group.sum_values(&[i64::from(rank0_size != size)])?[0];
+        if mismatches != 0 {
             return Err(TrainError::Model(crate::model::ModelError::InvalidConfig(format!(
                 "the replicas' adapters differ in size (this one {size} values, rank 0's {rank0_size}): every replica needs the same model and LoRA settings"
             ))));
@@ -260,9 +257,7 @@ impl Trainer {
         for tensor in [self.flat.values(), m, v] {
             group.broadcast(&mut tensor.shallow_clone(), 0)?;
         }
-        let mut counters = Tensor::from_slice(&[self.optimizer.step as i64, self.policy_version as i64]);
-        group.broadcast(&mut counters, 0)?;
-        let counters = Vec::<i64>::try_from(&counters).map_err(|e| TrainError::NonFinite(format!("step counters: {e}")))?;
+        let counters = group.broadcast_values(&[self.optimizer.step as i64, self.policy_version as i64], 0)?;
         self.optimizer.step = counters[0] as u64;
         self.policy_version = counters[1] as u64;
         self.group = Some(group);
@@ -493,9 +488,7 @@ impl Trainer {
     /// agree on whether the step happens.
     fn global_counts(&self, tokens: usize, sequences: usize) -> Result<(usize, usize), TrainError> {
         let Some(group) = &self.group else { return Ok((tokens, sequences)) };
-        let mut counts = Tensor::from_slice(&[tokens as i64, sequences as i64]);
-        group.all_reduce_sum(&mut counts)?;
-        let counts = Vec::<i64>::try_from(&counts).map_err(|e| TrainError::NonFinite(format!("step counts: {e}")))?;
+        let counts = group.sum_values(&[tokens as i64, sequences as i64])?;
         Ok((counts[0] as usize, counts[1] as usize))
     }
 
@@ -507,9 +500,7 @@ impl Trainer {
             let _ = self.flat.grads().shallow_clone().fill_(f64::NAN);
         }
         group.all_reduce_sum(&mut self.flat.grads().shallow_clone())?;
-        let mut totals = Tensor::from_slice(&[stats.loss, stats.tokens as f64, stats.clipped_tokens as f64, stats.kl_sum]);
-        group.all_reduce_sum(&mut totals)?;
-        let totals = Vec::<f64>::try_from(&totals).map_err(|e| TrainError::NonFinite(format!("step statistics: {e}")))?;
+        let totals = group.sum_values(&[stats.loss, stats.tokens as f64, stats.clipped_tokens as f64, stats.kl_sum])?;
         stats.loss = totals[0];
         stats.tokens = totals[1] as usize;
         stats.clipped_tokens = totals[2] as usize;
