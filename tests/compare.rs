@@ -20,14 +20,21 @@ max_new_tokens = 6
 eval_every = 1
 eval_prompts = 3
 eval_samples = 2
+eval_before_training = true
 reward = "regex"
 reward_pattern = "e"
 
 [data]
-kind = "arithmetic"
+kind = "word_problems"
 count = 40
-max_operand = 9
+max_steps = 3
 seed = 3
+
+[eval_data]
+kind = "word_problems"
+count = 3
+max_steps = 3
+seed = 4
 
 [trainer.optim]
 lr = 0.01
@@ -91,8 +98,17 @@ fn two_arms_two_seeds_compared_at_equal_compute_and_resumed() {
     assert!(table.contains("(baseline)"), "{table}");
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).expect("compare.json")).expect("json");
     assert_eq!(json[1]["arm"], "hicra");
-    assert_eq!(json[1]["steps"].as_array().map(Vec::len), Some(2), "evaluated after each of the 2 steps");
+    assert_eq!(json[1]["steps"].as_array().map(Vec::len), Some(3), "evaluated before training and after each of the 2 steps");
     assert!(json[1]["final_pass1_vs_baseline"]["mean"].is_number());
+    // Before any update every arm is the same model scored on the same held-out prompts with
+    // the same sampling seed.
+    assert_eq!(json[0]["steps"][0]["step"], 0);
+    assert_eq!(json[0]["steps"][0]["pass1"], json[1]["steps"][0]["pass1"], "untrained evaluations differ between arms");
+    for chart in ["pass1.png", "pass1.svg", "pass_k.png", "pass_k.svg"] {
+        assert!(std::fs::metadata(out.join(chart)).map(|m| m.len() > 1000).unwrap_or(false), "{chart} missing");
+    }
+    let svg = std::fs::read_to_string(out.join("pass1.svg")).expect("svg");
+    assert!(svg.contains("grpo (2 seeds)") && svg.contains("hicra (2 seeds)"), "the legend names the arms");
 
     // Equal compute: before any update the arms of a seed are the same policy on the same
     // prompts with the same sampling seeds, so they sample the same tokens; seeds differ.

@@ -328,17 +328,17 @@ fn first_vs_last(steps: &[StepEntry]) -> BTreeMap<String, (Option<f64>, Option<f
     first.keys().filter(|k| k.as_str() != "step").map(|k| (k.clone(), (first.get(k).and_then(|v| v.as_f64()), last.get(k).and_then(|v| v.as_f64())))).collect()
 }
 
-/// The charts `hicra analyze` draws: (file name, title, series names).
-pub const CHARTS: &[(&str, &str, &[&str])] = &[
-    ("token_entropy", "token entropy: planning vs execution", &["sampled_entropy_planning", "sampled_entropy_execution"]),
-    ("relative_perplexity", "relative perplexity: planning vs execution", &["relative_perplexity_planning", "relative_perplexity_execution"]),
-    ("semantic_entropy", "semantic entropy of Strategic Grams", &["semantic_entropy"]),
-    ("conditional_entropy", "H(next n-gram | Strategic Gram)", &["conditional_entropy"]),
-    ("response_length", "response length (tokens)", &["sampled_length"]),
-    ("accuracy", "accuracy and pass@k", &["accuracy", "pass_at_k", "eval_pass1", "eval_pass_k"]),
+/// The charts `hicra analyze` draws: (file name, title, y axis label, series names).
+pub const CHARTS: &[(&str, &str, &str, &[&str])] = &[
+    ("token_entropy", "token entropy: planning vs execution", "entropy (nats)", &["sampled_entropy_planning", "sampled_entropy_execution"]),
+    ("relative_perplexity", "relative perplexity: planning vs execution", "perplexity / first step's", &["relative_perplexity_planning", "relative_perplexity_execution"]),
+    ("semantic_entropy", "semantic entropy of Strategic Grams", "entropy (nats)", &["semantic_entropy"]),
+    ("conditional_entropy", "H(next n-gram | Strategic Gram)", "entropy (nats)", &["conditional_entropy"]),
+    ("response_length", "response length", "tokens", &["sampled_length"]),
+    ("accuracy", "accuracy and pass@k", "share correct", &["accuracy", "pass_at_k", "eval_pass1", "eval_pass_k"]),
 ];
 
-/// Writes `summary.json` and the PNG charts of `analysis` into `out`; returns the files.
+/// Writes `summary.json` and the charts of `analysis` (PNG and SVG) into `out`; returns the files.
 pub fn write_report(analysis: &RunAnalysis, out: &Path) -> Result<Vec<PathBuf>, AnalysisError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -349,7 +349,7 @@ pub fn write_report(analysis: &RunAnalysis, out: &Path) -> Result<Vec<PathBuf>, 
     crate::files::write_atomically(&summary, serde_json::to_string_pretty(analysis).unwrap_or_default().as_bytes()).map_err(io(&summary))?;
     let mut written = vec![summary];
     let rows: Vec<serde_json::Value> = analysis.steps.iter().filter_map(|s| serde_json::to_value(s).ok()).collect();
-    for (file_name, title, names) in CHARTS {
+    for (file_name, title, y_label, names) in CHARTS {
         let series: Vec<(&str, Vec<(f64, f64)>)> = names
             .iter()
             .map(|name| (*name, rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r[*name].as_f64().filter(|v| v.is_finite())?))).collect()))
@@ -358,9 +358,11 @@ pub fn write_report(analysis: &RunAnalysis, out: &Path) -> Result<Vec<PathBuf>, 
         if series.is_empty() {
             continue;
         }
-        let path = out.join(format!("{file_name}.png"));
-        crate::plot::write_chart(&path, title, &series).map_err(|e| AnalysisError::Io { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
-        written.push(path);
+        let stem = out.join(file_name);
+        let series = series.into_iter().map(|(name, points)| crate::plot::Series::line(name, points)).collect();
+        let chart = crate::plot::Chart::over_steps(title, y_label, series);
+        let files = chart.write(&stem).map_err(|e| AnalysisError::Io { path: stem.clone(), source: std::io::Error::other(e.to_string()) })?;
+        written.extend(files);
     }
     Ok(written)
 }

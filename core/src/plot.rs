@@ -1,10 +1,17 @@
-//! Line charts of training metrics as PNG files (`hicra plot`).
+//! Charts of training metrics (`hicra plot`, `hicra analyze`, `hicra compare`), drawn with
+//! `plotters` as a PNG and an SVG each.
 //!
-//! Deliberately small: a raster canvas, Bresenham lines, an 8x8 bitmap font for titles and axis
-//! labels, and the `png` encoder. One chart per metric, steps on the x axis.
+//! A chart is a set of named series over steps, each optionally with an interval band (for a
+//! mean over seeds). Axes carry ticks and a label, several series get a legend, and text is
+//! drawn with the DejaVu Sans font compiled into the binary, so a chart looks the same on a
+//! machine without fonts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
 
 /// Metrics drawn by default, when present in the file.
 pub const DEFAULT_SERIES: &[&str] = &[
@@ -12,17 +19,21 @@ pub const DEFAULT_SERIES: &[&str] = &[
     "semantic_entropy", "planning_share", "clip_fraction", "kl", "grad_norm", "loss", "step_seconds", "tokens_per_s",
 ];
 
-const WIDTH: usize = 640;
-const HEIGHT: usize = 360;
-const MARGIN_LEFT: usize = 80;
-const MARGIN_RIGHT: usize = 20;
-const MARGIN_TOP: usize = 30;
-const MARGIN_BOTTOM: usize = 40;
+const SIZE: (u32, u32) = (800, 480);
+/// Line colours in order (matplotlib's "tab10"): distinct, and readable on white.
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127),
+];
+/// The family name the shipped font is registered under.
+const FONT: &str = "sans-serif";
+/// DejaVu Sans (Bitstream Vera licence, `core/assets/fonts/LICENSE-DejaVu.txt`).
+static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
 /// Why charts could not be drawn.
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    /// Reading the metrics or writing a PNG failed.
+    /// Reading the metrics or writing a chart failed.
     #[error("{}: {source}", path.display())]
     Io {
         /// The file.
@@ -41,14 +52,176 @@ pub enum PlotError {
         /// The parser's explanation.
         message: String,
     },
-    /// PNG encoding failed.
-    #[error("{}: PNG encoding failed: {message}", path.display())]
-    Encode {
+    /// Drawing or encoding failed.
+    #[error("{}: drawing failed: {message}", path.display())]
+    Draw {
         /// The file.
         path: PathBuf,
-        /// The encoder's explanation.
+        /// The library's explanation.
         message: String,
     },
+}
+
+/// One line of a chart.
+#[derive(Clone, Debug, Default)]
+pub struct Series {
+    /// The legend's name.
+    pub name: String,
+    /// (x, y) points in x order.
+    pub points: Vec<(f64, f64)>,
+    /// An interval around the line: (x, low, high), drawn as a translucent band.
+    pub band: Vec<(f64, f64, f64)>,
+}
+
+impl Series {
+    /// A line without a band.
+    pub fn line(name: &str, points: Vec<(f64, f64)>) -> Self {
+        Self { name: name.to_string(), points, band: Vec::new() }
+    }
+}
+
+/// A chart: a title, axis labels and its series.
+#[derive(Clone, Debug)]
+pub struct Chart {
+    /// Drawn above the plot.
+    pub title: String,
+    /// The x axis' label.
+    pub x_label: String,
+    /// The y axis' label.
+    pub y_label: String,
+    /// The lines.
+    pub series: Vec<Series>,
+}
+
+impl Chart {
+    /// A chart over training steps.
+    pub fn over_steps(title: &str, y_label: &str, series: Vec<Series>) -> Self {
+        Self { title: title.to_string(), x_label: "step".into(), y_label: y_label.to_string(), series }
+    }
+
+    /// Writes `<stem>.png` and `<stem>.svg`; returns both paths.
+    pub fn write(&self, stem: &Path) -> Result<Vec<PathBuf>, PlotError> {
+        register_font();
+        let png = stem.with_extension("png");
+        let svg = stem.with_extension("svg");
+        let draw_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |message: String| PlotError::Draw { path, message }
+        };
+        let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+        self.draw(BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area()).map_err(draw_err(&png))?;
+        write_file(&png, &encode_png(&pixels).map_err(draw_err(&png))?)?;
+        let mut text = String::new();
+        self.draw(SVGBackend::with_string(&mut text, SIZE).into_drawing_area()).map_err(draw_err(&svg))?;
+        write_file(&svg, text.as_bytes())?;
+        Ok(vec![png, svg])
+    }
+
+    fn draw<B: DrawingBackend>(&self, root: DrawingArea<B, Shift>) -> Result<(), String> {
+        let text = |e: DrawingAreaErrorKind<B::ErrorType>| e.to_string();
+        root.fill(&WHITE).map_err(text)?;
+        let (x_range, y_range) = self.ranges();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(&self.title, (FONT, 22))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(x_range, y_range)
+            .map_err(text)?;
+        chart
+            .configure_mesh()
+            .x_desc(&self.x_label)
+            .y_desc(&self.y_label)
+            .x_labels(10)
+            .y_labels(8)
+            .x_label_formatter(&|x| tick(*x))
+            .y_label_formatter(&|y| tick(*y))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 16))
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(RGBColor(225, 225, 225))
+            .draw()
+            .map_err(text)?;
+        for (i, series) in self.series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            if series.band.len() >= 2 {
+                let upper = series.band.iter().map(|&(x, _, high)| (x, high));
+                let lower = series.band.iter().rev().map(|&(x, low, _)| (x, low));
+                chart.draw_series(std::iter::once(Polygon::new(upper.chain(lower).collect::<Vec<_>>(), colour.mix(0.18).filled()))).map_err(text)?;
+            }
+            let line = colour.stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(series.points.iter().copied(), line))
+                .map_err(text)?
+                .label(&series.name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], line));
+            chart.draw_series(series.points.iter().map(|&p| Circle::new(p, 3, colour.filled()))).map_err(text)?;
+        }
+        if self.series.len() > 1 || self.series.iter().any(|s| !s.band.is_empty()) {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .label_font((FONT, 14))
+                .background_style(WHITE.mix(0.85))
+                .border_style(RGBColor(160, 160, 160))
+                .draw()
+                .map_err(text)?;
+        }
+        root.present().map_err(text)
+    }
+
+    /// The data's extent, bands included, with some room around it.
+    fn ranges(&self) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
+        let xs = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+        let ys = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1).chain(s.band.iter().flat_map(|b| [b.1, b.2])));
+        let extent = |values: &mut dyn Iterator<Item = f64>| values.filter(|v| v.is_finite()).fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let padded = |(lo, hi): (f64, f64)| {
+            if lo > hi {
+                return 0.0..1.0;
+            }
+            let room = if hi - lo < 1e-12 { 0.5_f64.max(hi.abs() * 0.05) } else { (hi - lo) * 0.06 };
+            lo - room..hi + room
+        };
+        (padded(extent(&mut { xs })), padded(extent(&mut { ys })))
+    }
+}
+
+/// Tick text: short decimals, scientific notation for very large or small magnitudes.
+fn tick(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && (a >= 1e5 || a < 1e-3) {
+        format!("{v:.1e}")
+    } else if a >= 100.0 || v.fract().abs() < 1e-9 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+fn register_font() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // The bytes are the font compiled in above; a failure would be a broken build.
+        if plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_err() {
+            tracing::error!("the shipped chart font could not be read; chart text will be missing");
+        }
+    });
+}
+
+fn encode_png(pixels: &[u8]) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, SIZE.0, SIZE.1);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    writer.write_image_data(pixels).map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), PlotError> {
+    crate::files::write_atomically(path, bytes).map_err(|source| PlotError::Io { path: path.to_path_buf(), source })
 }
 
 /// Reads `metrics.jsonl` into series: metric name -> (step, value) for finite numbers.
@@ -72,165 +245,72 @@ pub fn read_series(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>, Plo
     Ok(series)
 }
 
-/// Draws one PNG per requested metric present in `metrics`; returns the files written.
+/// Draws one chart (PNG and SVG) per requested metric present in `metrics`; returns the
+/// files written.
 pub fn plot_file(metrics: &Path, out_dir: &Path, names: &[&str]) -> Result<Vec<PathBuf>, PlotError> {
     let series = read_series(metrics)?;
     std::fs::create_dir_all(out_dir).map_err(|source| PlotError::Io { path: out_dir.to_path_buf(), source })?;
     let mut written = Vec::new();
     for name in names {
         let Some(points) = series.get(*name).filter(|p| !p.is_empty()) else { continue };
-        let path = out_dir.join(format!("{name}.png"));
-        write_png(&path, &chart(name, &[(*name, points.clone())]))?;
-        written.push(path);
+        let chart = Chart::over_steps(name, name, vec![Series::line(name, points.clone())]);
+        written.extend(chart.write(&out_dir.join(name))?);
     }
     Ok(written)
-}
-
-/// An RGB canvas.
-struct Canvas {
-    pixels: Vec<u8>,
-}
-
-impl Canvas {
-    fn new() -> Self {
-        Self { pixels: vec![255; WIDTH * HEIGHT * 3] }
-    }
-
-    fn set(&mut self, x: i64, y: i64, rgb: [u8; 3]) {
-        if (0..WIDTH as i64).contains(&x) && (0..HEIGHT as i64).contains(&y) {
-            let at = (y as usize * WIDTH + x as usize) * 3;
-            self.pixels[at..at + 3].copy_from_slice(&rgb);
-        }
-    }
-
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), rgb: [u8; 3]) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        loop {
-            self.set(x, y, rgb);
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    fn text(&mut self, x: i64, y: i64, text: &str) {
-        for (i, c) in text.chars().enumerate() {
-            let glyph = font8x8::legacy::BASIC_LEGACY.get(c as usize).copied().unwrap_or([0; 8]);
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..8 {
-                    if bits & (1 << col) != 0 {
-                        self.set(x + (i * 8 + col) as i64, y + row as i64, [0, 0, 0]);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn label(v: f64) -> String {
-    if v != 0.0 && (v.abs() >= 1e4 || v.abs() < 1e-2) { format!("{v:.2e}") } else { format!("{v:.3}") }
-}
-
-/// Line colours, one per series.
-const COLOURS: [[u8; 3]; 4] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189]];
-
-/// A line chart of one or more named series, with a legend when there are several.
-fn chart(title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Canvas {
-    let mut canvas = Canvas::new();
-    let all = || series.iter().flat_map(|(_, points)| points.iter());
-    let (x_min, x_max) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.0), hi.max(p.0)));
-    let (mut y_min, mut y_max) = all().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-    if y_max - y_min < 1e-12 {
-        y_min -= 0.5;
-        y_max += 0.5;
-    }
-    let plot_w = (WIDTH - MARGIN_LEFT - MARGIN_RIGHT) as f64;
-    let plot_h = (HEIGHT - MARGIN_TOP - MARGIN_BOTTOM) as f64;
-    let to_px = |(x, y): (f64, f64)| -> (i64, i64) {
-        let fx = if x_max > x_min { (x - x_min) / (x_max - x_min) } else { 0.5 };
-        let fy = (y - y_min) / (y_max - y_min);
-        ((MARGIN_LEFT as f64 + fx * plot_w) as i64, (MARGIN_TOP as f64 + (1.0 - fy) * plot_h) as i64)
-    };
-    let (left, right, top, bottom) = (MARGIN_LEFT as i64, (WIDTH - MARGIN_RIGHT) as i64, MARGIN_TOP as i64, (HEIGHT - MARGIN_BOTTOM) as i64);
-    for gy in 0..=4 {
-        let y = top + (bottom - top) * gy / 4;
-        canvas.line((left, y), (right, y), [225, 225, 225]);
-        canvas.text(4, y - 4, &label(y_max - (y_max - y_min) * gy as f64 / 4.0));
-    }
-    canvas.line((left, top), (left, bottom), [0, 0, 0]);
-    canvas.line((left, bottom), (right, bottom), [0, 0, 0]);
-    canvas.text(left, 10, title);
-    canvas.text(left, bottom + 12, &format!("step {x_min:.0}"));
-    let end = format!("step {x_max:.0}");
-    canvas.text(right - 8 * end.len() as i64, bottom + 12, &end);
-    for (i, (name, points)) in series.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
-        for pair in points.windows(2) {
-            canvas.line(to_px(pair[0]), to_px(pair[1]), colour);
-        }
-        for &p in points {
-            let (x, y) = to_px(p);
-            for (dx, dy) in [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)] {
-                canvas.set(x + dx, y + dy, colour);
-            }
-        }
-        if series.len() > 1 {
-            // Legend at the top right: a short line in the series' colour, then its name.
-            let longest = series.iter().map(|(n, _)| n.chars().count()).max().unwrap_or(0) as i64;
-            let (x, y) = (right - 8 * longest - 24, top + 6 + 12 * i as i64);
-            canvas.line((x, y + 3), (x + 16, y + 3), colour);
-            canvas.text(x + 22, y, name);
-        }
-    }
-    canvas
-}
-
-/// Draws `series` (name, (step, value) points) as one PNG chart at `path`.
-pub fn write_chart(path: &Path, title: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(), PlotError> {
-    write_png(path, &chart(title, series))
-}
-
-fn write_png(path: &Path, canvas: &Canvas) -> Result<(), PlotError> {
-    let encode_err = |e: png::EncodingError| PlotError::Encode { path: path.to_path_buf(), message: e.to_string() };
-    let mut bytes = Vec::new();
-    let mut encoder = png::Encoder::new(&mut bytes, WIDTH as u32, HEIGHT as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(encode_err)?;
-    writer.write_image_data(&canvas.pixels).map_err(encode_err)?;
-    writer.finish().map_err(encode_err)?;
-    crate::files::write_atomically(path, &bytes).map_err(|source| PlotError::Io { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn draws_one_png_per_present_metric() {
-        let dir = std::env::temp_dir().join(format!("hicra-plot-{}", std::process::id()));
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hicra-plot-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    #[test]
+    fn draws_a_png_and_an_svg_per_present_metric() {
+        let dir = temp_dir("metrics");
         let metrics = dir.join("metrics.jsonl");
         let lines: Vec<String> = (1..=5).map(|s| format!("{{\"step\": {s}, \"reward_mean\": {}, \"loss\": null}}", s as f64 / 10.0)).collect();
         std::fs::write(&metrics, lines.join("\n")).expect("write");
         let written = plot_file(&metrics, &dir, &["reward_mean", "loss", "kl"]).expect("plot");
-        assert_eq!(written, vec![dir.join("reward_mean.png")]);
-        let bytes = std::fs::read(&written[0]).expect("png");
-        assert_eq!(&bytes[1..4], b"PNG");
+        assert_eq!(written, vec![dir.join("reward_mean.png"), dir.join("reward_mean.svg")]);
+        let png = std::fs::read(&written[0]).expect("png");
+        assert_eq!(&png[1..4], b"PNG");
+        let svg = std::fs::read_to_string(&written[1]).expect("svg");
+        // Axis label and ticks are text in the SVG.
+        assert!(svg.contains(">step<") && svg.contains(">0.3<"), "{svg}");
         std::fs::write(&metrics, "{\"step\": 1}\nnot json\n").expect("write");
         let err = plot_file(&metrics, &dir, DEFAULT_SERIES).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains(":2:"), "{err}");
+    }
+
+    #[test]
+    fn text_is_drawn_with_the_shipped_font() {
+        // A chart with a title and ticks has dark text pixels outside the plot's lines; without
+        // a usable font the bitmap would hold only lines and the fill.
+        let dir = temp_dir("font");
+        let band = vec![(0.0, 0.1, 0.3), (1.0, 0.2, 0.4)];
+        let chart = Chart::over_steps("TITLE", "pass@1", vec![Series { name: "a".into(), points: vec![(0.0, 0.2), (1.0, 0.3)], band }]);
+        chart.write(&dir.join("c")).expect("chart");
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(dir.join("c.png")).expect("open")));
+        let mut reader = decoder.read_info().expect("info");
+        let mut pixels = vec![0; reader.output_buffer_size().unwrap_or(0)];
+        reader.next_frame(&mut pixels).expect("frame");
+        // The caption's band (top 40 rows) holds anti-aliased glyph pixels: grey levels.
+        let caption = &pixels[..(SIZE.0 * 40 * 3) as usize];
+        let greys = caption.chunks(3).filter(|p| p[0] == p[1] && p[1] == p[2] && p[0] > 30 && p[0] < 220).count();
+        assert!(greys > 20, "{greys} anti-aliased pixels in the caption");
+    }
+
+    #[test]
+    fn ticks_are_short() {
+        assert_eq!(tick(0.25), "0.25");
+        assert_eq!(tick(3.0), "3");
+        assert_eq!(tick(1234.5), "1235");
+        assert_eq!(tick(2.5e-5), "2.5e-5");
     }
 }

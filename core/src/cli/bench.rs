@@ -173,6 +173,15 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
     }
+    let rounds_per_batch = (args.warmup + args.repeats.max(1)) as u64;
+    let progress = super::progress::Progress::new("round", 0, args.batch.len() as u64 * rounds_per_batch);
+    let mut round = 0;
+    let mut timed = |engine: &mut Engine<'_>, requests: &[GenerationRequest], what: &str| -> anyhow::Result<BenchResult> {
+        let result = measure(engine, requests)?;
+        round += 1;
+        progress.reached(round, &format!("batch {} {what}: prefill {:.0} tok/s, decode {:.0} tok/s", requests.len(), result.prefill_tokens_per_s, result.decode_tokens_per_s));
+        Ok(result)
+    };
     for &batch in &args.batch {
         let capacity = prompt.len() + args.decode_tokens + 1;
         let mut engine = match &loaded.tokenizer {
@@ -191,23 +200,24 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         for _ in 0..args.warmup {
-            measure(&mut engine, &requests)?;
+            timed(&mut engine, &requests, "warm-up")?;
         }
-        let mut result = measure(&mut engine, &requests)?;
+        let mut result = timed(&mut engine, &requests, "measured")?;
         for _ in 1..args.repeats {
-            let again = measure(&mut engine, &requests)?;
+            let again = timed(&mut engine, &requests, "measured")?;
             result.prefill_tokens_per_s = result.prefill_tokens_per_s.max(again.prefill_tokens_per_s);
             if again.decode_tokens_per_s > result.decode_tokens_per_s {
                 result.decode_tokens_per_s = again.decode_tokens_per_s;
                 result.decode_ms_per_step = again.decode_ms_per_step;
             }
         }
-        if args.json {
-            println!("{}", serde_json::to_string(&BenchRow { result, bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth, drift })?);
-        } else {
-            println!("{:>6} {:>16.1} {:>16.1} {:>14.2}", batch, result.prefill_tokens_per_s, result.decode_tokens_per_s, result.decode_ms_per_step);
-        }
+        let row = match args.json {
+            true => serde_json::to_string(&BenchRow { result, bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth, drift })?,
+            false => format!("{:>6} {:>16.1} {:>16.1} {:>14.2}", batch, result.prefill_tokens_per_s, result.decode_tokens_per_s, result.decode_ms_per_step),
+        };
+        progress.suspend(|| println!("{row}"));
     }
+    progress.finish();
     Ok(())
 }
 

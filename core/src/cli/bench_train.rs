@@ -113,10 +113,19 @@ pub(crate) fn run(mut args: BenchTrainArgs) -> anyhow::Result<()> {
     }
     let mut rss_mib = vec![resident_mib()];
     let mut collective_s = 0.0;
+    // Only rank 0 reports: replicas' bars would interleave.
+    let progress = (rank == 0).then(|| super::progress::Progress::new("timed step", 0, args.steps as u64));
     let started = Instant::now();
-    for _ in 0..args.steps {
-        collective_s += trainer.step(&loaded.model, std::slice::from_ref(&group))?.collective_seconds;
+    for step in 0..args.steps {
+        let report = trainer.step(&loaded.model, std::slice::from_ref(&group))?;
+        collective_s += report.collective_seconds;
         rss_mib.push(resident_mib());
+        if let Some(progress) = &progress {
+            progress.reached(step as u64 + 1, &format!("{:.2} s", report.step_seconds));
+        }
+    }
+    if let Some(progress) = progress {
+        progress.finish();
     }
     let step_s = started.elapsed().as_secs_f64() / args.steps.max(1) as f64;
     let collective_s = collective_s / args.steps.max(1) as f64;

@@ -1,6 +1,7 @@
 //! `hicra compare --config sweep.toml`: every arm x seed of a sweep (see
 //! [`crate::compare::sweep`]), one after the other, then the comparison
-//! (`<output_dir>/compare.md` and `compare.json`).
+//! (`<output_dir>/compare.md`, `compare.json`, and the charts `pass1` and `pass_k` as PNG and
+//! SVG).
 //!
 //! Finished runs are skipped and interrupted ones resume from their checkpoint, so the command
 //! can be stopped and started again at any point; `--report-only` summarises what is finished.
@@ -29,11 +30,25 @@ pub(crate) struct CompareArgs {
     /// Run nothing: summarise the runs already finished.
     #[arg(long)]
     report_only: bool,
+    /// Change the base run for every arm alike, `KEY=VALUE` with a dotted key and a TOML value
+    /// (repeatable): the same sweep on another model or budget, e.g.
+    /// `--set model=Qwen/Qwen2.5-7B-Instruct --set steps=200`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Write the runs and the report here instead of the sweep's `output_dir`.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// Runs `hicra compare`.
 pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
-    let (sweep, base) = SweepConfig::load(&args.config)?;
+    let (mut sweep, mut base) = SweepConfig::load(&args.config)?;
+    for assignment in &args.overrides {
+        base.override_with(assignment)?;
+    }
+    if let Some(out) = args.out {
+        sweep.output_dir = out;
+    }
     let plan = sweep.plan(&base)?;
     let total = plan.len();
     for (index, planned) in plan.iter().enumerate() {
@@ -75,6 +90,7 @@ pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(&summaries)?;
     crate::files::write_atomically(&sweep.output_dir.join("compare.json"), json.as_bytes()).context("writing compare.json")?;
     crate::files::write_atomically(&sweep.output_dir.join("compare.md"), table.as_bytes()).context("writing compare.md")?;
+    report::write_charts(&summaries, &sweep.output_dir)?;
     println!("{table}");
     eprintln!("comparison of {} finished runs of {total} written to {}", curves.len(), sweep.output_dir.join("compare.md").display());
     Ok(())

@@ -10,6 +10,8 @@ pub(crate) struct Progress {
     bar: Option<ProgressBar>,
     label: String,
     total: u64,
+    /// Without a terminal: the last tenth of the way reported by [`Progress::update`].
+    tenths_reported: std::cell::Cell<u64>,
 }
 
 impl Progress {
@@ -23,7 +25,7 @@ impl Progress {
             }
             bar
         });
-        Self { bar, label: label.to_string(), total }
+        Self { bar, label: label.to_string(), total, tenths_reported: std::cell::Cell::new(position * 10 / total.max(1)) }
     }
 
     /// Marks `position` reached, with `report` (a full line of what it did).
@@ -35,6 +37,29 @@ impl Progress {
                 bar.set_position(position);
             }
             None => eprintln!("{line}"),
+        }
+    }
+
+    /// Moves to `position` without a report of its own (a loop with many small units, such as
+    /// bytes read): the bar moves; without a terminal a line is printed at each tenth of the way.
+    pub(crate) fn update(&self, position: u64) {
+        match &self.bar {
+            Some(bar) => bar.set_position(position),
+            None => {
+                let tenths = position.min(self.total) * 10 / self.total.max(1);
+                if tenths > self.tenths_reported.get() {
+                    self.tenths_reported.set(tenths);
+                    eprintln!("{} {position}/{} ({}%)", self.label, self.total, tenths * 10);
+                }
+            }
+        }
+    }
+
+    /// Runs `print` (which writes to stdout) with the bar cleared, so the two do not mix.
+    pub(crate) fn suspend<R>(&self, print: impl FnOnce() -> R) -> R {
+        match &self.bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
         }
     }
 

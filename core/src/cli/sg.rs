@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use crate::files::write_atomically;
 use crate::model::bert::{default_embedder_dir, SentenceEmbedder};
-use crate::sg::{mine, overlap, Clustering, MineConfig};
+use crate::sg::{mine_observed, overlap, Clustering, MineConfig};
 use crate::train::planning::StrategicGrams;
 
 /// `hicra sg ...`
@@ -90,7 +90,22 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
     let device = crate::device::resolve(crate::device::DeviceChoice::Auto)?;
     let embedder = SentenceEmbedder::load(&embedder_dir, device)
         .with_context(|| format!("loading the sentence embedder from {} (scripts/setup.sh installs it; or pass --embedder)", embedder_dir.display()))?;
-    let report = mine(&args.corpus, &config, &embedder)?;
+    // One bar per stage: bytes of the corpus for its three passes, phrases for the embedding.
+    let mut bar: Option<(&'static str, super::progress::Progress)> = None;
+    let report = mine_observed(&args.corpus, &config, &embedder, &mut |p| {
+        if bar.as_ref().map(|(stage, _)| *stage) != Some(p.stage) {
+            if let Some((_, old)) = bar.take() {
+                old.finish();
+            }
+            bar = Some((p.stage, super::progress::Progress::new(stage_label(p.stage), 0, p.total)));
+        }
+        if let Some((_, progress)) = &bar {
+            progress.update(p.done);
+        }
+    })?;
+    if let Some((_, last)) = bar {
+        last.finish();
+    }
     let (reference, phrases) = match &args.compare_with {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -119,4 +134,15 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// What a mining stage's bar says it counts.
+fn stage_label(stage: &str) -> &'static str {
+    match stage {
+        "count" => "pass 1, counting n-grams: bytes",
+        "exact" => "pass 2, exact counts: bytes",
+        "embed" => "embedding candidates",
+        "cluster" => "clustering",
+        _ => "pass 3, cluster frequencies: bytes",
+    }
 }

@@ -13,12 +13,16 @@ use super::sweep::SweepError;
 /// One run's evaluations: (step, pass@1, pass@k), from its `metrics.jsonl`.
 pub type Curve = Vec<(u64, f64, f64)>;
 
-/// Reads the evaluations in a run's `metrics.jsonl` (`run_step + 1` is the step they follow).
+/// Reads the evaluations in a run's `metrics.jsonl` (`run_step + 1` is the step they follow;
+/// an evaluation before training is step 0).
 pub fn read_curve(metrics: &Path) -> Result<Curve, SweepError> {
     let text = std::fs::read_to_string(metrics).map_err(|source| SweepError::Io { path: metrics.to_path_buf(), source })?;
     let mut curve = Vec::new();
     for line in text.lines() {
         let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if let (Some(pass1), Some(pass_k)) = (row["eval_start_pass1"].as_f64(), row["eval_start_pass_k"].as_f64()) {
+            curve.push((0, pass1, pass_k));
+        }
         if let (Some(step), Some(pass1), Some(pass_k)) = (row["run_step"].as_u64(), row["eval_pass1"].as_f64(), row["eval_pass_k"].as_f64()) {
             curve.push((step + 1, pass1, pass_k));
         }
@@ -94,6 +98,27 @@ pub fn summarise(arms: &[String], curves: &BTreeMap<(String, u64), Curve>) -> Ve
             }
         })
         .collect()
+}
+
+/// Draws held-out pass@1 and pass@k over steps (`pass1` and `pass_k`, PNG and SVG): one line
+/// per arm, the mean over seeds, inside its 95% bootstrap band; returns the files.
+pub fn write_charts(summaries: &[ArmSummary], out: &Path) -> Result<Vec<std::path::PathBuf>, crate::plot::PlotError> {
+    let mut written = Vec::new();
+    let metrics: [(&str, &str, fn(&StepSummary) -> &Estimate); 2] = [("pass1", "pass@1", |s| &s.pass1), ("pass_k", "pass@k", |s| &s.pass_k)];
+    for (file, label, pick) in metrics {
+        let series = summaries
+            .iter()
+            .filter(|arm| !arm.steps.is_empty())
+            .map(|arm| crate::plot::Series {
+                name: format!("{} ({} seeds)", arm.arm, arm.seeds.len()),
+                points: arm.steps.iter().map(|s| (s.step as f64, pick(s).mean)).collect(),
+                band: arm.steps.iter().map(|s| (s.step as f64, pick(s).low, pick(s).high)).collect(),
+            })
+            .collect();
+        let title = format!("held-out {label}: mean over seeds, 95% bootstrap band");
+        written.extend(crate::plot::Chart::over_steps(&title, label, series).write(&out.join(file))?);
+    }
+    Ok(written)
 }
 
 fn estimate(e: &Estimate) -> String {

@@ -96,8 +96,9 @@ pub struct PlannedRun {
 }
 
 /// Settings that would change what the arms are compared on.
-const FIXED_BY_THE_SWEEP: [&str; 13] = [
-    "model", "seed", "steps", "prompts_per_step", "group_size", "max_new_tokens", "temperature", "data", "eval_fraction", "eval_every", "eval_prompts", "eval_samples", "output_dir",
+const FIXED_BY_THE_SWEEP: [&str; 15] = [
+    "model", "seed", "steps", "prompts_per_step", "group_size", "max_new_tokens", "temperature", "data", "eval_fraction", "eval_data", "eval_every", "eval_prompts", "eval_samples",
+    "eval_before_training", "output_dir",
 ];
 
 impl SweepConfig {
@@ -156,6 +157,22 @@ impl SweepConfig {
 pub struct RunConfigBase(toml::Table);
 
 impl RunConfigBase {
+    /// Changes the base itself, for every arm alike (so equal compute holds): how one sweep
+    /// file moves to another model, device budget or step count (`hicra compare --set`).
+    /// `KEY=VALUE` with a dotted key and a TOML value; a value that is not TOML is a string.
+    pub fn override_with(&mut self, assignment: &str) -> Result<(), SweepError> {
+        let (key, text) = assignment.split_once('=').ok_or_else(|| SweepError::Invalid(format!("--set '{assignment}': expected KEY=VALUE")))?;
+        let key = key.trim();
+        if matches!(key, "seed" | "output_dir") {
+            return Err(SweepError::Invalid(format!("--set '{key}': the sweep sets it for every run (use `seeds` and --out)")));
+        }
+        let value = match toml::from_str::<toml::Table>(&format!("v = {}", text.trim())) {
+            Ok(mut table) => table.remove("v").unwrap_or(toml::Value::String(text.trim().to_string())),
+            Err(_) => toml::Value::String(text.trim().to_string()),
+        };
+        insert_dotted(&mut self.0, key, value)
+    }
+
     /// A base from a run configuration.
     pub fn from_config(config: &RunConfig) -> Result<Self, SweepError> {
         match toml::Value::try_from(config) {
@@ -215,6 +232,11 @@ fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<
             "'{key}' would change what the arms are compared on (equal compute: same data, prompts, samples, token budget, steps and evaluation); set it in the base configuration"
         )));
     }
+    insert_dotted(table, key, value)
+}
+
+/// Sets `key` (dotted: `trainer.optim.lr`) in `table`, creating the tables on the way.
+fn insert_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), SweepError> {
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().filter(|k| !k.is_empty()).ok_or_else(|| SweepError::Invalid(format!("empty key in '{key}'")))?;
     let mut node = table;
@@ -286,5 +308,21 @@ mod tests {
         }
         let bad_name = sweep("base = \"b\"\noutput_dir = \"o\"\nseeds = [1]\n[[arms]]\nname = \"../x\"\n");
         assert!(bad_name.plan(&base()).is_err());
+    }
+
+    #[test]
+    fn overrides_move_every_arm_alike() -> Result<(), SweepError> {
+        let s = sweep("base = \"b\"\noutput_dir = \"o\"\nseeds = [1]\n[[arms]]\nname = \"a\"\n[[arms]]\nname = \"b\"\nset = { \"trainer.optim.lr\" = 0.5 }\n");
+        let mut base = base();
+        base.override_with("model=Qwen/Qwen2.5-7B-Instruct")?;
+        base.override_with("steps = 200")?;
+        base.override_with("trainer.optim.lr=0.25")?;
+        let runs = s.plan(&base)?;
+        assert!(runs.iter().all(|r| r.config.model == "Qwen/Qwen2.5-7B-Instruct" && r.config.steps == 200));
+        assert_eq!((runs[0].config.trainer.optim.lr, runs[1].config.trainer.optim.lr), (0.25, 0.5), "the arm's own setting wins");
+        for bad in ["steps", "seed=3", "output_dir=x"] {
+            assert!(base.override_with(bad).is_err(), "{bad} accepted");
+        }
+        Ok(())
     }
 }

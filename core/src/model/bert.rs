@@ -239,9 +239,15 @@ impl SentenceEmbedder {
 
     /// One L2-normalised embedding per text, `(n, dimension)` float32 on the CPU.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
+        self.embed_observed(texts, &mut |_| {})
+    }
+
+    /// [`SentenceEmbedder::embed`], telling `observe` how many texts are done after each batch.
+    pub fn embed_observed(&self, texts: &[&str], observe: &mut dyn FnMut(usize)) -> Result<Tensor, ModelError> {
         let mut out = Vec::with_capacity(texts.len().div_ceil(BATCH));
-        for chunk in texts.chunks(BATCH) {
+        for (i, chunk) in texts.chunks(BATCH).enumerate() {
             out.push(tch::no_grad(|| self.embed_batch(chunk))?);
+            observe((i * BATCH + chunk.len()).min(texts.len()));
         }
         if out.is_empty() {
             return Ok(Tensor::zeros([0, self.dimension() as i64], (Kind::Float, Device::Cpu)));

@@ -205,11 +205,16 @@ pub struct MineReport {
 
 /// Streams the corpus's solutions: calls `visit(text)` for each record that counts.
 /// Returns (records, solutions).
-fn for_each_solution(path: &Path, config: &MineConfig, mut visit: impl FnMut(&str)) -> Result<(usize, usize), MineError> {
+/// Calls `visit` with the text of every solution of the corpus, reporting the bytes read to
+/// `observe` as `stage`; returns (records, solutions).
+fn for_each_solution(path: &Path, config: &MineConfig, stage: &'static str, observe: &mut dyn FnMut(MineProgress), mut visit: impl FnMut(&str)) -> Result<(usize, usize), MineError> {
     let file = std::fs::File::open(path).map_err(|source| MineError::Io { path: path.to_path_buf(), source })?;
-    let (mut records, mut solutions) = (0, 0);
+    let total = file.metadata().map_err(|source| MineError::Io { path: path.to_path_buf(), source })?.len();
+    let (mut records, mut solutions, mut done) = (0, 0, 0u64);
     for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|source| MineError::Io { path: path.to_path_buf(), source })?;
+        done += line.len() as u64 + 1;
+        observe(MineProgress { stage, done: done.min(total), total });
         if line.trim().is_empty() {
             continue;
         }
@@ -253,6 +258,23 @@ impl Counted {
 
 /// Mines Strategic Grams from the JSONL corpus at `path` (see the module docs).
 pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Result<MineReport, MineError> {
+    mine_observed(path, config, embedder, &mut |_| {})
+}
+
+/// Where a mining run is: a stage and how far into it (for progress bars).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MineProgress {
+    /// `count` (pass 1 over the corpus), `exact` (pass 2), `embed`, `cluster` or `cluster_df`
+    /// (pass 3).
+    pub stage: &'static str,
+    /// Units done: bytes of the corpus for the passes, phrases for `embed`.
+    pub done: u64,
+    /// Units in the stage.
+    pub total: u64,
+}
+
+/// [`mine`], telling `observe` how far it is as it goes.
+pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder, observe: &mut dyn FnMut(MineProgress)) -> Result<MineReport, MineError> {
     config.validate()?;
     let sizes = config.min_n..=config.max_n;
     let mut seconds = HashMap::new();
@@ -261,7 +283,7 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     let started = Instant::now();
     let mut sketch = CountMinSketch::new(config.sketch_width, 4);
     let mut in_doc: HashSet<u64> = HashSet::new();
-    let (records, solutions) = for_each_solution(path, config, |text| {
+    let (records, solutions) = for_each_solution(path, config, "count", observe, |text| {
         in_doc.clear();
         for_each_ngram(&word_segments(text), sizes.clone(), |_, hash| {
             if in_doc.insert(hash) {
@@ -279,7 +301,7 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     let started = Instant::now();
     let mut counted: HashMap<u64, Counted> = HashMap::new();
     let mut occurrences_in_doc: HashMap<u64, u32> = HashMap::new();
-    for_each_solution(path, config, |text| {
+    for_each_solution(path, config, "exact", observe, |text| {
         occurrences_in_doc.clear();
         for_each_ngram(&word_segments(text), sizes.clone(), |gram, hash| {
             if sketch.estimate(hash) >= floor {
@@ -315,11 +337,14 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     // Embed and cluster.
     let started = Instant::now();
     let texts: Vec<String> = candidates.iter().map(|(_, c)| phrase(&c.tokens)).collect();
-    let embeddings = embedder.embed(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let total = texts.len() as u64;
+    let embeddings = embedder.embed_observed(&texts.iter().map(String::as_str).collect::<Vec<_>>(), &mut |done| observe(MineProgress { stage: "embed", done: done as u64, total }))?;
+    observe(MineProgress { stage: "cluster", done: 0, total: 1 });
     seconds.insert("embed".to_string(), started.elapsed().as_secs_f64());
     let started = Instant::now();
     let labels = cluster(&embeddings, config.clustering).map_err(|e| MineError::Cluster(e.to_string()))?;
     seconds.insert("cluster".to_string(), started.elapsed().as_secs_f64());
+    observe(MineProgress { stage: "cluster", done: 1, total: 1 });
 
     // Pass 3: cluster document frequencies.
     let started = Instant::now();
@@ -327,7 +352,7 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     let cluster_count = labels.iter().max().map_or(0, |m| m + 1);
     let mut cluster_docs = vec![0u32; cluster_count];
     let mut in_doc: HashSet<usize> = HashSet::new();
-    for_each_solution(path, config, |text| {
+    for_each_solution(path, config, "cluster_df", observe, |text| {
         in_doc.clear();
         for_each_ngram(&word_segments(text), sizes.clone(), |_, hash| {
             if let Some(&l) = cluster_of.get(&hash) {

@@ -1,9 +1,11 @@
-//! Training data: JSONL files of prompts with reference answers, and a generated arithmetic
-//! task that needs no download.
+//! Training data: JSONL files of prompts with reference answers, and two generated tasks that
+//! need no download: bare arithmetic, and word problems of graded difficulty.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+mod word_problems;
 
 /// One prompt and the answer its completions are scored against.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -24,6 +26,18 @@ pub enum DataConfig {
         count: usize,
         /// Operands are drawn from `0..=max_operand`.
         max_operand: u32,
+        /// Generator seed.
+        seed: u64,
+    },
+    /// Word problems of graded difficulty, generated from a seed: a person starts with some
+    /// items and then 1 to `max_steps` things happen (buys, gives away, gets boxes of). The
+    /// number of events is the difficulty, drawn uniformly, so one file holds easy and hard
+    /// problems and a model has something left to learn at every level.
+    WordProblems {
+        /// Number of examples.
+        count: usize,
+        /// The most events in one problem (1 to 6).
+        max_steps: u32,
         /// Generator seed.
         seed: u64,
     },
@@ -69,6 +83,9 @@ pub enum DataError {
     /// No examples.
     #[error("the dataset is empty")]
     Empty,
+    /// A generated task's parameters are out of range.
+    #[error("{0}")]
+    Parameters(String),
 }
 
 /// SplitMix64: a tiny deterministic generator for data, shuffles and seeds (tests use it
@@ -85,12 +102,28 @@ pub fn splitmix(state: &mut u64) -> u64 {
 pub fn load(config: &DataConfig) -> Result<Vec<Example>, DataError> {
     let examples = match config {
         DataConfig::Arithmetic { count, max_operand, seed } => arithmetic(*count, *max_operand, *seed),
+        DataConfig::WordProblems { count, max_steps, seed } => word_problems::generate(*count, *max_steps, *seed)?,
         DataConfig::Jsonl { path, prompt_field, answer_field } => read_jsonl(path, prompt_field, answer_field)?,
     };
     if examples.is_empty() {
         return Err(DataError::Empty);
     }
     Ok(examples)
+}
+
+/// `train` without the examples whose prompt is also in `held_out`: a generated task can draw
+/// the same problem for both sets, and held out must mean unseen.
+pub fn without_held_out(train: Vec<Example>, held_out: &[Example]) -> Result<Vec<Example>, DataError> {
+    let held_out: std::collections::HashSet<&str> = held_out.iter().map(|e| e.prompt.as_str()).collect();
+    let before = train.len();
+    let kept: Vec<Example> = train.into_iter().filter(|e| !held_out.contains(e.prompt.as_str())).collect();
+    if kept.is_empty() {
+        return Err(DataError::Parameters("every training example is also in eval_data: nothing is left to train on".into()));
+    }
+    if kept.len() < before {
+        tracing::info!(dropped = before - kept.len(), "training examples that are also held out were left out of training");
+    }
+    Ok(kept)
 }
 
 fn arithmetic(count: usize, max_operand: u32, seed: u64) -> Vec<Example> {
@@ -141,6 +174,18 @@ mod tests {
             let expected = match parts[1] { "+" => x + y, "-" => x - y, _ => x * y };
             assert_eq!(e.answer, expected.to_string());
         }
+    }
+
+    #[test]
+    fn held_out_problems_never_train() {
+        let train = word_problems::generate(3000, 1, 5).unwrap_or_default();
+        let held_out = word_problems::generate(300, 1, 6).unwrap_or_default();
+        let overlap = train.iter().filter(|t| held_out.iter().any(|h| h.prompt == t.prompt)).count();
+        assert!(overlap > 0, "one-event problems repeat across seeds: the case this guards");
+        let kept = without_held_out(train.clone(), &held_out).unwrap_or_default();
+        assert_eq!(kept.len(), train.len() - overlap);
+        assert!(kept.iter().all(|k| held_out.iter().all(|h| h.prompt != k.prompt)));
+        assert!(without_held_out(held_out.clone(), &held_out).is_err(), "nothing left to train on");
     }
 
     #[test]

@@ -70,8 +70,14 @@ pub struct RunConfig {
     pub instruction: String,
     /// Data source.
     pub data: DataConfig,
-    /// Share of examples held out for evaluation.
+    /// Share of examples held out for evaluation (when `eval_data` is absent).
     pub eval_fraction: f64,
+    /// Held-out examples from their own source (e.g. GSM8K's held-out file), evaluated in file
+    /// order whatever the seed; all of `data` then trains and `eval_fraction` is ignored.
+    pub eval_data: Option<DataConfig>,
+    /// Evaluate once before the first step too, so a curve starts at the untrained model
+    /// (step 0's metrics line carries it as `eval_start_pass1`, `eval_start_pass_k`).
+    pub eval_before_training: bool,
     /// Evaluate every this many steps (0: only at the end).
     pub eval_every: u64,
     /// Held-out prompts per evaluation.
@@ -132,6 +138,8 @@ impl Default for RunConfig {
             instruction: String::new(),
             data: DataConfig::default(),
             eval_fraction: 0.1,
+            eval_data: None,
+            eval_before_training: false,
             eval_every: 0,
             eval_prompts: 16,
             eval_samples: 4,
@@ -215,6 +223,12 @@ pub struct StepMetrics {
     /// Held-out pass@k when evaluated this step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_pass_k: Option<f64>,
+    /// Held-out pass@1 before any training (step 0 with `eval_before_training`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_start_pass1: Option<f64>,
+    /// Held-out pass@k before any training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_start_pass_k: Option<f64>,
     /// Seconds spent sampling.
     pub sample_seconds: f64,
 }
@@ -317,8 +331,17 @@ impl Run {
             let j = (data::splitmix(&mut state) % (i as u64 + 1)) as usize;
             examples.swap(i, j);
         }
-        let held_out = ((examples.len() as f64 * config.eval_fraction).round() as usize).min(examples.len().saturating_sub(1));
-        let train = examples.split_off(held_out);
+        let (train, eval) = match &config.eval_data {
+            Some(source) => {
+                let eval = data::load(source)?;
+                (data::without_held_out(examples, &eval)?, eval)
+            }
+            None => {
+                let held_out = ((examples.len() as f64 * config.eval_fraction).round() as usize).min(examples.len().saturating_sub(1));
+                let train = examples.split_off(held_out);
+                (train, examples)
+            }
+        };
         let grams = match &config.strategic_grams {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| RunError::Io { path: path.clone(), source })?;
@@ -340,7 +363,7 @@ impl Run {
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval: examples, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins, custom_environment: None, replica: (0, 1) })
+        Ok(Self { config, loaded, trainer, train, eval, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins, custom_environment: None, replica: (0, 1) })
     }
 
     /// Trains together with the other replicas of `group` (data parallel): each samples its
@@ -655,6 +678,10 @@ impl Run {
         // With replicas, each samples its share; indices stay those of the whole step.
         let (first, count) = self.shard(n);
         let batch: Vec<&Example> = (first..first + count).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
+        let (eval_start_pass1, eval_start_pass_k) = match step == 0 && self.config.eval_before_training && !self.eval.is_empty() {
+            true => self.evaluate(0).map(|(a, b)| (Some(a), Some(b)))?,
+            false => (None, None),
+        };
         let started = Instant::now();
         let (scored, masked): (Vec<ScoredGroup>, usize) = match self.episode_turns() {
             Some(turns) => (self.sample_episodes(&batch, first, self.config.group_size, step, turns)?, 0),
@@ -711,7 +738,7 @@ impl Run {
         let sample_seconds = started.elapsed().as_secs_f64();
         let train = self.trainer.step(&self.loaded.model, &groups)?;
         let evaluate = (self.config.eval_every > 0 && (step + 1).is_multiple_of(self.config.eval_every)) || step + 1 == self.config.steps;
-        let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
+        let (eval_pass1, eval_pass_k) = if evaluate && !self.eval.is_empty() { self.evaluate(step + 1).map(|(a, b)| (Some(a), Some(b)))? } else { (None, None) };
         let metrics = StepMetrics {
             run_step: step,
             train,
@@ -721,20 +748,23 @@ impl Run {
             dropped_groups: plugin_report.dropped_groups,
             eval_pass1,
             eval_pass_k,
+            eval_start_pass1,
+            eval_start_pass_k,
             sample_seconds,
         };
         Ok((metrics, rollouts))
     }
 
-    /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts. With
-    /// replicas each evaluates its share of the prompts and the sums are all-reduced (every
-    /// replica calls this at the same steps).
-    pub fn evaluate(&self, step: u64) -> Result<(f64, f64), RunError> {
+    /// pass@1 (mean correctness) and pass@k (any correct among k) on held-out prompts after
+    /// `after_steps` optimizer steps; the sampling seed depends on that count only, so every
+    /// arm of a comparison draws alike at the same step. With replicas each evaluates its share
+    /// of the prompts and the sums are all-reduced (every replica calls this at the same steps).
+    pub fn evaluate(&self, after_steps: u64) -> Result<(f64, f64), RunError> {
         let all: Vec<&Example> = self.eval.iter().take(self.config.eval_prompts.max(1)).collect();
         let (first, count) = self.shard(all.len());
         let examples = &all[first..first + count];
         let k = self.config.eval_samples.max(1);
-        let sampled = self.sample(examples, first, k, u64::MAX - step, self.config.temperature.clamp(0.0, 0.6))?;
+        let sampled = self.sample(examples, first, k, u64::MAX - after_steps, self.config.temperature.clamp(0.0, 0.6))?;
         let (mut pass1, mut pass_k) = (0.0, 0.0);
         for (example, (_, generations)) in examples.iter().zip(sampled) {
             let scores: Vec<f32> = generations.iter().map(|g| self.reward(&g.text, &example.answer)).collect();
