@@ -139,6 +139,12 @@ fn mining_recovers_planted_strategies_and_rejects_execution_and_rare_phrases() {
         .output()
         .expect("hicra runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // Not a terminal: each stage's progress comes as plain lines, ending at 100%.
+    let progress = String::from_utf8_lossy(&output.stderr);
+    for stage in ["pass 1, counting n-grams: bytes", "pass 2, exact counts: bytes", "embedding candidates", "pass 3, cluster frequencies: bytes"] {
+        assert!(progress.lines().any(|l| l.starts_with(stage) && l.ends_with("(100%)")), "no finished '{stage}' line:\n{progress}");
+    }
+    assert!(!progress.contains('\u{1b}'), "escape codes in a pipe: {progress}");
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).expect("report")).expect("json");
     assert_eq!(report["solutions"], 1200, "wrong solutions (reward 0) are skipped");
     let mined: Vec<String> = report["strategic_grams"].as_array().expect("list").iter().map(|g| g.as_str().expect("phrase").to_string()).collect();
