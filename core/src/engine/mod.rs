@@ -17,7 +17,7 @@ pub mod score;
 
 pub use generate::{Engine, FinishReason, Generation, GenerationRequest, GeneratedToken};
 pub use sampler::SamplingParams;
-pub use score::score_completions;
+pub use score::{score_completions, score_prompt, PromptToken};
 
 /// Why a request cannot run.
 #[derive(Debug, thiserror::Error)]

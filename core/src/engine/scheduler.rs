@@ -193,6 +193,17 @@ enum Command {
     Train(Vec<RolloutGroup>, tokio::sync::oneshot::Sender<Result<StepReport, String>>),
     /// Copy the trainer's state for a checkpoint, between decode steps.
     Snapshot(tokio::sync::oneshot::Sender<Option<TrainerSnapshot>>),
+    /// Teacher-forced logprobs of these prompts' tokens, with this many alternatives each.
+    ScorePrompts(Vec<Vec<u32>>, usize, tokio::sync::oneshot::Sender<Result<ScoredPrompts, String>>),
+}
+
+/// [`EngineHandle::score_prompts`]'s answer.
+#[derive(Clone, Debug)]
+pub struct ScoredPrompts {
+    /// Per prompt, its tokens after the first (the first has no context to score it by).
+    pub prompts: Vec<Vec<crate::engine::PromptToken>>,
+    /// The policy version that scored them (no training step runs in between).
+    pub policy_version: u64,
 }
 
 /// A cloneable handle to the engine thread.
@@ -274,6 +285,15 @@ impl EngineHandle {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands.send(Command::Train(groups, reply)).map_err(|_| "the engine has stopped".to_string())?;
         answer.await.map_err(|_| "the engine dropped the training step".to_string())?
+    }
+
+    /// Teacher-forced logprobs of every token of each prompt (after its first) under the
+    /// served policy, with `top_k` alternatives per position, computed on the engine thread
+    /// between decode steps: the numbers a sampler at temperature 1 would report for them.
+    pub async fn score_prompts(&self, prompts: Vec<Vec<u32>>, top_k: usize) -> Result<ScoredPrompts, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands.send(Command::ScorePrompts(prompts, top_k, reply)).map_err(|_| "the engine has stopped".to_string())?;
+        answer.await.map_err(|_| "the engine dropped the scoring".to_string())?
     }
 
     /// A copy of the trainer's state (adapters, optimizer, versions) taken between decode
@@ -412,6 +432,11 @@ impl Scheduler<'_> {
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.trainer.as_mut().map(TrainerSnapshot::capture));
+            }
+            Command::ScorePrompts(prompts, top_k, reply) => {
+                let scored: Result<Vec<_>, _> = prompts.iter().map(|ids| crate::engine::score_prompt(self.model, ids, top_k)).collect();
+                let policy_version = self.policy_version.load(Ordering::Acquire);
+                let _ = reply.send(scored.map(|prompts| ScoredPrompts { prompts, policy_version }).map_err(|e| e.to_string()));
             }
         }
     }

@@ -33,6 +33,8 @@ struct ChatJob {
     started: Instant,
     /// The agent episode this call continues, when it names one.
     episode: Option<PreparedTurn>,
+    /// The prompt's tokens scored, with `prompt_logprobs`.
+    prompt_logprobs: Option<Vec<crate::engine::PromptToken>>,
 }
 
 impl ChatJob {
@@ -60,6 +62,16 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
         return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs: true"));
     }
     let plan = requests::plan(&request.sampling, request.top_logprobs)?;
+    if plan.max_tokens == Some(0) {
+        return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1, got 0"));
+    }
+    let prompt_top_k = match request.prompt_logprobs {
+        Some(k) if !(0..=requests::MAX_TOP_LOGPROBS).contains(&k) => {
+            return Err(ApiError::invalid("prompt_logprobs", format!("prompt_logprobs must be between 0 and {}, got {k}", requests::MAX_TOP_LOGPROBS)));
+        }
+        Some(_) if request.sampling.stream => return Err(ApiError::invalid("prompt_logprobs", "prompt_logprobs cannot be streamed")),
+        other => other.map(|k| k as usize),
+    };
     let tokenizer = state.engine.tokenizer.clone();
     let template = tokenizer.chat_template().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
     let tools_off = request.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
@@ -77,6 +89,10 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
     };
     let engine_requests = requests::engine_requests(&plan, &prompt_ids, &state);
     let events = state.engine.submit(engine_requests)?;
+    let prompt_logprobs = match prompt_top_k {
+        Some(k) => state.engine.score_prompts(vec![prompt_ids.clone()], k).await.map_err(ApiError::Internal)?.prompts.pop(),
+        None => None,
+    };
     let job = ChatJob {
         id: format!("chatcmpl-{}", state.rollouts.next_id()),
         created: unix_now(),
@@ -89,6 +105,7 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
         user: request.sampling.user.clone(),
         started,
         episode,
+        prompt_logprobs,
     };
     if request.sampling.stream {
         return Ok(stream_chat(state, job, events));
@@ -147,7 +164,24 @@ fn whole_response(state: &AppState, job: &ChatJob, choices: Vec<FinishedChoice>)
         model: state.engine.info.name.clone(),
         choices,
         usage: Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
+        prompt_logprobs: job.prompt_logprobs.as_ref().map(|scored| vllm_prompt_logprobs(tokenizer, &job.prompt_ids, scored)),
     }
+}
+
+/// vLLM's `prompt_logprobs`: `null` for the first token, then per token a map from token id
+/// to `{logprob, rank, decoded_token}` holding the prompt's token and its alternatives.
+fn vllm_prompt_logprobs(tokenizer: &crate::tokenizer::Tokenizer, ids: &[u32], scored: &[crate::engine::PromptToken]) -> Vec<Option<serde_json::Map<String, Value>>> {
+    let entry = |logprob: f32, rank: u32, id: u32| serde_json::json!({"logprob": logprob, "rank": rank, "decoded_token": requests::token_text(tokenizer, id)});
+    std::iter::once(None)
+        .chain(ids.iter().skip(1).zip(scored).map(|(&id, token)| {
+            let mut position = serde_json::Map::new();
+            position.insert(id.to_string(), entry(token.logprob, token.rank, id));
+            for (rank, &(alt, logprob)) in token.top.iter().enumerate() {
+                position.entry(alt.to_string()).or_insert_with(|| entry(logprob, rank as u32 + 1, alt));
+            }
+            Some(position)
+        }))
+        .collect()
 }
 
 fn stream_chat(state: AppState, job: ChatJob, events: UnboundedReceiver<SequenceEvent>) -> Response {

@@ -1,4 +1,8 @@
-//! `POST /v1/completions`: continue a text or token-id prompt (or a batch of them).
+//! `POST /v1/completions`: continue a text or token-id prompt (or a batch of them), with the
+//! legacy OpenAI semantics vLLM implements: `echo` returns the prompt before the completion,
+//! and with `logprobs` the prompt's own tokens are scored too (teacher-forced under the served
+//! policy, the first token `null`); `max_tokens: 0` with `echo` scores the prompt only. This is
+//! what lm-evaluation-harness's `local-completions` loglikelihood requests rely on.
 
 use std::time::Instant;
 
@@ -8,12 +12,13 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiJson};
-use super::openai::{Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage};
+use super::openai::{ChoiceExtension, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage};
 use super::requests::{self, FinishedChoice};
 use super::stream::{sse_channel, StopHoldback};
 use super::{unix_now, AppState};
 use crate::engine::scheduler::SequenceEvent;
-use crate::tokenizer::Tokenizer;
+use crate::engine::PromptToken;
+use crate::tokenizer::{DecodeStream, Tokenizer};
 
 pub(super) async fn completions(State(state): State<AppState>, ApiJson(request): ApiJson<CompletionRequest>) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -21,14 +26,29 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
         return Err(ApiError::invalid("model", format!("model '{}' is not served here (this server serves '{}')", request.model, state.engine.info.name)));
     }
     let plan = requests::plan(&request.sampling, request.logprobs)?;
+    let score_only = plan.max_tokens == Some(0);
+    if score_only && !request.echo {
+        return Err(ApiError::invalid("max_tokens", "max_tokens 0 generates nothing: use it with echo (and logprobs) to score the prompt"));
+    }
+    if request.sampling.stream && (request.echo || score_only) {
+        return Err(ApiError::invalid("echo", "echo (and max_tokens 0) cannot be streamed"));
+    }
     let prompts = prompt_ids(&state.engine.tokenizer, request.prompt)?;
     if request.sampling.stream && prompts.len() != 1 {
         return Err(ApiError::invalid("prompt", "streaming takes exactly one prompt"));
+    }
+    if score_only {
+        return score_prompts(state, &request.logprobs, &plan, prompts).await;
     }
     // Submit every prompt before waiting, so they batch together in the engine; all or
     // nothing, so a refused batch leaves none of its prompts queued behind the 429.
     let groups = prompts.iter().map(|ids| requests::engine_requests(&plan, ids, &state)).collect();
     let submissions = state.engine.submit_all(groups)?;
+    // Prompt logprobs for echo, computed on the engine thread between decode steps.
+    let echoed = match (request.echo, request.logprobs) {
+        (true, Some(_)) => Some(state.engine.score_prompts(prompts.clone(), plan.top_logprobs).await.map_err(ApiError::Internal)?.prompts),
+        _ => None,
+    };
     let id = format!("cmpl-{}", state.rollouts.next_id());
     let created = unix_now();
     if request.sampling.stream {
@@ -55,11 +75,18 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
             usage.completion_tokens += choice.tokens.len();
             let finish_reason = requests::finish_reason_str(choice.reason);
             let hicra = requests::record_rollout(&state, &context, index, &choice, finish_reason);
-            let logprobs = request.logprobs.map(|_| legacy_logprobs(&tokenizer, &choice));
-            let mut text = choice.text;
-            if request.echo {
-                text = format!("{}{text}", tokenizer.decode(ids, false)?);
+            let (prompt_text, mut logprobs) = match (request.echo, &echoed) {
+                (true, Some(scored)) => {
+                    let (text, logprobs) = echo_logprobs(&tokenizer, ids, &scored[prompt_index])?;
+                    (text, Some(logprobs))
+                }
+                (true, None) => (tokenizer.decode(ids, false)?, None),
+                (false, _) => (String::new(), request.logprobs.map(|_| CompletionLogprobs::default())),
+            };
+            if let Some(logprobs) = logprobs.as_mut() {
+                append_generated(&tokenizer, logprobs, prompt_text.chars().count(), &choice);
             }
+            let text = format!("{prompt_text}{}", choice.text);
             choices.push(CompletionChoice { index: choices.len(), text, logprobs, finish_reason, hicra });
         }
     }
@@ -87,19 +114,100 @@ fn prompt_ids(tokenizer: &Tokenizer, prompt: Prompt) -> Result<Vec<Vec<u32>>, Ap
     Ok(prompts)
 }
 
-fn legacy_logprobs(tokenizer: &Tokenizer, choice: &FinishedChoice) -> CompletionLogprobs {
-    let mut out = CompletionLogprobs::default();
-    let mut offset = 0;
-    for token in &choice.tokens {
-        let text = requests::token_text(tokenizer, token.id);
-        out.text_offset.push(offset);
-        offset += token.text.len();
-        out.tokens.push(text);
-        out.token_logprobs.push(token.logprob);
-        let top = token.top_logprobs.iter().map(|&(id, lp)| (requests::token_text(tokenizer, id), json!(lp))).collect();
-        out.top_logprobs.push(top);
+/// `max_tokens: 0` with `echo`: each prompt returned as text, scored when `logprobs` is
+/// given, `n` identical choices per prompt; nothing is generated or recorded as a rollout.
+async fn score_prompts(state: AppState, logprobs: &Option<i64>, plan: &requests::Plan, prompts: Vec<Vec<u32>>) -> Result<Response, ApiError> {
+    for ids in &prompts {
+        check_prompt(ids, &state)?;
     }
-    out
+    let tokenizer = state.engine.tokenizer.clone();
+    let (scored, policy_version) = match logprobs {
+        Some(_) => {
+            let scored = state.engine.score_prompts(prompts.clone(), plan.top_logprobs).await.map_err(ApiError::Internal)?;
+            (Some(scored.prompts), scored.policy_version)
+        }
+        None => (None, state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire)),
+    };
+    let mut choices = Vec::new();
+    let mut usage = Usage::default();
+    for (prompt_index, ids) in prompts.iter().enumerate() {
+        usage.prompt_tokens += ids.len();
+        let (text, logprobs) = match &scored {
+            Some(scored) => {
+                let (text, logprobs) = echo_logprobs(&tokenizer, ids, &scored[prompt_index])?;
+                (text, Some(logprobs))
+            }
+            None => (tokenizer.decode(ids, false)?, None),
+        };
+        let hicra = ChoiceExtension { policy_version, policy_version_first: policy_version, policy_version_last: policy_version, ..ChoiceExtension::default() };
+        for _ in 0..plan.n {
+            choices.push(CompletionChoice { index: choices.len(), text: text.clone(), logprobs: logprobs.clone(), finish_reason: "length", hicra: hicra.clone() });
+        }
+    }
+    usage.total_tokens = usage.prompt_tokens;
+    let id = format!("cmpl-{}", state.rollouts.next_id());
+    Ok(Json(Completion { id, object: "text_completion", created: unix_now(), model: state.engine.info.name.clone(), choices, usage }).into_response())
+}
+
+/// The checks generation makes at submission, for a prompt that is only scored.
+fn check_prompt(ids: &[u32], state: &AppState) -> Result<(), ApiError> {
+    let info = &state.engine.info;
+    if ids.len() > info.max_context {
+        return Err(ApiError::invalid("prompt", format!("the prompt has {} tokens, over the context limit of {}", ids.len(), info.max_context)));
+    }
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= info.vocab_size) {
+        return Err(ApiError::invalid("prompt", format!("token id {id} is outside the vocabulary (size {})", info.vocab_size)));
+    }
+    Ok(())
+}
+
+/// The echoed prompt's text and its logprob entries: the first token `null`, each later one
+/// its teacher-forced logprob and alternatives. The text is the tokens' incremental decoding,
+/// so every `text_offset` points at its token's text.
+fn echo_logprobs(tokenizer: &Tokenizer, ids: &[u32], scored: &[PromptToken]) -> Result<(String, CompletionLogprobs), ApiError> {
+    let mut out = CompletionLogprobs::default();
+    let mut text = String::new();
+    let mut stream = DecodeStream::new(tokenizer, false);
+    for (i, &id) in ids.iter().enumerate() {
+        out.text_offset.push(text.chars().count());
+        out.tokens.push(requests::token_text(tokenizer, id));
+        match i.checked_sub(1).and_then(|j| scored.get(j)) {
+            Some(token) => {
+                out.token_logprobs.push(Some(token.logprob));
+                let mut top: serde_json::Map<String, Value> = token.top.iter().map(|&(alt, lp)| (requests::token_text(tokenizer, alt), json!(lp))).collect();
+                // As for generated tokens (and in OpenAI's and vLLM's answers), the prompt's own
+                // token is among the alternatives even when it is not in the top k.
+                if !token.top.is_empty() {
+                    top.entry(requests::token_text(tokenizer, id)).or_insert(json!(token.logprob));
+                }
+                out.top_logprobs.push(Some(top));
+            }
+            None => {
+                out.token_logprobs.push(None);
+                out.top_logprobs.push(None);
+            }
+        }
+        if let Some(piece) = stream.step(id)? {
+            text.push_str(&piece);
+        }
+    }
+    if let Some(rest) = stream.flush()? {
+        text.push_str(&rest);
+    }
+    Ok((text, out))
+}
+
+/// Appends a generated choice's tokens to `out`, their offsets counted from `start`
+/// (characters of the echoed prompt before them, or 0).
+fn append_generated(tokenizer: &Tokenizer, out: &mut CompletionLogprobs, start: usize, choice: &FinishedChoice) {
+    let mut offset = start;
+    for token in &choice.tokens {
+        out.text_offset.push(offset);
+        offset += token.text.chars().count();
+        out.tokens.push(requests::token_text(tokenizer, token.id));
+        out.token_logprobs.push(Some(token.logprob));
+        out.top_logprobs.push(Some(token.top_logprobs.iter().map(|&(id, lp)| (requests::token_text(tokenizer, id), json!(lp))).collect()));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -113,6 +113,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/plugins", get(plugins::list))
         .route("/admin/plugins/reload", post(plugins::reload))
         .route("/admin/checkpoint", post(checkpoints::admin_checkpoint))
+        .route("/admin/training/pause", post(training::pause))
+        .route("/admin/training/resume", post(training::resume))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin_key));
     Router::new()
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))

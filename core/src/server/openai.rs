@@ -91,6 +91,9 @@ pub struct ChatCompletionRequest {
     pub logprobs: bool,
     /// Alternatives per token (0..=20), needs `logprobs`.
     pub top_logprobs: Option<i64>,
+    /// vLLM's extension: score the prompt's tokens too, with this many alternatives each
+    /// (0..=20); answered in the response's `prompt_logprobs`.
+    pub prompt_logprobs: Option<i64>,
     /// Sampling and output controls.
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -327,9 +330,11 @@ pub struct FunctionCall {
 }
 
 /// hicra's per-choice extension: which rollout this is and which weights produced it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct ChoiceExtension {
-    /// Id to reward this completion with later (`GET /v1/rollouts/{id}`).
+    /// Id to reward this completion with later (`GET /v1/rollouts/{id}`); absent when nothing
+    /// was generated (`max_tokens: 0`, prompt scoring only).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub rollout_id: String,
     /// Policy version of the weights that generated its last token (kept for older clients;
     /// equal to `policy_version_last`).
@@ -392,18 +397,23 @@ pub struct ChatCompletion {
     pub choices: Vec<ChatChoice>,
     /// Token counts.
     pub usage: Usage,
+    /// With `prompt_logprobs`, per prompt token as vLLM reports it: `null` for the first, then
+    /// `{"<token id>": {"logprob", "rank", "decoded_token"}}` for the token and its alternatives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<serde_json::Map<String, Value>>>>,
 }
 
-/// Legacy completions logprobs.
+/// Legacy completions logprobs. With `echo` the prompt's tokens come first, the first of them
+/// with `null` logprob and alternatives (nothing precedes it to predict it).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CompletionLogprobs {
     /// Token texts.
     pub tokens: Vec<String>,
     /// Their logprobs.
-    pub token_logprobs: Vec<f32>,
+    pub token_logprobs: Vec<Option<f32>>,
     /// Alternatives per position, token text -> logprob.
-    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
-    /// Character offset of each token in the output text.
+    pub top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
+    /// Offset of each token in the returned text, in characters (as OpenAI and vLLM count).
     pub text_offset: Vec<usize>,
 }
 

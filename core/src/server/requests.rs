@@ -47,8 +47,9 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
     if top_k < 0 {
         return Err(ApiError::invalid("top_k", format!("top_k must be >= 0 (0 disables it), got {top_k}")));
     }
+    // 0 is legal only for text completions with echo (scoring the prompt); they check it.
     let max_tokens = match fields.max_completion_tokens.or(fields.max_tokens) {
-        Some(m) if m < 1 => return Err(ApiError::invalid("max_tokens", format!("max_tokens must be at least 1, got {m}"))),
+        Some(m) if m < 0 => return Err(ApiError::invalid("max_tokens", format!("max_tokens must be at least 1, got {m}"))),
         Some(m) => Some(m as usize),
         None => None,
     };

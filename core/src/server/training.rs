@@ -246,6 +246,9 @@ pub struct TrainingBuffer {
     journal_behind: std::sync::atomic::AtomicBool,
     /// Why the replicas stopped stepping together (a peer lost), once they have.
     replicas_lost: Mutex<Option<String>>,
+    /// Set by `POST /admin/training/pause`: no step starts (rewards are still recorded and
+    /// groups still complete) until `POST /admin/training/resume`.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl TrainingBuffer {
@@ -261,6 +264,7 @@ impl TrainingBuffer {
             journal,
             step_gate: Arc::new(tokio::sync::Mutex::new(())),
             journal_behind: std::sync::atomic::AtomicBool::new(false),
+            paused: std::sync::atomic::AtomicBool::new(false),
             replicas_lost: Mutex::new(None),
         }
     }
@@ -551,6 +555,11 @@ impl TrainingBuffer {
     }
 
     /// The next step's groups, when enough are ready.
+    /// Whether steps are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn take_batch(&self) -> Option<Vec<ReadyGroup>> {
         let mut state = self.lock();
         self.expire(&mut state, Instant::now());
@@ -664,6 +673,7 @@ impl TrainingBuffer {
         let s = &self.settings;
         json!({
             "training": true,
+            "paused": self.is_paused(),
             "policy_version": policy_version,
             "pending_groups": state.pending.len(),
             "pending_rollouts": pending_rollouts,
@@ -774,7 +784,7 @@ pub async fn run_steps(state: AppState) {
         // Woken by a reward that completes enough groups; the tick also expires old groups.
         let _ = tokio::time::timeout(Duration::from_secs(1), buffer.wake.notified()).await;
         // `take_batch` may record expiries in the journal: blocking work.
-        while let Some(batch) = tokio::task::block_in_place(|| buffer.take_batch()) {
+        while let Some(batch) = tokio::task::block_in_place(|| (!buffer.is_paused()).then(|| buffer.take_batch()).flatten()) {
             if step_once(&state, &buffer, batch).await {
                 super::checkpoints::after_update(&state);
             }
@@ -801,16 +811,17 @@ async fn run_steps_with_replicas(state: AppState, buffer: Arc<TrainingBuffer>, g
             (0, Some(checkpointer)) => checkpointer.last().map_or(0, |c| c.policy_version),
             _ => 0,
         };
-        let agreed = tokio::task::block_in_place(|| group.sum_values(&[ready as i64, checkpointed as i64]));
-        let (held_by_all, rank0_checkpoint) = match agreed.as_deref() {
-            Ok([held, version]) => (*held, *version as u64),
-            Ok(_) => (0, 0),
+        // A pause on any replica (the one the admin call reached) holds every replica's steps.
+        let agreed = tokio::task::block_in_place(|| group.sum_values(&[ready as i64, checkpointed as i64, buffer.is_paused() as i64]));
+        let (held_by_all, rank0_checkpoint, paused_anywhere) = match agreed.as_deref() {
+            Ok([held, version, paused]) => (*held, *version as u64, *paused > 0),
+            Ok(_) => (0, 0, true),
             Err(err) => return lose_replicas(&state, &buffer, err.to_string()).await,
         };
         if let (true, Some(journal)) = (group.rank() > 0, &state.journal) {
             journal.set_checkpoint_version(rank0_checkpoint);
         }
-        stepped = held_by_all >= buffer.settings.groups_per_step as i64;
+        stepped = held_by_all >= buffer.settings.groups_per_step as i64 && !paused_anywhere;
         if !stepped {
             continue;
         }
@@ -842,6 +853,13 @@ async fn lose_replicas(state: &AppState, buffer: &Arc<TrainingBuffer>, reason: S
 /// engine steps even with no groups of its own: the step is taken together.
 async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<ReadyGroup>) -> bool {
     let _gate = buffer.step_gate.lock().await;
+    // A pause that took the gate between `take_batch` and here has answered with the current
+    // version: keep that promise and put the groups back. (Replicas agreed on this step
+    // together and must take it.)
+    if buffer.is_paused() && buffer.settings.replicas.is_none() {
+        buffer.requeue(batch);
+        return false;
+    }
     let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
     let mut outcomes = Vec::new();
     let batch = buffer.drop_stale(batch, version, &mut outcomes);
@@ -993,6 +1011,34 @@ pub(super) async fn reward_episode(State(state): State<AppState>, Path(id): Path
 }
 
 /// `GET /v1/training`.
+/// `POST /admin/training/pause`: no training step starts until resumed; rewards are still
+/// recorded and complete groups wait (up to `max_ready_groups`). Answers once any step in
+/// flight has finished, with the policy version that then serves every request until resume:
+/// the way to evaluate a fixed policy while rewards keep arriving.
+pub(super) async fn pause(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    set_paused(&state, true).await
+}
+
+/// `POST /admin/training/resume`: steps start again (at once if complete groups wait).
+pub(super) async fn resume(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    set_paused(&state, false).await
+}
+
+async fn set_paused(state: &AppState, paused: bool) -> Result<Json<Value>, ApiError> {
+    let Some(buffer) = &state.training else {
+        return Err(ApiError::invalid("training", "this server does not train: start it with --train"));
+    };
+    let was = buffer.paused.swap(paused, std::sync::atomic::Ordering::AcqRel);
+    // A step holds the gate from start to journal record: once we hold it, none is in flight
+    // and (paused) none starts after.
+    drop(buffer.step_gate.lock().await);
+    if !paused {
+        buffer.wake.notify_one();
+    }
+    tracing::info!(paused, was, "training steps {}", if paused { "paused" } else { "resumed" });
+    Ok(Json(json!({"paused": paused, "was_paused": was, "policy_version": state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire)})))
+}
+
 pub(super) async fn status(State(state): State<AppState>) -> Json<Value> {
     let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
     match &state.training {
