@@ -12,6 +12,8 @@ cd "$root"
 scripts/setup.sh >&2
 cargo build --release -p hicra-core >&2
 out=runs/credit-comparison
+# The commit the runs are made with (the README names it, not a later one).
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- core examples/credit_comparison || echo "+changes")
 started=$(date +%s)
 target/release/hicra compare --config examples/credit_comparison/sweep.toml --out "$out" "$@"
 minutes=$(( ($(date +%s) - started + 30) / 60 ))
@@ -23,7 +25,7 @@ results=examples/credit_comparison/results
 mkdir -p "$results"
 cp "$out/compare.md" "$out/compare.json" "$out/pass1.png" "$out/pass1.svg" "$out/pass_k.png" "$out/pass_k.svg" "$results/"
 {
-  echo "Measured by \`scripts/compare_credit.sh\` at commit $(git rev-parse --short HEAD) on $(nproc) CPU cores"
+  echo "Measured by \`scripts/compare_credit.sh\` at commit ${commit} on $(nproc) CPU cores"
   echo "(this call: ${minutes} min; finished runs are skipped, so a resumed call takes less)."
   echo
   cat "$out/compare.md"

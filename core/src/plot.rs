@@ -189,7 +189,7 @@ impl Chart {
 /// Tick text: short decimals, scientific notation for very large or small magnitudes.
 fn tick(v: f64) -> String {
     let a = v.abs();
-    if a != 0.0 && (a >= 1e5 || a < 1e-3) {
+    if a != 0.0 && !(1e-3..1e5).contains(&a) {
         format!("{v:.1e}")
     } else if a >= 100.0 || v.fract().abs() < 1e-9 {
         format!("{v:.0}")

@@ -104,7 +104,8 @@ pub fn summarise(arms: &[String], curves: &BTreeMap<(String, u64), Curve>) -> Ve
 /// per arm, the mean over seeds, inside its 95% bootstrap band; returns the files.
 pub fn write_charts(summaries: &[ArmSummary], out: &Path) -> Result<Vec<std::path::PathBuf>, crate::plot::PlotError> {
     let mut written = Vec::new();
-    let metrics: [(&str, &str, fn(&StepSummary) -> &Estimate); 2] = [("pass1", "pass@1", |s| &s.pass1), ("pass_k", "pass@k", |s| &s.pass_k)];
+    type Pick = fn(&StepSummary) -> &Estimate;
+    let metrics: [(&str, &str, Pick); 2] = [("pass1", "pass@1", |s| &s.pass1), ("pass_k", "pass@k", |s| &s.pass_k)];
     for (file, label, pick) in metrics {
         let series = summaries
             .iter()
