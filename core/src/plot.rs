@@ -157,7 +157,7 @@ impl Chart {
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], line));
             chart.draw_series(series.points.iter().map(|&p| Circle::new(p, 3, colour.filled()))).map_err(text)?;
         }
-        if self.series.len() > 1 || self.series.iter().any(|s| !s.band.is_empty()) {
+        if self.has_legend() {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperLeft)
@@ -170,7 +170,12 @@ impl Chart {
         root.present().map_err(text)
     }
 
-    /// The data's extent, bands included, with some room around it.
+    fn has_legend(&self) -> bool {
+        self.series.len() > 1 || self.series.iter().any(|s| !s.band.is_empty())
+    }
+
+    /// The data's extent, bands included, with some room around it, and room above it for the
+    /// legend (which sits in the upper left corner) so that it never covers a point.
     fn ranges(&self) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
         let xs = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
         let ys = self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1).chain(s.band.iter().flat_map(|b| [b.1, b.2])));
@@ -182,7 +187,12 @@ impl Chart {
             let room = if hi - lo < 1e-12 { 0.5_f64.max(hi.abs() * 0.05) } else { (hi - lo) * 0.06 };
             lo - room..hi + room
         };
-        (padded(extent(&mut { xs })), padded(extent(&mut { ys })))
+        let y = padded(extent(&mut { ys }));
+        // Share of the plot's height the legend takes: about 22 px a row plus its frame, of
+        // about 360 px.
+        let legend_share = if self.has_legend() { (self.series.len() as f64 * 22.0 + 20.0) / 360.0 } else { 0.0 };
+        let headroom = (y.end - y.start) * legend_share / (1.0 - legend_share).max(0.2);
+        (padded(extent(&mut { xs })), y.start..y.end + headroom)
     }
 }
 
