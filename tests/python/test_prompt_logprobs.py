@@ -58,6 +58,32 @@ def test_echoed_prompt_logprobs_equal_the_sampled_ones(client: openai.OpenAI, mo
     assert isinstance(ext(r.choices[0])["policy_version"], int)
 
 
+def harness_loglikelihood(choice, ctxlen: int) -> tuple[float, bool]:
+    """What lm-evaluation-harness's `local-completions` reads from an echoed choice: the sum of
+    the continuation's logprobs (the last entry, the one generated token, left out) and whether
+    every continuation token was the most likely one."""
+    lp = choice.logprobs
+    logprob = sum(lp.token_logprobs[ctxlen:-1])
+    greedy = all(tok == max(top.values()) for tok, top in zip(lp.token_logprobs[ctxlen:-1], lp.top_logprobs[ctxlen:-1]))
+    return logprob, greedy
+
+
+def test_the_harness_loglikelihood_request_scores_continuations(client: openai.OpenAI, model_id: str) -> None:
+    # The harness's request for loglikelihood: context + continuation ids, batched, echo,
+    # logprobs 1, max_tokens 1, temperature 0. Before prompt logprobs every continuation
+    # scored 0 and multiple-choice accuracy fell to chance.
+    context, greedy, sampled, _ = generated(client, model_id, PROMPT, 3)
+    other = [greedy[0], (greedy[1] + 1) % 1000, greedy[2]]
+    r = client.completions.create(model=model_id, prompt=[context + greedy, context + other], echo=True, logprobs=1, max_tokens=1, temperature=0)
+    choices = sorted(r.choices, key=lambda c: c.index)
+    assert [len(c.logprobs.token_logprobs) for c in choices] == [len(context) + 3 + 1] * 2
+    greedy_score, greedy_is_greedy = harness_loglikelihood(choices[0], len(context))
+    other_score, other_is_greedy = harness_loglikelihood(choices[1], len(context))
+    assert greedy_score == pytest.approx(sum(sampled), abs=3 * TOLERANCE)
+    assert greedy_is_greedy and not other_is_greedy
+    assert other_score < greedy_score < 0
+
+
 def test_max_tokens_zero_returns_and_scores_the_prompt_only(client: openai.OpenAI, model_id: str, http: httpx.Client) -> None:
     r = client.completions.create(model=model_id, prompt=PROMPT, echo=True, logprobs=0, max_tokens=0)
     choice = r.choices[0]

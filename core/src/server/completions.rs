@@ -173,7 +173,7 @@ fn echo_logprobs(tokenizer: &Tokenizer, ids: &[u32], scored: &[PromptToken]) -> 
         out.tokens.push(requests::token_text(tokenizer, id));
         match i.checked_sub(1).and_then(|j| scored.get(j)) {
             Some(token) => {
-                out.token_logprobs.push(Some(token.logprob));
+                out.token_logprobs.push(Some(f64::from(token.logprob)));
                 let mut top: serde_json::Map<String, Value> = token.top.iter().map(|&(alt, lp)| (requests::token_text(tokenizer, alt), json!(lp))).collect();
                 // As for generated tokens (and in OpenAI's and vLLM's answers), the prompt's own
                 // token is among the alternatives even when it is not in the top k.
@@ -205,7 +205,7 @@ fn append_generated(tokenizer: &Tokenizer, out: &mut CompletionLogprobs, start: 
         out.text_offset.push(offset);
         offset += token.text.chars().count();
         out.tokens.push(requests::token_text(tokenizer, token.id));
-        out.token_logprobs.push(Some(token.logprob));
+        out.token_logprobs.push(Some(f64::from(token.logprob)));
         out.top_logprobs.push(Some(token.top_logprobs.iter().map(|&(id, lp)| (requests::token_text(tokenizer, id), json!(lp))).collect()));
     }
 }

@@ -409,8 +409,10 @@ pub struct ChatCompletion {
 pub struct CompletionLogprobs {
     /// Token texts.
     pub tokens: Vec<String>,
-    /// Their logprobs.
-    pub token_logprobs: Vec<Option<f32>>,
+    /// Their logprobs, as f64 like the alternatives' (a client comparing a token's logprob with
+    /// the best alternative's, as lm-evaluation-harness does to tell greedy continuations,
+    /// must see the same number for the same value, not an f32 and an f64 rendering of it).
+    pub token_logprobs: Vec<Option<f64>>,
     /// Alternatives per position, token text -> logprob.
     pub top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
     /// Offset of each token in the returned text, in characters (as OpenAI and vLLM count).
