@@ -61,6 +61,11 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
     let mut choices = Vec::new();
     let mut usage = Usage::default();
     for (prompt_index, (ids, events)) in prompts.iter().zip(submissions).enumerate() {
+        // The echoed prompt is the same for every choice of this prompt: built once.
+        let echo = match request.echo {
+            true => Some(echoed_prompt(&tokenizer, ids, echoed.as_ref().map(|scored| scored[prompt_index].as_slice()))?),
+            false => None,
+        };
         let finished = requests::collect(events, plan.n, &state, started).await?;
         let context = requests::RolloutContext {
             prompt_ids: ids,
@@ -75,13 +80,9 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
             usage.completion_tokens += choice.tokens.len();
             let finish_reason = requests::finish_reason_str(choice.reason);
             let hicra = requests::record_rollout(&state, &context, index, &choice, finish_reason);
-            let (prompt_text, mut logprobs) = match (request.echo, &echoed) {
-                (true, Some(scored)) => {
-                    let (text, logprobs) = echo_logprobs(&tokenizer, ids, &scored[prompt_index])?;
-                    (text, Some(logprobs))
-                }
-                (true, None) => (tokenizer.decode(ids, false)?, None),
-                (false, _) => (String::new(), request.logprobs.map(|_| CompletionLogprobs::default())),
+            let (prompt_text, mut logprobs) = match &echo {
+                Some((text, logprobs)) => (text.as_str(), logprobs.clone()),
+                None => ("", request.logprobs.map(|_| CompletionLogprobs::default())),
             };
             if let Some(logprobs) = logprobs.as_mut() {
                 append_generated(&tokenizer, logprobs, prompt_text.chars().count(), &choice);
@@ -132,13 +133,7 @@ async fn score_prompts(state: AppState, logprobs: &Option<i64>, plan: &requests:
     let mut usage = Usage::default();
     for (prompt_index, ids) in prompts.iter().enumerate() {
         usage.prompt_tokens += ids.len();
-        let (text, logprobs) = match &scored {
-            Some(scored) => {
-                let (text, logprobs) = echo_logprobs(&tokenizer, ids, &scored[prompt_index])?;
-                (text, Some(logprobs))
-            }
-            None => (tokenizer.decode(ids, false)?, None),
-        };
+        let (text, logprobs) = echoed_prompt(&tokenizer, ids, scored.as_ref().map(|scored| scored[prompt_index].as_slice()))?;
         let hicra = ChoiceExtension { policy_version, policy_version_first: policy_version, policy_version_last: policy_version, ..ChoiceExtension::default() };
         for _ in 0..plan.n {
             choices.push(CompletionChoice { index: choices.len(), text: text.clone(), logprobs: logprobs.clone(), finish_reason: "length", hicra: hicra.clone() });
@@ -159,6 +154,14 @@ fn check_prompt(ids: &[u32], state: &AppState) -> Result<(), ApiError> {
         return Err(ApiError::invalid("prompt", format!("token id {id} is outside the vocabulary (size {})", info.vocab_size)));
     }
     Ok(())
+}
+
+/// An echoed prompt: its text and, when it was `scored`, its logprob entries.
+fn echoed_prompt(tokenizer: &Tokenizer, ids: &[u32], scored: Option<&[PromptToken]>) -> Result<(String, Option<CompletionLogprobs>), ApiError> {
+    match scored {
+        Some(scored) => echo_logprobs(tokenizer, ids, scored).map(|(text, logprobs)| (text, Some(logprobs))),
+        None => Ok((tokenizer.decode(ids, false)?, None)),
+    }
 }
 
 /// The echoed prompt's text and its logprob entries: the first token `null`, each later one

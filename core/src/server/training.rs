@@ -554,12 +554,12 @@ impl TrainingBuffer {
         }
     }
 
-    /// The next step's groups, when enough are ready.
     /// Whether steps are paused.
     pub fn is_paused(&self) -> bool {
         self.paused.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The next step's groups, when enough are ready.
     fn take_batch(&self) -> Option<Vec<ReadyGroup>> {
         let mut state = self.lock();
         self.expire(&mut state, Instant::now());
@@ -1010,7 +1010,6 @@ pub(super) async fn reward_episode(State(state): State<AppState>, Path(id): Path
     }
 }
 
-/// `GET /v1/training`.
 /// `POST /admin/training/pause`: no training step starts until resumed; rewards are still
 /// recorded and complete groups wait (up to `max_ready_groups`). Answers once any step in
 /// flight has finished, with the policy version that then serves every request until resume:
@@ -1039,6 +1038,7 @@ async fn set_paused(state: &AppState, paused: bool) -> Result<Json<Value>, ApiEr
     Ok(Json(json!({"paused": paused, "was_paused": was, "policy_version": state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire)})))
 }
 
+/// `GET /v1/training`.
 pub(super) async fn status(State(state): State<AppState>) -> Json<Value> {
     let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
     match &state.training {
