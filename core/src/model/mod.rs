@@ -274,5 +274,50 @@ fn load_hf_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
             serde_json::from_str(&text).map_err(|source| ModelError::InvalidJson { path: generation.clone(), source })?;
         tokenizer.add_eos_ids(&config::parse_token_ids(value.get("eos_token_id")));
     }
+    // transformers >= 4.47 saves the template in a file of its own and, when both exist,
+    // prefers it to the one in tokenizer_config.json; so do we.
+    let template_file = dir.join("chat_template.jinja");
+    if template_file.is_file() {
+        let source = std::fs::read_to_string(&template_file).map_err(|source| ModelError::Io { path: template_file.clone(), source })?;
+        tokenizer.set_chat_template(&source)?;
+    }
     Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder with a word-level `tokenizer.json` and the given extra files.
+    fn tokenizer_folder(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        use tokenizers::models::wordlevel::WordLevel;
+        let dir = std::env::temp_dir().join(format!("hicra-hf-tok-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let vocab = [("<unk>".to_string(), 0), ("hi".to_string(), 1)].into_iter().collect();
+        let model = WordLevel::builder().vocab(vocab).unk_token("<unk>".into()).build().expect("word level");
+        tokenizers::Tokenizer::new(model).save(dir.join("tokenizer.json"), false).expect("save tokenizer.json");
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).expect("write file");
+        }
+        dir
+    }
+
+    #[test]
+    fn chat_template_jinja_file_is_loaded_and_wins_over_the_config() {
+        let config = r#"{"chat_template": "config:{{ messages[0].content }}"}"#;
+        let dir = tokenizer_folder("jinja", &[("tokenizer_config.json", config), ("chat_template.jinja", "file:{{ messages[0].content }}")]);
+        let tokenizer = load_hf_tokenizer(&dir).expect("load");
+        std::fs::remove_dir_all(&dir).ok();
+        let template = tokenizer.chat_template().expect("a chat template");
+        let rendered = template.render(&[crate::tokenizer::ChatMessage::new("user", "hi")], None, false, None).expect("render");
+        assert_eq!(rendered, "file:hi");
+    }
+
+    #[test]
+    fn broken_chat_template_jinja_is_an_error_naming_the_template() {
+        let dir = tokenizer_folder("broken", &[("chat_template.jinja", "{% for m in messages %}")]);
+        let err = load_hf_tokenizer(&dir).expect_err("an unclosed loop");
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(err.to_string().contains("template"), "{err}");
+    }
 }
