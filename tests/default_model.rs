@@ -4,7 +4,9 @@
 mod common;
 
 use common::{default_model, hicra};
+use hicra_core::engine::constraint::{Constraint, Constraints};
 use hicra_core::engine::{score_completions, Engine, FinishReason, GenerationRequest, SamplingParams};
+use hicra_core::train::loss::{self, LossConfig, TrainSample};
 
 #[test]
 fn greedy_chat_answers_paris() {
@@ -41,7 +43,7 @@ fn same_seed_gives_same_tokens_and_logprobs_are_valid() {
 fn generation_logprobs_equal_teacher_forced_logprobs() {
     let loaded = default_model();
     let prompt = loaded.tokenizer.encode("The three primary colours are", false).expect("encode");
-    let sampling = SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 50, seed: 5 };
+    let sampling = SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 50, seed: 5, ..SamplingParams::default() };
     let request = GenerationRequest::new(prompt.clone(), sampling, 24, &loaded.tokenizer);
     let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, 1, 256);
     let generation = engine.generate(&[request]).expect("generate").remove(0);
@@ -85,7 +87,7 @@ fn batching_sequences_of_different_lengths_changes_nothing() {
         .enumerate()
         .map(|(i, p)| {
             let ids = loaded.tokenizer.encode(p, false).expect("encode");
-            let sampling = if i == 1 { SamplingParams { temperature: 0.8, top_p: 1.0, top_k: 0, seed: 99 } } else { SamplingParams::greedy() };
+            let sampling = if i == 1 { SamplingParams { temperature: 0.8, top_p: 1.0, top_k: 0, seed: 99, ..SamplingParams::default() } } else { SamplingParams::greedy() };
             GenerationRequest::new(ids, sampling, 12, &loaded.tokenizer)
         })
         .collect();
@@ -129,4 +131,90 @@ fn max_tokens_ends_with_length() {
     let generation = Engine::new(&loaded.model, &loaded.tokenizer, 1, 256).generate(&[request]).expect("generate").remove(0);
     assert_eq!(generation.tokens.len(), 5);
     assert_eq!(generation.finish_reason, FinishReason::Length);
+}
+
+/// Samples `n` completions of `prompt` under `sampling` with constraints enabled.
+fn sample_constrained(loaded: &hicra_core::model::LoadedModel, prompt: &[u32], sampling: &SamplingParams, n: usize, max_tokens: usize) -> Vec<hicra_core::engine::Generation> {
+    let constraints = std::sync::Arc::new(Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size));
+    let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, n, 512);
+    engine.set_constraints(constraints);
+    let requests: Vec<GenerationRequest> = (0..n as u64).map(|i| GenerationRequest::new(prompt.to_vec(), SamplingParams { seed: 100 + i, ..sampling.clone() }, max_tokens, &loaded.tokenizer)).collect();
+    engine.generate(&requests).expect("generate")
+}
+
+#[test]
+fn constrained_sampling_at_temperature_one_gives_schema_valid_json_and_trains_at_ratio_one() {
+    let loaded = default_model();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "population": {"type": "integer"}, "coastal": {"type": "boolean"}},
+        "required": ["city", "population", "coastal"],
+        "additionalProperties": false
+    });
+    let prompt = loaded.tokenizer.encode("Describe a city as JSON:", false).expect("encode");
+    // Every processor at once: the trainer must rebuild all of them.
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        min_p: 0.02,
+        logit_bias: vec![(28, 1.5)],
+        frequency_penalty: 0.4,
+        presence_penalty: 0.2,
+        repetition_penalty: 1.1,
+        constraint: Some(Constraint::JsonSchema { schema: schema.clone() }),
+        ..SamplingParams::default()
+    };
+    let generations = sample_constrained(&loaded, &prompt, &sampling, 8, 96);
+    for g in &generations {
+        if g.finish_reason == FinishReason::Length {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(&g.text).unwrap_or_else(|e| panic!("{:?} is not JSON: {e}", g.text));
+        let object = value.as_object().unwrap_or_else(|| panic!("{value} is not an object"));
+        assert_eq!(object.len(), 3, "{value}");
+        assert!(value["city"].as_str().is_some_and(|c| c.chars().count() <= 12) && value["coastal"].is_boolean(), "{value}");
+        assert!(value["population"].as_f64().is_some_and(|p| p.fract() == 0.0), "{value}");
+    }
+    let finished = generations.iter().filter(|g| g.finish_reason == FinishReason::Stop).count();
+    assert!(finished >= 6, "only {finished} of 8 completions closed their JSON");
+    let samples: Vec<TrainSample> = generations
+        .iter()
+        .map(|g| TrainSample {
+            prompt_ids: prompt.clone(),
+            completion_ids: g.tokens.iter().map(|t| t.id).collect(),
+            old_logprobs: g.tokens.iter().map(|t| t.sampling_logprob).collect(),
+            advantages: vec![1.0; g.tokens.len()],
+            sampling: sampling.clone(),
+            sampled_mask: Vec::new(),
+        })
+        .collect();
+    let constraints = Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size);
+    let vocab = loaded.model.config().vocab_size;
+    loss::validate(&samples, vocab, loaded.model.max_positions(), Some(&constraints)).expect("the rollouts replay under their sampling");
+    let tokens: usize = samples.iter().map(|s| s.completion_ids.len()).sum();
+    let gap = |stats: &loss::LossStats| stats.new_logprobs.iter().flatten().zip(samples.iter().flat_map(|s| &s.old_logprobs)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let stats = tch::no_grad(|| loss::accumulate(&loaded.model, &samples, &LossConfig::default(), Some(&constraints), tokens, samples.len()));
+    eprintln!("constrained: largest |trainer - sampler| logprob gap {:.2e} over {tokens} tokens", gap(&stats));
+    assert!(gap(&stats) < 1e-4, "the trainer evaluates another distribution than the sampler drew from: gap {}", gap(&stats));
+    assert_eq!(stats.clipped_tokens, 0);
+    // The same tokens judged without the mask and penalties are far off: the check can fail.
+    let unedited: Vec<TrainSample> = samples.iter().map(|s| TrainSample { sampling: SamplingParams { temperature: 1.0, min_p: 0.02, ..SamplingParams::default() }, ..s.clone() }).collect();
+    let plain = tch::no_grad(|| loss::accumulate(&loaded.model, &unedited, &LossConfig::default(), None, tokens, samples.len()));
+    assert!(gap(&plain) > 0.1, "without the edits the gap should be large, got {}", gap(&plain));
+}
+
+#[test]
+fn a_rollout_whose_tokens_break_its_constraint_is_an_invalid_sample() {
+    let loaded = default_model();
+    let constraints = Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size);
+    let completion = loaded.tokenizer.encode("hello", false).expect("encode");
+    let sample = TrainSample {
+        prompt_ids: vec![1, 2, 3],
+        old_logprobs: vec![-1.0; completion.len()],
+        advantages: vec![1.0; completion.len()],
+        completion_ids: completion,
+        sampling: SamplingParams { constraint: Some(Constraint::Regex { pattern: "[0-9]+".into() }), ..SamplingParams::default() },
+        sampled_mask: Vec::new(),
+    };
+    let err = loss::validate(&[sample], loaded.model.config().vocab_size, loaded.model.max_positions(), Some(&constraints)).expect_err("letters are not digits");
+    assert!(err.to_string().contains("replay"), "{err}");
 }

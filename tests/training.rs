@@ -122,7 +122,7 @@ fn ratio_is_one_for_fresh_rollouts_and_equal_groups_are_skipped() {
         .iter()
         .map(|(ids, lps)| TrainSample { prompt_ids: PROMPT.to_vec(), completion_ids: ids.clone(), old_logprobs: lps.clone(), advantages: vec![1.0; ids.len()], sampling: SamplingParams::default(), sampled_mask: Vec::new() })
         .collect();
-    let stats = loss::accumulate(&model, &samples, &LossConfig::default(), 32, 4);
+    let stats = loss::accumulate(&model, &samples, &LossConfig::default(), None, 32, 4);
     let gap = logprob_gap(&stats, &samples);
     assert!(gap < 1e-4, "sampler and trainer logprobs differ by {gap}");
     assert_eq!(stats.clipped_tokens, 0);
@@ -153,7 +153,7 @@ fn loss_gradient_matches_finite_differences() {
     let params: Vec<_> = trainer.parameters().iter().map(|(_, t)| t.shallow_clone()).collect();
     let config = LossConfig { clip_low: 10.0, clip_high: 10.0, ..LossConfig::default() };
     trainer.zero_grad();
-    let base = loss::accumulate(&model, &samples, &config, 18, 3).loss;
+    let base = loss::accumulate(&model, &samples, &config, None, 18, 3).loss;
     // The B of q_proj in layer 0 (index 1: A then B).
     let b = params[1].shallow_clone();
     let grad = b.grad().flatten(0, -1).get(0).double_value(&[]);
@@ -162,7 +162,7 @@ fn loss_gradient_matches_finite_differences() {
         let flat = b.flatten(0, -1);
         let _ = flat.get(0).g_add_scalar_(eps);
     });
-    let bumped = tch::no_grad(|| loss::accumulate(&model, &samples, &config, 18, 3)).loss;
+    let bumped = tch::no_grad(|| loss::accumulate(&model, &samples, &config, None, 18, 3)).loss;
     let numeric = (bumped - base) / eps;
     assert!(grad.abs() > 1e-6, "gradient vanished");
     assert!((numeric - grad).abs() < 0.05 * grad.abs().max(1e-3), "analytic {grad} vs finite difference {numeric}");
@@ -173,7 +173,7 @@ fn loss_gradient_matches_finite_differences() {
     let gradients = |chunk: usize, activation_checkpointing: bool| {
         let config = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, logit_chunk_rows: chunk, activation_checkpointing, ..config.clone() };
         trainer.zero_grad();
-        let stats = loss::accumulate(&model, &samples, &config, 18, 3);
+        let stats = loss::accumulate(&model, &samples, &config, None, 18, 3);
         let grads = tch::Tensor::cat(&params.iter().map(|p| p.grad().reshape([-1])).collect::<Vec<_>>(), 0).copy();
         (stats.loss, stats.kl_sum, grads)
     };
@@ -226,13 +226,13 @@ fn kl_to_the_base_policy_is_zero_before_training_and_positive_after() {
             .collect()
     };
     let with_kl = LossConfig { kl_coef: 0.1, entropy_coef: 0.01, ..LossConfig::default() };
-    let before = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, 24, 4));
+    let before = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, None, 24, 4));
     assert!(before.kl_sum.abs() < 1e-6, "zero-initialised adapters: KL {}", before.kl_sum);
     for step in 0..3 {
         trainer.step(&model, &[group(sample_group(&model, 8, 8, 50 + step))]).expect("step");
     }
     trainer.zero_grad();
-    let after = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, 24, 4));
+    let after = tch::no_grad(|| loss::accumulate(&model, &samples(&model), &with_kl, None, 24, 4));
     assert!(after.kl_sum > 1e-6, "trained adapters: KL {}", after.kl_sum);
     assert!(after.loss.is_finite() && after.entropies.iter().flatten().all(|h| *h >= 0.0));
 }
@@ -243,7 +243,7 @@ fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
     let mut model = tiny_model();
     let mut trainer = Trainer::new(&mut model, config(CreditScheme::default(), 1e-2)).expect("attach");
     trainer.step(&model, &[group(sample_group(&model, 8, 8, 2))]).expect("step makes B non-zero");
-    let sampling = SamplingParams { temperature: 0.8, top_p: 0.6, top_k: 12, seed: 0 };
+    let sampling = SamplingParams { temperature: 0.8, top_p: 0.6, top_k: 12, seed: 0, ..SamplingParams::default() };
     let generations = generate_with(&model, &sampling, 6, 8, 9);
     let samples: Vec<TrainSample> = generations
         .iter()
@@ -259,7 +259,7 @@ fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
     // The truncation is real: the behaviour logprobs are above the untruncated ones.
     let lifted = generations.iter().flat_map(|g| &g.tokens).filter(|t| t.sampling_logprob > t.logprob + 1e-3).count();
     assert!(lifted > 0, "top-k/top-p should renormalise some draws");
-    let stats = loss::accumulate(&model, &samples, &LossConfig::default(), 48, 6);
+    let stats = loss::accumulate(&model, &samples, &LossConfig::default(), None, 48, 6);
     let gap = logprob_gap(&stats, &samples);
     assert!(gap < 1e-4, "trainer and sampler disagree on the truncated distribution by {gap}");
     assert_eq!(stats.clipped_tokens, 0);

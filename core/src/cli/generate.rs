@@ -67,7 +67,7 @@ pub(crate) fn prompt_ids(tokenizer: &Tokenizer, prompt: &str, chat: bool, system
 pub(crate) fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let ids = prompt_ids(&loaded.tokenizer, &args.prompt, args.chat, args.system.as_deref())?;
-    let sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    let sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed, ..SamplingParams::default() };
     let mut request = GenerationRequest::new(ids, sampling, args.max_tokens, &loaded.tokenizer);
     request.stop_strings = args.stop;
     request.top_logprobs = args.top_logprobs;

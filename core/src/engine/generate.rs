@@ -10,9 +10,13 @@
 //! sampled ids and logprobs; the forward pass and the sampling themselves never wait on
 //! the host.
 
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
+use super::constraint::Constraints;
 use super::kv_cache::{KvCache, SlotSelection};
+use super::logits::{EditsBuilder, LogitState};
 use super::sampler::{BatchSampling, Sampled, SamplingParams};
 use super::EngineError;
 use crate::model::{ForwardInput, Transformer};
@@ -122,6 +126,8 @@ struct Sequence {
     text: String,
     /// The engine's weight generation when the sequence started (see [`Engine::invalidate_prefixes`]).
     weights: u64,
+    /// Logit bias, penalties and constraint position, when its sampling uses any.
+    logits: Option<LogitState>,
 }
 
 /// What a free slot's cache still holds from the sequence that used it last: keys and values
@@ -154,6 +160,8 @@ pub struct Engine<'m> {
     clock: u64,
     /// Prompt tokens whose prefill a cached prefix saved, since start.
     reused_tokens: u64,
+    /// Compiles requests' constraints (structured outputs); without it they are refused.
+    constraints: Option<Arc<Constraints>>,
 }
 
 impl<'m> Engine<'m> {
@@ -184,7 +192,14 @@ impl<'m> Engine<'m> {
             weights: 0,
             clock: 0,
             reused_tokens: 0,
+            constraints: None,
         }
+    }
+
+    /// Lets requests carry constraints, compiled by `constraints` (built for this model's
+    /// tokenizer and vocabulary).
+    pub fn set_constraints(&mut self, constraints: Arc<Constraints>) {
+        self.constraints = Some(constraints);
     }
 
     /// Turns reuse of cached prefixes on or off (off: every prompt is prefilled whole).
@@ -242,6 +257,11 @@ impl<'m> Engine<'m> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
+        let mut states = Vec::with_capacity(requests.len());
+        for (_, request) in &requests {
+            let state = LogitState::new(&request.sampling, &request.prompt_ids, self.constraints.as_deref()).map_err(|e| EngineError::InvalidParameter(e.to_string()))?;
+            states.push(state);
+        }
         self.clock += 1;
         let (reusing, fresh) = self.plan_slots(&requests, &free);
         let mut placed = Vec::with_capacity(requests.len());
@@ -265,7 +285,8 @@ impl<'m> Engine<'m> {
             let ids = request.prompt_ids.clone();
             let read_offset = ids.len();
             self.cached[slot] = None;
-            self.slots[slot] = Some(Sequence { id, request, ids, generated: 0, prefix_offset: read_offset, read_offset, text: String::new(), weights: self.weights });
+            let logits = states[i].take();
+            self.slots[slot] = Some(Sequence { id, request, ids, generated: 0, prefix_offset: read_offset, read_offset, text: String::new(), weights: self.weights, logits });
         }
         self.sample_and_advance(&slots, &hidden)
     }
@@ -455,12 +476,18 @@ impl<'m> Engine<'m> {
         let steps: Vec<i64> = slots.iter().filter_map(|&s| self.slots[s].as_ref()).map(|q| q.generated as i64).collect();
         let steps = Tensor::from_slice(&steps).view([-1, 1]).to_device(device);
         let top_k = slots.iter().filter_map(|&s| self.slots[s].as_ref()).map(|q| q.request.top_logprobs).max().unwrap_or(0);
-        let sampled = self.sampling_for(slots).sample(&logits, &steps, top_k);
+        // Host work (masks from the grammars) while the device computes the logits.
+        let edits = self.logit_edits(slots)?;
+        let sampled = self.sampling_for(slots).sample(&logits, edits.as_ref(), &steps, top_k);
         let StepReadBack { ids, logprobs, sampling_logprobs, entropies, top } = read_back(&sampled)?;
         let mut events = Vec::with_capacity(slots.len());
         for (row, &slot) in slots.iter().enumerate() {
             let Some(seq) = self.slots[slot].as_mut() else { continue };
             let id = ids[row] as u32;
+            if let Some(state) = seq.logits.as_mut() {
+                // The mask allowed this token, so its grammar accepts it.
+                state.push(&seq.request.sampling, id).map_err(|e| EngineError::InvalidParameter(e.to_string()))?;
+            }
             seq.ids.push(id);
             seq.generated += 1;
             let text = next_text_piece(self.tokenizer, seq)?;
@@ -492,6 +519,20 @@ impl<'m> Engine<'m> {
             }
         }
         Ok(events)
+    }
+
+    /// This step's logit bias, penalties and constraint masks of the rows in `slots`.
+    fn logit_edits(&mut self, slots: &[usize]) -> Result<Option<super::logits::LogitEdits>, EngineError> {
+        let mut builder = EditsBuilder::new(slots.len());
+        let mut any = false;
+        for (row, &slot) in slots.iter().enumerate() {
+            let Some(seq) = self.slots[slot].as_mut() else { continue };
+            if let Some(state) = seq.logits.as_mut() {
+                state.write_row(row, &seq.request.sampling, &mut builder).map_err(|e| EngineError::InvalidParameter(e.to_string()))?;
+                any = true;
+            }
+        }
+        Ok(if any { builder.build(self.model.config().vocab_size, self.model.device()) } else { None })
     }
 
     fn sampling_for(&mut self, slots: &[usize]) -> &BatchSampling {
@@ -529,6 +570,20 @@ pub fn validate_request(request: &GenerationRequest, vocab_size: usize, max_cont
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
         return Err(EngineError::InvalidParameter(format!("top_p must be in (0, 1], got {}", s.top_p)));
+    }
+    if !(0.0..=1.0).contains(&s.min_p) {
+        return Err(EngineError::InvalidParameter(format!("min_p must be in [0, 1], got {}", s.min_p)));
+    }
+    for (name, value) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        if !(-2.0..=2.0).contains(&value) {
+            return Err(EngineError::InvalidParameter(format!("{name} must be in [-2, 2], got {value}")));
+        }
+    }
+    if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
+        return Err(EngineError::InvalidParameter(format!("repetition_penalty must be > 0, got {}", s.repetition_penalty)));
+    }
+    if let Some((token, bias)) = s.logit_bias.iter().find(|(token, bias)| *token as usize >= vocab_size || !(-100.0..=100.0).contains(bias)) {
+        return Err(EngineError::InvalidParameter(format!("logit_bias: token {token} with bias {bias} (ids below {vocab_size}, biases in [-100, 100])")));
     }
     if request.top_logprobs > vocab_size {
         return Err(EngineError::InvalidParameter(format!("top_logprobs {} exceeds the vocabulary", request.top_logprobs)));

@@ -9,8 +9,10 @@
 //! Invariant: a token's logprob reported at generation equals its teacher-forced logprob
 //! under the same weights and temperature (to float rounding); tests hold us to 1e-4 in f32.
 
+pub mod constraint;
 pub mod generate;
 pub mod kv_cache;
+pub mod logits;
 pub mod sampler;
 pub mod scheduler;
 pub mod score;

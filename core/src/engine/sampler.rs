@@ -25,6 +25,9 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::constraint::Constraint;
+use super::logits::LogitEdits;
+
 /// How one sequence picks its next token.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
@@ -36,11 +39,43 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// RNG seed of the sequence.
     pub seed: u64,
+    /// Drop tokens less likely than `min_p` times the most likely one (after temperature);
+    /// 0 disables it.
+    #[serde(default)]
+    pub min_p: f64,
+    /// Added to the logits of these token ids (OpenAI's `logit_bias`), sorted by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Subtracted from the logit of every token the output already holds (OpenAI's).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub presence_penalty: f64,
+    /// Subtracted once per occurrence in the output (OpenAI's).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub frequency_penalty: f64,
+    /// Logits of tokens in the prompt or the output are divided by it when positive and
+    /// multiplied when negative (CTRL's, as transformers and vLLM apply it); 1 disables it.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub repetition_penalty: f64,
+    /// What the output must match (structured outputs), enforced by masking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<Constraint>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 0, min_p: 0.0, logit_bias: Vec::new(), presence_penalty: 0.0, frequency_penalty: 0.0, repetition_penalty: 1.0, constraint: None }
     }
 }
 
@@ -60,16 +95,26 @@ impl SamplingParams {
         if self.is_sampled() { self.temperature } else { 1.0 }
     }
 
-    /// Whether top-k or top-p cut the distribution of a sampled row.
+    /// Whether min-p, top-k or top-p cut the distribution of a sampled row.
     pub fn is_truncated(&self) -> bool {
-        self.is_sampled() && (self.top_p < 1.0 || self.top_k > 0)
+        self.is_sampled() && (self.top_p < 1.0 || self.top_k > 0 || self.min_p > 0.0)
+    }
+
+    /// Whether logit bias, penalties or a constraint change the logits (see
+    /// [`super::logits`]); such rows sample from changed logits, greedy ones too.
+    pub fn edits_logits(&self) -> bool {
+        !self.logit_bias.is_empty() || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0 || self.constraint.is_some()
     }
 }
 
-/// Per-row top-k / top-p limits as device tensors, shared by the sampler and the trainer so
-/// both cut a distribution exactly the same way.
+/// Per-row min-p / top-k / top-p limits as device tensors, shared by the sampler and the
+/// trainer so both cut a distribution exactly the same way.
 #[derive(Debug)]
 pub struct Truncation {
+    /// `(rows, 1)` float: `ln(min_p)`, `-inf` where min-p is off.
+    log_min_p: Tensor,
+    /// Whether any row uses min-p.
+    any_min_p: bool,
     /// `(rows, 1)` int64, the vocabulary size where top-k is off.
     top_k: Tensor,
     /// `(rows, 1)` float; 2 where top-p is off, so rounding in the cumulative sum can never
@@ -91,9 +136,13 @@ impl Truncation {
         let vocab = vocab_size as i64;
         let k_of = |p: &SamplingParams| if p.is_truncated() && p.top_k > 0 { (p.top_k as i64).min(vocab) } else { vocab };
         let p_of = |p: &SamplingParams| if p.is_truncated() && p.top_p < 1.0 { p.top_p as f32 } else { 2.0 };
+        let min_p_of = |p: &SamplingParams| if p.is_truncated() && p.min_p > 0.0 { (p.min_p as f32).ln() } else { f32::NEG_INFINITY };
         let top_k: Vec<i64> = rows.iter().map(|p| k_of(p)).collect();
         let top_p: Vec<f32> = rows.iter().map(|p| p_of(p)).collect();
+        let log_min_p: Vec<f32> = rows.iter().map(|p| min_p_of(p)).collect();
         Some(Self {
+            any_min_p: log_min_p.iter().any(|v| v.is_finite()),
+            log_min_p: Tensor::from_slice(&log_min_p).view([-1, 1]).to_device(device),
             any_top_p: top_p.iter().any(|&p| p < 1.0),
             // Over the rows that use top-k: an untruncated neighbour (k = vocab) must not
             // switch the cut off for everyone.
@@ -107,6 +156,8 @@ impl Truncation {
     /// times (the trainer has one row per completion token).
     pub fn repeat_rows(&self, counts: &Tensor) -> Self {
         Self {
+            log_min_p: self.log_min_p.repeat_interleave_self_tensor(counts, 0, None),
+            any_min_p: self.any_min_p,
             top_k: self.top_k.repeat_interleave_self_tensor(counts, 0, None),
             top_p: self.top_p.repeat_interleave_self_tensor(counts, 0, None),
             any_top_p: self.any_top_p,
@@ -114,37 +165,46 @@ impl Truncation {
         }
     }
 
-    /// `(rows, vocab)` bool: true for tokens outside each row's top-k / top-p set of the
-    /// tempered `scores`. Top-k first, then top-p over the renormalised survivors
+    /// `(rows, vocab)` bool: true for tokens outside each row's set of the tempered `scores`.
+    /// Min-p first (vLLM's order), then top-k, then top-p over the renormalised survivors
     /// (transformers' and vLLM's order). Each row's best token is always kept. Ties at the
     /// top-k boundary keep every tied token.
     pub fn outside(&self, scores: &Tensor) -> Tensor {
         tch::no_grad(|| {
             let scores = scores.detach();
-            let vocab = scores.size()[1];
-            if !self.any_top_p {
-                if self.max_k >= vocab {
-                    return scores.zeros_like().to_kind(Kind::Bool);
-                }
-                if self.max_k == 1 {
-                    // `topk` sorts its candidates; the best score alone is one reduction.
-                    return scores.lt_tensor(&scores.amax(-1, true)).logical_and(&self.top_k.lt(vocab));
-                }
-                // The k-th best score of each row is its threshold; rows without top-k (k =
-                // vocab) keep everything, whatever k their batch-mates use.
-                let (best, _) = scores.topk(self.max_k, -1, true, true);
-                let kth = best.gather(1, &(self.top_k.clamp_max(self.max_k) - 1), false);
-                return scores.lt_tensor(&kth).logical_and(&self.top_k.lt(vocab));
+            if !self.any_min_p {
+                return self.outside_top_k_p(&scores);
             }
-            let (sorted, order) = scores.sort(-1, true);
-            // By value, as in the top-k-only path, so a row's set never depends on its batch.
-            let kth = sorted.gather(1, &(self.top_k.clamp_max(vocab) - 1), false);
-            let beyond_k = sorted.lt_tensor(&kth);
-            let probs = sorted.masked_fill(&beyond_k, f64::NEG_INFINITY).softmax(-1, Kind::Float);
-            let mass_before = probs.cumsum(-1, Kind::Float) - &probs;
-            let drop_sorted = mass_before.gt_tensor(&self.top_p).logical_or(&beyond_k);
-            drop_sorted.zeros_like().scatter(1, &order, &drop_sorted)
+            // p < min_p * p_max  <=>  score < max score + ln(min_p).
+            let below = scores.lt_tensor(&(scores.amax(-1, true) + &self.log_min_p));
+            self.outside_top_k_p(&scores.masked_fill(&below, f64::NEG_INFINITY)).logical_or(&below)
         })
+    }
+
+    fn outside_top_k_p(&self, scores: &Tensor) -> Tensor {
+        let vocab = scores.size()[1];
+        if !self.any_top_p {
+            if self.max_k >= vocab {
+                return scores.zeros_like().to_kind(Kind::Bool);
+            }
+            if self.max_k == 1 {
+                // `topk` sorts its candidates; the best score alone is one reduction.
+                return scores.lt_tensor(&scores.amax(-1, true)).logical_and(&self.top_k.lt(vocab));
+            }
+            // The k-th best score of each row is its threshold; rows without top-k (k =
+            // vocab) keep everything, whatever k their batch-mates use.
+            let (best, _) = scores.topk(self.max_k, -1, true, true);
+            let kth = best.gather(1, &(self.top_k.clamp_max(self.max_k) - 1), false);
+            return scores.lt_tensor(&kth).logical_and(&self.top_k.lt(vocab));
+        }
+        let (sorted, order) = scores.sort(-1, true);
+        // By value, as in the top-k-only path, so a row's set never depends on its batch.
+        let kth = sorted.gather(1, &(self.top_k.clamp_max(vocab) - 1), false);
+        let beyond_k = sorted.lt_tensor(&kth);
+        let probs = sorted.masked_fill(&beyond_k, f64::NEG_INFINITY).softmax(-1, Kind::Float);
+        let mass_before = probs.cumsum(-1, Kind::Float) - &probs;
+        let drop_sorted = mass_before.gt_tensor(&self.top_p).logical_or(&beyond_k);
+        drop_sorted.zeros_like().scatter(1, &order, &drop_sorted)
     }
 }
 
@@ -195,21 +255,31 @@ impl BatchSampling {
         }
     }
 
-    /// Picks one token per row from float32 `logits` `(b, vocab)`; `steps` `(b, 1)` int64 is
-    /// each row's count of tokens generated so far (part of the RNG counter).
-    pub fn sample(&self, logits: &Tensor, steps: &Tensor, top_logprobs: usize) -> Sampled {
+    /// Picks one token per row from float32 `logits` `(b, vocab)`; `edits` are the rows' logit
+    /// bias, penalties and constraint masks for this step ([`super::logits`]); `steps` `(b, 1)`
+    /// int64 is each row's count of tokens generated so far (part of the RNG counter).
+    ///
+    /// Reported logprobs, alternatives and entropies are the model's own (`logits / T`, before
+    /// any edit or truncation); the draw, and `sampling_logprobs`, use the edited and
+    /// truncated distribution.
+    pub fn sample(&self, logits: &Tensor, edits: Option<&LogitEdits>, steps: &Tensor, top_logprobs: usize) -> Sampled {
         let scaled = logits * &self.inv_temperature;
         let logprobs_all = scaled.log_softmax(-1, Kind::Float);
+        let behaviour = match edits {
+            Some(edits) => edits.apply(logits) * &self.inv_temperature,
+            None => scaled.shallow_clone(),
+        };
         let (tokens, sampling_logprobs) = if self.any_sampled {
             let drawn_from = match &self.truncation {
-                Some(truncation) => scaled.masked_fill(&truncation.outside(&scaled), f64::NEG_INFINITY).log_softmax(-1, Kind::Float),
+                Some(truncation) => behaviour.masked_fill(&truncation.outside(&behaviour), f64::NEG_INFINITY).log_softmax(-1, Kind::Float),
+                None if edits.is_some() => behaviour.log_softmax(-1, Kind::Float),
                 None => logprobs_all.shallow_clone(),
             };
             let drawn = inverse_cdf(&drawn_from, &uniform(&self.seeds, steps));
             // Greedy rows take the argmax of their untruncated scores (their best token is in
             // every set anyway) and report a point mass.
             let tokens = match self.any_greedy {
-                true => drawn.where_self(&self.sampled_rows, &scaled.argmax(-1, true)),
+                true => drawn.where_self(&self.sampled_rows, &behaviour.argmax(-1, true)),
                 false => drawn,
             }
             .squeeze_dim(1);
@@ -217,7 +287,7 @@ impl BatchSampling {
             let picked = picked.where_self(&self.sampled_rows, &picked.zeros_like()).squeeze_dim(1);
             (tokens, picked)
         } else {
-            let tokens = scaled.argmax(-1, false);
+            let tokens = behaviour.argmax(-1, false);
             let zeros = Tensor::zeros([logits.size()[0]], (Kind::Float, logits.device()));
             (tokens, zeros)
         };
@@ -307,7 +377,7 @@ mod tests {
 
     fn draw(params: &SamplingParams, n: i64) -> Vec<i64> {
         let batch = BatchSampling::new(&[params], 6, Device::Cpu);
-        (0..n).map(|step| first_i64(&batch.sample(&logits(), &Tensor::from_slice(&[step]).view([1, 1]), 0).tokens)).collect()
+        (0..n).map(|step| first_i64(&batch.sample(&logits(), None, &Tensor::from_slice(&[step]).view([1, 1]), 0).tokens)).collect()
     }
 
     /// Draws `draws` tokens from one row of `logits` with `params`: `rows` sequences per batch
@@ -322,7 +392,7 @@ mod tests {
         let mut step = 0i64;
         while tokens.len() < draws {
             let steps = Tensor::full([rows as i64, 1], step, (Kind::Int64, Device::Cpu));
-            let out = batch.sample(&block, &steps, 0);
+            let out = batch.sample(&block, None, &steps, 0);
             tokens.extend(Vec::<i64>::try_from(&out.tokens).unwrap_or_default());
             logprobs.extend(Vec::<f32>::try_from(&out.sampling_logprobs).unwrap_or_default());
             step += 1;
@@ -378,7 +448,7 @@ mod tests {
     #[test]
     fn greedy_takes_argmax_and_reports_untempered_logprob() {
         let batch = BatchSampling::new(&[&SamplingParams::greedy()], 6, Device::Cpu);
-        let out = batch.sample(&logits(), &Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)), 2);
+        let out = batch.sample(&logits(), None, &Tensor::zeros([1, 1], (Kind::Int64, Device::Cpu)), 2);
         assert_eq!(first_i64(&out.tokens), 5);
         let expected = f64::try_from(logits().log_softmax(-1, Kind::Float).get(0).get(5)).unwrap_or(0.0);
         let got = f64::try_from(out.logprobs.get(0)).unwrap_or(1.0);
@@ -390,7 +460,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens_and_frequencies_follow_softmax() {
-        let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 7 };
+        let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 7, ..SamplingParams::default() };
         let a = draw(&params, 4000);
         assert_eq!(a, draw(&params, 4000));
         assert_ne!(a, draw(&SamplingParams { seed: 8, ..params.clone() }, 4000));
@@ -405,7 +475,7 @@ mod tests {
     fn top_k_one_equals_greedy_over_ten_thousand_draws_at_a_real_vocabulary() {
         let logits = real_logits() + Tensor::randn([1, REAL_VOCAB], (Kind::Float, Device::Cpu)) * 2.0;
         let best = first_i64(&logits.argmax(-1, false));
-        let (tokens, logprobs) = draw_many(&logits, &SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 1, seed: 3 }, 10_000, 500);
+        let (tokens, logprobs) = draw_many(&logits, &SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 1, seed: 3, ..SamplingParams::default() }, 10_000, 500);
         let off: Vec<&i64> = tokens.iter().filter(|&&t| t != best).collect();
         assert!(off.is_empty(), "{} of 10000 draws left the top-1 set, e.g. {:?}", off.len(), &off[..off.len().min(5)]);
         assert!(logprobs.iter().all(|&lp| lp == 0.0), "top_k=1 draws from a point mass");
@@ -415,7 +485,7 @@ mod tests {
     fn truncated_draws_follow_the_truncated_softmax_chi_square() {
         let logits = real_logits();
         for (top_k, top_p, temperature) in [(0usize, 0.8f64, 1.0f64), (12, 0.95, 0.7), (5, 1.0, 1.3)] {
-            let params = SamplingParams { temperature, top_p, top_k, seed: 99 };
+            let params = SamplingParams { temperature, top_p, top_k, seed: 99, ..SamplingParams::default() };
             let reference = truncated_reference(&logits, temperature, top_k, top_p);
             let draws = 2_500;
             let (tokens, logprobs) = draw_many(&logits, &params, draws, 500);
@@ -465,7 +535,7 @@ mod tests {
         let logits = Tensor::randn([1, 1024], (Kind::Float, Device::Cpu)) * 3.0;
         let reference = truncated_reference(&logits, 1.0, 0, 0.5);
         let allowed: std::collections::HashSet<i64> = reference.iter().map(|&(t, _)| t as i64).collect();
-        let (tokens, _) = draw_many(&logits, &SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1 }, 1_000_000, 4_000);
+        let (tokens, _) = draw_many(&logits, &SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1, ..SamplingParams::default() }, 1_000_000, 4_000);
         let escaped = tokens.iter().filter(|t| !allowed.contains(t)).count();
         assert_eq!(escaped, 0, "{escaped} of 1,000,000 draws fell outside the top-p set of {} tokens", allowed.len());
     }
@@ -473,8 +543,8 @@ mod tests {
     #[test]
     fn mixed_batches_keep_greedy_exact_and_seeds_independent_at_a_real_vocabulary() {
         let base = real_logits();
-        let sampled = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 40, seed: 42 };
-        let nucleus_only = SamplingParams { temperature: 1.1, top_p: 0.9, top_k: 0, seed: 43 };
+        let sampled = SamplingParams { temperature: 0.9, top_p: 0.95, top_k: 40, seed: 42, ..SamplingParams::default() };
+        let nucleus_only = SamplingParams { temperature: 1.1, top_p: 0.9, top_k: 0, seed: 43, ..SamplingParams::default() };
         let greedy = SamplingParams { seed: 44, ..SamplingParams::greedy() };
         let alone = BatchSampling::new(&[&sampled], REAL_VOCAB as usize, Device::Cpu);
         let mixed = BatchSampling::new(&[&greedy, &sampled, &nucleus_only, &greedy], REAL_VOCAB as usize, Device::Cpu);
@@ -482,8 +552,8 @@ mod tests {
             tch::manual_seed(step);
             let logits = &base + Tensor::randn([4, REAL_VOCAB], (Kind::Float, Device::Cpu));
             let steps = Tensor::full([4, 1], step, (Kind::Int64, Device::Cpu));
-            let out = mixed.sample(&logits, &steps, 0);
-            let single = alone.sample(&logits.narrow(0, 1, 1), &steps.narrow(0, 1, 1), 0);
+            let out = mixed.sample(&logits, None, &steps, 0);
+            let single = alone.sample(&logits.narrow(0, 1, 1), None, &steps.narrow(0, 1, 1), 0);
             let tokens = Vec::<i64>::try_from(&out.tokens).unwrap_or_default();
             let best = Vec::<i64>::try_from(logits.argmax(-1, false)).unwrap_or_default();
             assert_eq!((tokens[0], tokens[3]), (best[0], best[3]), "greedy rows take the argmax");
@@ -498,15 +568,15 @@ mod tests {
     #[test]
     fn top_k_rows_and_untruncated_rows_keep_their_own_distributions_in_one_batch() {
         let logits = real_logits();
-        let plain = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 77 };
+        let plain = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 77, ..SamplingParams::default() };
         for k in [1usize, 40] {
             let neighbour = SamplingParams { top_k: k, seed: 78, ..plain.clone() };
             let alone = BatchSampling::new(&[&plain], REAL_VOCAB as usize, Device::Cpu);
             let paired = BatchSampling::new(&[&neighbour, &plain], REAL_VOCAB as usize, Device::Cpu);
             let both = logits.expand([2, REAL_VOCAB], true);
             for step in 0..40i64 {
-                let a = alone.sample(&logits, &Tensor::full([1, 1], step, (Kind::Int64, Device::Cpu)), 0);
-                let b = paired.sample(&both, &Tensor::full([2, 1], step, (Kind::Int64, Device::Cpu)), 0);
+                let a = alone.sample(&logits, None, &Tensor::full([1, 1], step, (Kind::Int64, Device::Cpu)), 0);
+                let b = paired.sample(&both, None, &Tensor::full([2, 1], step, (Kind::Int64, Device::Cpu)), 0);
                 assert_eq!(first_i64(&a.tokens), i64::try_from(b.tokens.get(1)).unwrap_or(-1), "k={k} step {step}");
                 let (la, lb) = (f64::try_from(a.sampling_logprobs.get(0)).unwrap_or(0.0), f64::try_from(b.sampling_logprobs.get(1)).unwrap_or(1.0));
                 assert!((la - lb).abs() < 1e-6, "k={k} step {step}: the untruncated row's distribution changed ({la} vs {lb})");
@@ -519,12 +589,71 @@ mod tests {
     }
 
     #[test]
+    fn min_p_keeps_exactly_the_tokens_within_its_share_of_the_best_at_a_real_vocabulary() {
+        let logits = real_logits();
+        let params = SamplingParams { temperature: 0.8, min_p: 0.05, seed: 4, ..SamplingParams::default() };
+        let probs = Vec::<f32>::try_from((&logits / 0.8).softmax(-1, Kind::Float).view([-1])).unwrap_or_default();
+        let best = probs.iter().copied().fold(0.0f32, f32::max);
+        let kept: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] >= 0.05 * best).collect();
+        let mass: f32 = kept.iter().map(|&i| probs[i]).sum();
+        let (tokens, logprobs) = draw_many(&logits, &params, 5_000, 500);
+        for (t, lp) in tokens.iter().zip(&logprobs) {
+            let t = *t as usize;
+            assert!(probs[t] >= 0.05 * best, "drew token {t} with p {} < min_p * p_max {}", probs[t], 0.05 * best);
+            let want = (probs[t] / mass).ln();
+            assert!((want - lp).abs() < 1e-4, "token {t}: sampling logprob {lp} vs renormalised {want}");
+        }
+        assert!(kept.len() > 1 && kept.len() < 100, "the cut should keep a handful: {}", kept.len());
+    }
+
+    #[test]
+    fn edited_rows_draw_only_allowed_tokens_and_greedy_rows_take_the_edited_argmax() {
+        use crate::engine::logits::{EditsBuilder, LogitState};
+        // A mask of five ids (two of them in the far tail) on row 1, and a bias on row 0.
+        let allowed = [3usize, 7, 20, 90_000, 150_000];
+        let mut mask = vec![0u32; (REAL_VOCAB as usize).div_ceil(32)];
+        for &id in &allowed {
+            mask[id / 32] |= 1 << (id % 32);
+        }
+        let logits = real_logits().expand([2, REAL_VOCAB], true);
+        let greedy_biased = SamplingParams { logit_bias: vec![(150_000, 100.0)], ..SamplingParams::greedy() };
+        let sampled = SamplingParams { seed: 8, ..SamplingParams::default() };
+        let batch = BatchSampling::new(&[&greedy_biased, &sampled], REAL_VOCAB as usize, Device::Cpu);
+        let mut state = LogitState::new(&greedy_biased, &[], None).expect("state").expect("a bias edits");
+        let probs = Vec::<f32>::try_from(real_logits().softmax(-1, Kind::Float).view([-1])).unwrap_or_default();
+        let mass: f32 = allowed.iter().map(|&i| probs[i]).sum();
+        let mut counts = std::collections::HashMap::<i64, usize>::new();
+        for step in 0..2_000i64 {
+            let mut builder = EditsBuilder::new(2);
+            state.write_row(0, &greedy_biased, &mut builder).expect("row 0");
+            builder.push_mask_for_tests(1, mask.clone());
+            let edits = builder.build(REAL_VOCAB as usize, Device::Cpu).expect("edits");
+            let out = batch.sample(&logits, Some(&edits), &Tensor::full([2, 1], step, (Kind::Int64, Device::Cpu)), 0);
+            let tokens = Vec::<i64>::try_from(&out.tokens).unwrap_or_default();
+            assert_eq!(tokens[0], 150_000, "the greedy row takes the argmax after its bias");
+            *counts.entry(tokens[1]).or_default() += 1;
+            let lp = Vec::<f32>::try_from(&out.sampling_logprobs).unwrap_or_default()[1];
+            let want = (probs[tokens[1] as usize] / mass).ln();
+            assert!((lp - want).abs() < 1e-4, "logprob under the masked distribution: {lp} vs {want}");
+            // Reported logprobs stay the model's own.
+            let reported = Vec::<f32>::try_from(&out.logprobs).unwrap_or_default()[1];
+            assert!((reported - probs[tokens[1] as usize].ln()).abs() < 1e-4);
+        }
+        let outside: Vec<_> = counts.keys().filter(|t| !allowed.contains(&(**t as usize))).collect();
+        assert!(outside.is_empty(), "drew tokens the mask forbids: {outside:?}");
+        for &id in &allowed[..3] {
+            let freq = counts.get(&(id as i64)).copied().unwrap_or(0) as f32 / 2_000.0;
+            assert!((freq - probs[id] / mass).abs() < 0.04, "token {id}: frequency {freq} vs {}", probs[id] / mass);
+        }
+    }
+
+    #[test]
     fn top_k_and_top_p_restrict_the_support() {
-        let top2 = draw(&SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 2, seed: 1 }, 500);
+        let top2 = draw(&SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 2, seed: 1, ..SamplingParams::default() }, 500);
         assert!(top2.iter().all(|&t| t == 5 || t == 0));
         assert!(top2.contains(&5) && top2.contains(&0));
         // p(5) ~ 0.61, so top_p 0.5 keeps token 5 alone.
-        let nucleus = draw(&SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1 }, 200);
+        let nucleus = draw(&SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 1, ..SamplingParams::default() }, 200);
         assert!(nucleus.iter().all(|&t| t == 5));
     }
 }

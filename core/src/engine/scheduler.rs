@@ -24,6 +24,7 @@ use crate::model::LoadedModel;
 use crate::train::checkpoint::TrainerSnapshot;
 use crate::train::trainer::{RolloutGroup, StepReport, Trainer, TrainerConfig};
 use crate::tokenizer::Tokenizer;
+use super::constraint::Constraints;
 
 /// Limits of the scheduler.
 #[derive(Clone, Debug)]
@@ -217,6 +218,8 @@ pub struct EngineHandle {
     pub info: Arc<ModelInfo>,
     /// The tokenizer, shared read-only with handlers for templating and decoding.
     pub tokenizer: Arc<Tokenizer>,
+    /// Compiles structured-output constraints: handlers check a request's before submitting.
+    pub constraints: Arc<Constraints>,
     /// Incremented by each optimizer step.
     pub policy_version: Arc<AtomicU64>,
     /// Set when the engine trains online.
@@ -318,7 +321,13 @@ pub fn spawn(loaded: LoadedModel, config: SchedulerConfig, trainer: Option<Train
     let LoadedModel { model, tokenizer, .. } = loaded;
     let training = trainer.as_ref().map(|t| t.config().clone());
     let tokenizer = Arc::new(tokenizer);
+    let constraints = Arc::new(Constraints::new(tokenizer.clone(), model.config().vocab_size));
+    let mut trainer = trainer;
+    if let Some(trainer) = trainer.as_mut() {
+        trainer.set_constraints(constraints.clone());
+    }
     let handle = EngineHandle {
+        constraints: constraints.clone(),
         commands,
         config: Arc::new(config.clone()),
         stats: stats.clone(),
@@ -331,6 +340,7 @@ pub fn spawn(loaded: LoadedModel, config: SchedulerConfig, trainer: Option<Train
     std::thread::Builder::new().name("hicra-engine".into()).spawn(move || {
         let mut engine = Engine::new(&model, &tokenizer, config.max_batch, config.capacity);
         engine.set_prefix_reuse(config.prefix_reuse);
+        engine.set_constraints(constraints);
         tracing::info!(slots = config.max_batch, capacity = config.capacity, kv_cache_mib = engine.kv_cache_bytes() >> 20, training = trainer.is_some(), "engine ready");
         let _ = ready.send(());
         Scheduler {

@@ -72,7 +72,7 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
     };
     Ok(Plan {
         n: n as usize,
-        sampling: SamplingParams { temperature, top_p, top_k: top_k as usize, seed },
+        sampling: SamplingParams { temperature, top_p, top_k: top_k as usize, seed, ..SamplingParams::default() },
         max_tokens,
         stop,
         top_logprobs: top_logprobs as usize,

@@ -13,6 +13,7 @@
 //!
 //! This module never touches tensors or files other than the tokenizer files it is given.
 
+pub mod bytes;
 pub mod chat;
 pub mod gguf;
 pub mod splice;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+pub use bytes::TokenBytes;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use gguf::{spec_from_gguf, GgufTokenizerSpec};
 

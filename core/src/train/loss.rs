@@ -9,12 +9,17 @@
 //! Sampler and trainer are the same forward code and cut distributions with the same
 //! [`Truncation`], so the ratio is exactly 1 for rollouts of the current version (up to float
 //! rounding), and the clip range only matters for stale rollouts or later micro-steps.
-//! Entropies and the KL term use the tempered distribution before truncation.
+//! Logit bias, penalties and constraints are part of that distribution too: the trainer
+//! replays each rollout's [`LogitState`] over its tokens (a constraint's grammar included) and
+//! applies the same edits before temperature, so a constrained rollout's ratio is 1 as well.
+//! Entropies and the KL term use the model's tempered distribution before any edit.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::TrainError;
+use crate::engine::constraint::Constraints;
+use crate::engine::logits::{EditsBuilder, LogitEdits, LogitState};
 use crate::engine::sampler::{SamplingParams, Truncation};
 use crate::engine::score::PaddedPairs;
 use crate::model::transformer::CheckpointedPass;
@@ -128,8 +133,9 @@ impl LossStats {
     }
 }
 
-/// Checks that every sample's vectors have the completion's length.
-pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize) -> Result<(), TrainError> {
+/// Checks that every sample's vectors have the completion's length, and that a constrained
+/// sample's tokens follow its constraint (`constraints` compiles them).
+pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize, constraints: Option<&Constraints>) -> Result<(), TrainError> {
     for (i, s) in samples.iter().enumerate() {
         let n = s.completion_ids.len();
         if s.prompt_ids.is_empty() || n == 0 {
@@ -160,17 +166,81 @@ pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize
         if !(s.sampling.top_p > 0.0 && s.sampling.top_p <= 1.0) {
             return Err(TrainError::InvalidSample { index: i, reason: format!("top_p {} outside (0, 1]", s.sampling.top_p) });
         }
+        if s.sampling.edits_logits() {
+            let mut replay = BehaviourReplay::new(std::slice::from_ref(s), constraints);
+            replay.follow(n).map_err(|e| TrainError::InvalidSample { index: i, reason: format!("its tokens do not replay under its sampling: {e}") })?;
+        }
     }
     Ok(())
+}
+
+/// Rebuilds, row by row (completion tokens of the samples in order), the logit edits each
+/// token was sampled under: the sampler's [`LogitState`] replayed from the start of each span
+/// the model sampled (one per turn of an episode; context tokens get none).
+struct BehaviourReplay<'a> {
+    samples: &'a [TrainSample],
+    constraints: Option<&'a Constraints>,
+    sample: usize,
+    token: usize,
+    state: Option<LogitState>,
+}
+
+impl<'a> BehaviourReplay<'a> {
+    fn new(samples: &'a [TrainSample], constraints: Option<&'a Constraints>) -> Self {
+        Self { samples, constraints, sample: 0, token: 0, state: None }
+    }
+
+    /// The edits of the next `rows` rows.
+    fn next_rows(&mut self, rows: usize, vocab: usize, device: tch::Device) -> Result<Option<LogitEdits>, crate::engine::constraint::ConstraintError> {
+        let mut builder = EditsBuilder::new(rows);
+        self.walk(rows, Some(&mut builder))?;
+        Ok(builder.build(vocab, device))
+    }
+
+    /// Follows `rows` rows without building edits (checks that the tokens replay).
+    fn follow(&mut self, rows: usize) -> Result<(), crate::engine::constraint::ConstraintError> {
+        self.walk(rows, None)
+    }
+
+    fn walk(&mut self, rows: usize, mut builder: Option<&mut EditsBuilder>) -> Result<(), crate::engine::constraint::ConstraintError> {
+        for row in 0..rows {
+            while self.samples.get(self.sample).is_some_and(|s| self.token >= s.completion_ids.len()) {
+                self.sample += 1;
+                self.token = 0;
+                self.state = None;
+            }
+            let Some(s) = self.samples.get(self.sample) else { return Ok(()) };
+            let t = self.token;
+            self.token += 1;
+            if !(s.sampling.edits_logits() && s.carries_loss(t)) {
+                self.state = None;
+                continue;
+            }
+            if self.state.is_none() {
+                let context: Vec<u32> = s.prompt_ids.iter().chain(&s.completion_ids[..t]).copied().collect();
+                self.state = LogitState::new(&s.sampling, &context, self.constraints)?;
+            }
+            if let Some(state) = &mut self.state {
+                if let Some(builder) = builder.as_deref_mut() {
+                    state.write_row(row, &s.sampling, builder)?;
+                }
+                state.push(&s.sampling, s.completion_ids[t])?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs forward and backward over `samples` in micro-batches, accumulating gradients into the
 /// adapters. Losses are divided so that the gradients of all calls of one optimizer step add up
 /// to the gradient of the batch loss: `total_tokens` and `total_sequences` describe that batch.
-pub fn accumulate(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
+///
+/// Samples whose sampling edited logits (bias, penalties, constraint) are trained under the
+/// same edits; a constraint needs `constraints`, and [`validate`] has checked their replay.
+pub fn accumulate(model: &Transformer, samples: &[TrainSample], config: &LossConfig, constraints: Option<&Constraints>, total_tokens: usize, total_sequences: usize) -> LossStats {
     let mut stats = LossStats::default();
     for chunk in samples.chunks(config.micro_batch.max(1)) {
-        stats.merge(micro_batch(model, chunk, config, total_tokens, total_sequences));
+        stats.merge(micro_batch(model, chunk, config, constraints, total_tokens, total_sequences));
     }
     stats
 }
@@ -276,7 +346,7 @@ fn per_sample(flat: &Tensor, samples: &[TrainSample]) -> Vec<Vec<f32>> {
     out
 }
 
-fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig, total_tokens: usize, total_sequences: usize) -> LossStats {
+fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig, constraints: Option<&Constraints>, total_tokens: usize, total_sequences: usize) -> LossStats {
     let device = model.device();
     let (hidden, targets, inv_t, checkpointed) = completion_pass(model, samples, true, true, config.activation_checkpointing);
     // The reference policy (the base model) for KL, without gradients.
@@ -298,6 +368,8 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
         }
     };
     let row_params: Vec<&SamplingParams> = samples.iter().flat_map(|s| std::iter::repeat_n(&s.sampling, s.completion_ids.len())).collect();
+    let mut replay = samples.iter().any(|s| s.sampling.edits_logits()).then(|| BehaviourReplay::new(samples, constraints));
+    let vocab = model.config().vocab_size;
     let rows = targets.size()[0];
     let step = chunk_rows(config.logit_chunk_rows, model.config().vocab_size as i64);
     let (mut loss, mut clipped_tokens, mut kl_sum) = (0.0f64, 0usize, 0.0f64);
@@ -305,10 +377,31 @@ fn micro_batch(model: &Transformer, samples: &[TrainSample], config: &LossConfig
     for start in (0..rows).step_by(step as usize) {
         let len = step.min(rows - start);
         let range = |t: &Tensor| t.narrow(0, start, len);
-        let scores = chunk_scores(model, &detached, &inv_t, start, len);
+        let logits = model.logits(&detached.narrow(0, start, len));
+        let chunk_inv_t = inv_t.narrow(0, start, len).unsqueeze(1);
+        let scores = &logits * &chunk_inv_t;
         let logprobs = scores.log_softmax(-1, Kind::Float);
         let targets = range(&targets);
-        let new_lp = policy_logprobs(&scores, &logprobs, &row_params[start as usize..(start + len) as usize], &targets);
+        // The distribution each token was drawn from: the model's, edited as when sampled.
+        let edits = match replay.as_mut().map(|r| r.next_rows(len as usize, vocab, device)) {
+            Some(Ok(edits)) => edits,
+            Some(Err(err)) => {
+                tracing::warn!(%err, "replaying the sampling of a rollout failed after validation; training the rest of this micro-batch without its edits");
+                replay = None;
+                None
+            }
+            None => None,
+        };
+        let (behaviour, behaviour_lp) = match edits {
+            Some(mut edits) => {
+                edits.allow_targets(&targets);
+                let behaviour = edits.apply(&logits) * &chunk_inv_t;
+                let lp = behaviour.log_softmax(-1, Kind::Float);
+                (behaviour, lp)
+            }
+            None => (scores.shallow_clone(), logprobs.shallow_clone()),
+        };
+        let new_lp = policy_logprobs(&behaviour, &behaviour_lp, &row_params[start as usize..(start + len) as usize], &targets);
         let ratio = (&new_lp - range(&old_lp)).exp();
         let unclipped = &ratio * range(&adv);
         let clipped = ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high) * range(&adv);

@@ -18,6 +18,7 @@ use tch::Tensor;
 
 use super::credit::{self, CreditScheme, GroupInput};
 use super::flat::FlatAdapters;
+use crate::engine::constraint::Constraints;
 use super::loss::{self, LossConfig, TrainSample};
 use super::optimizer::{self, AdamW, OptimConfig};
 use super::TrainError;
@@ -215,6 +216,8 @@ pub struct Trainer {
     policy_version: u64,
     /// The replicas this trainer steps with; `None` for a single process.
     group: Option<Arc<ProcessGroup>>,
+    /// Compiles the constraints of constrained rollouts, to train them under their masks.
+    constraints: Option<Arc<Constraints>>,
 }
 
 impl Trainer {
@@ -236,7 +239,13 @@ impl Trainer {
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let flat = FlatAdapters::adopt(&tensors)?;
         let optimizer = AdamW::new(config.optim.clone(), flat.values());
-        Ok(Self { config, params, flat, optimizer, policy_version: 0, group: None })
+        Ok(Self { config, params, flat, optimizer, policy_version: 0, group: None, constraints: None })
+    }
+
+    /// Lets the trainer replay constrained rollouts' grammars (`constraints` is built for the
+    /// served model's tokenizer); without it such rollouts are refused as invalid samples.
+    pub fn set_constraints(&mut self, constraints: Arc<Constraints>) {
+        self.constraints = Some(constraints);
     }
 
     /// Steps together with the replicas of `group` from now on. Rank 0's adapters, optimizer
@@ -350,7 +359,7 @@ impl Trainer {
             sampled_mask: m.sampled_mask.clone(),
         };
         let probe: Vec<TrainSample> = group.members.iter().map(|m| to_sample(m, vec![0.0; m.completion_ids.len()])).collect();
-        loss::validate(&probe, model.config().vocab_size, model.max_positions())?;
+        loss::validate(&probe, model.config().vocab_size, model.max_positions(), self.constraints.as_deref())?;
         let recorded = group.members.iter().all(|m| m.entropies.len() == m.completion_ids.len());
         let entropies = match self.config.credit {
             CreditScheme::EntropyGated { .. } if group.advantages.is_none() && recorded => Some(group.members.iter().map(|m| m.entropies.clone()).collect()),
@@ -429,7 +438,7 @@ impl Trainer {
             return Ok(report);
         }
         self.flat.zero_grad();
-        let mut stats = if samples.is_empty() { loss::LossStats::default() } else { loss::accumulate(model, &samples, &self.config.loss, total_tokens, total_sequences) };
+        let mut stats = if samples.is_empty() { loss::LossStats::default() } else { loss::accumulate(model, &samples, &self.config.loss, self.constraints.as_deref(), total_tokens, total_sequences) };
         let collective_started = Instant::now();
         if let Err(err) = self.sum_over_replicas(&mut stats) {
             self.flat.zero_grad();
