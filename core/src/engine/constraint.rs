@@ -44,11 +44,21 @@ pub enum Constraint {
     },
 }
 
+/// `schema` with JSON written on one line, `", "` and `": "` between items (as Python's
+/// `json.dumps` writes it), unless the schema sets its own `x-guidance` options. llguidance's
+/// default lets whitespace run freely, and small models spend their tokens on it.
+pub fn with_compact_whitespace(mut schema: Value) -> Value {
+    if let Some(object) = schema.as_object_mut() {
+        object.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+    }
+    schema
+}
+
 impl Constraint {
     fn grammar(&self) -> TopLevelGrammar {
         match self {
-            Self::JsonObject => TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"})),
-            Self::JsonSchema { schema } => TopLevelGrammar::from_json_schema(schema.clone()),
+            Self::JsonObject => TopLevelGrammar::from_json_schema(with_compact_whitespace(serde_json::json!({"type": "object"}))),
+            Self::JsonSchema { schema } => TopLevelGrammar::from_json_schema(with_compact_whitespace(schema.clone())),
             Self::Regex { pattern } => TopLevelGrammar::from_regex(pattern),
             Self::Lark { grammar } => TopLevelGrammar::from_lark(grammar.clone()),
         }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::{ApiError, ApiJson};
 use super::episodes::{PreparedTurn, EPISODE_HEADER};
+use super::{fields, structured};
 use super::openai::{AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChoiceExtension, FunctionCall, ToolCall, Usage};
 use super::requests::{self, FinishedChoice, Plan};
 use super::stream::{finish_stream, send_event, sse_channel, StopHoldback, StreamError};
@@ -61,7 +62,8 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
     if request.top_logprobs.is_some_and(|k| k > 0) && !request.logprobs {
         return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs: true"));
     }
-    let plan = requests::plan(&request.sampling, request.top_logprobs)?;
+    let ignored = fields::screen(&request.other)?;
+    let mut plan = requests::plan(&request.sampling, request.top_logprobs)?;
     if plan.max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1, got 0"));
     }
@@ -76,6 +78,11 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
     let template = tokenizer.chat_template().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template; use /v1/completions"))?;
     let tools_off = request.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
     let tools = request.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
+    let tool_format = force_tool_calls(&request, tools, template.source(), &mut plan)?;
+    if let Some(constraint) = &plan.sampling.constraint {
+        let param = if tool_format.forced { "tool_choice" } else { plan.constraint_field };
+        structured::check(&state, constraint, param)?;
+    }
     let episode_id = request.hicra.as_ref().and_then(|h| h.episode_id.clone()).or_else(|| headers.get(EPISODE_HEADER).and_then(|v| v.to_str().ok()).map(String::from));
     let (prompt_ids, episode) = match episode_id {
         Some(id) => {
@@ -99,7 +106,7 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
         prompt_ids,
         plan,
         logprobs: request.logprobs,
-        tool_format: tools.and_then(|_| ToolCallFormat::detect(template.source())),
+        tool_format: tool_format.format,
         include_usage: request.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
         return_token_ids: request.sampling.return_token_ids,
         user: request.sampling.user.clone(),
@@ -108,10 +115,43 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
         prompt_logprobs,
     };
     if request.sampling.stream {
-        return Ok(stream_chat(state, job, events));
+        return Ok(fields::with_ignored_header(stream_chat(state, job, events), &ignored));
     }
     let choices = requests::collect(events, job.plan.n, &state, started).await?;
-    Ok(Json(whole_response(&state, &job, choices)).into_response())
+    Ok(fields::with_ignored_header(Json(whole_response(&state, &job, choices)).into_response(), &ignored))
+}
+
+/// How the answer's tool calls are written, and whether the request forces one.
+struct ToolFormat {
+    /// The format to parse calls in; `None` when tools are off or the template has none.
+    format: Option<ToolCallFormat>,
+    /// `tool_choice` requires a call: the plan's constraint writes it.
+    forced: bool,
+}
+
+/// Turns a `tool_choice` that requires a call (`required`, or a named function) into the
+/// plan's constraint, in the template's tool-call format (Hermes where the template has none,
+/// so that any chat model can be made to call a tool).
+fn force_tool_calls(request: &ChatCompletionRequest, tools: Option<&[Value]>, template_source: &str, plan: &mut Plan) -> Result<ToolFormat, ApiError> {
+    let detected = ToolCallFormat::detect(template_source);
+    let Some(tools) = tools else {
+        if request.tool_choice.as_ref().is_some_and(|c| c.is_object() || c.as_str() == Some("required")) {
+            return Err(ApiError::invalid("tool_choice", "tool_choice requires a tool call but the request has no tools"));
+        }
+        return Ok(ToolFormat { format: None, forced: false });
+    };
+    let format = detected.unwrap_or(ToolCallFormat::Hermes);
+    let parallel = request.other.get("parallel_tool_calls").and_then(Value::as_bool).unwrap_or(true);
+    match structured::tool_call_constraint(tools, request.tool_choice.as_ref(), format, parallel)? {
+        Some(constraint) => {
+            if plan.sampling.constraint.is_some() {
+                return Err(ApiError::invalid("tool_choice", "tool_choice forces a tool call, so the output cannot also follow response_format"));
+            }
+            plan.sampling.constraint = Some(constraint);
+            Ok(ToolFormat { format: Some(format), forced: true })
+        }
+        None => Ok(ToolFormat { format: detected, forced: false }),
+    }
 }
 
 /// Records a finished choice as a rollout and, for an episode call, as the episode's next turn.

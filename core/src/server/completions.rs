@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, ApiJson};
 use super::openai::{ChoiceExtension, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Prompt, Usage};
 use super::requests::{self, FinishedChoice};
+use super::{fields, structured};
 use super::stream::{sse_channel, StopHoldback};
 use super::{unix_now, AppState};
 use crate::engine::scheduler::SequenceEvent;
@@ -25,7 +26,11 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
     if request.model != state.engine.info.name {
         return Err(ApiError::invalid("model", format!("model '{}' is not served here (this server serves '{}')", request.model, state.engine.info.name)));
     }
+    let ignored = fields::screen(&request.other)?;
     let plan = requests::plan(&request.sampling, request.logprobs)?;
+    if let Some(constraint) = &plan.sampling.constraint {
+        structured::check(&state, constraint, plan.constraint_field)?;
+    }
     let score_only = plan.max_tokens == Some(0);
     if score_only && !request.echo {
         return Err(ApiError::invalid("max_tokens", "max_tokens 0 generates nothing: use it with echo (and logprobs) to score the prompt"));
@@ -38,7 +43,7 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
         return Err(ApiError::invalid("prompt", "streaming takes exactly one prompt"));
     }
     if score_only {
-        return score_prompts(state, &request.logprobs, &plan, prompts).await;
+        return Ok(fields::with_ignored_header(score_prompts(state, &request.logprobs, &plan, prompts).await?, &ignored));
     }
     // Submit every prompt before waiting, so they batch together in the engine; all or
     // nothing, so a refused batch leaves none of its prompts queued behind the 429.
@@ -55,7 +60,7 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
         let Some((ids, events)) = prompts.into_iter().zip(submissions).next() else {
             return Err(ApiError::invalid("prompt", "no prompt"));
         };
-        return Ok(stream_completion(state, id, created, ids, plan, request.sampling.return_token_ids, request.sampling.user, events));
+        return Ok(fields::with_ignored_header(stream_completion(state, id, created, ids, plan, request.sampling.return_token_ids, request.sampling.user, events), &ignored));
     }
     let tokenizer = state.engine.tokenizer.clone();
     let mut choices = Vec::new();
@@ -92,7 +97,7 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
         }
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    Ok(Json(Completion { id, object: "text_completion", created, model: state.engine.info.name.clone(), choices, usage }).into_response())
+    Ok(fields::with_ignored_header(Json(Completion { id, object: "text_completion", created, model: state.engine.info.name.clone(), choices, usage }).into_response(), &ignored))
 }
 
 /// Token ids of each prompt: text is tokenized with the model's special tokens (BOS where

@@ -199,9 +199,10 @@ pub fn check_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Same sampling distribution (the seed does not matter).
+/// Same sampling distribution: every parameter, penalties and constraint included (the
+/// seed does not matter). The trainer replays one segment under one `SamplingParams`.
 fn same_distribution(a: &SamplingParams, b: &SamplingParams) -> bool {
-    a.temperature == b.temperature && a.top_p == b.top_p && a.top_k == b.top_k
+    SamplingParams { seed: 0, ..a.clone() } == SamplingParams { seed: 0, ..b.clone() }
 }
 
 impl ServedTurn {
@@ -267,7 +268,7 @@ impl EpisodeStore {
         let (segment, base_len, new_segment) = match &last {
             None => (0, 0, Some("the episode's first call".to_string())),
             Some(last) if !same_distribution(&last.sampling, sampling) => {
-                (last.index + 1, 0, Some(format!("sampling changed (temperature, top_p or top_k differ from segment {}'s); a segment trains under one distribution", last.index)))
+                (last.index + 1, 0, Some(format!("sampling changed (a sampling parameter or the constraint differs from segment {}'s); a segment trains under one distribution", last.index)))
             }
             Some(last) if prompt_ids.starts_with(&last.tokens) => (last.index, last.tokens.len(), None),
             Some(last) => {

@@ -65,6 +65,11 @@ impl ApiError {
         Self::InvalidRequest { message: message.into(), param: Some(param) }
     }
 
+    /// A 400 naming a field known only at run time (a nested path, a client's field name).
+    pub fn invalid_at(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::InvalidField { message: message.into(), param: param.into() }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, Option<&str>) {
         match self {
             Self::InvalidRequest { param, .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", *param),

@@ -18,6 +18,7 @@
 mod chat;
 pub mod checkpoints;
 mod completions;
+mod fields;
 pub mod episodes;
 pub mod plugins;
 pub mod error;
@@ -28,6 +29,7 @@ pub mod replicas;
 mod requests;
 pub mod rollouts;
 mod stream;
+mod structured;
 pub mod training;
 
 use std::net::SocketAddr;

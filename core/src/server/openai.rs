@@ -1,8 +1,9 @@
 //! OpenAI's request and response bodies, as serde types.
 //!
-//! Requests accept the fields OpenAI clients send; unknown fields are ignored (clients add new
-//! ones often). hicra's extensions: `top_k` and `return_token_ids` in requests, a `hicra`
-//! object on each choice naming the rollout and the policy version that produced it.
+//! Requests accept the fields OpenAI clients send; fields hicra does not implement are
+//! refused or reported (`server::fields`). hicra's extensions: `top_k`, `min_p`,
+//! `repetition_penalty`, vLLM's structured-output fields and `return_token_ids` in requests,
+//! a `hicra` object on each choice naming the rollout and the policy version that produced it.
 
 use std::ops::Deref;
 
@@ -69,10 +70,28 @@ pub struct SamplingFields {
     /// Extension: return prompt and completion token ids in `choices[i].hicra`.
     #[serde(default)]
     pub return_token_ids: bool,
-    /// Accepted for compatibility; only 0 is supported.
+    /// Subtracted from the logits of tokens the output already holds, in [-2, 2].
     pub presence_penalty: Option<f64>,
-    /// Accepted for compatibility; only 0 is supported.
+    /// Subtracted once per occurrence in the output, in [-2, 2].
     pub frequency_penalty: Option<f64>,
+    /// Token id (as a string key) to a bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Extension (vLLM's): drop tokens less likely than this share of the best one.
+    pub min_p: Option<f64>,
+    /// Extension (vLLM's, transformers'): CTRL's repetition penalty, > 0 (1 is off).
+    pub repetition_penalty: Option<f64>,
+    /// `text`, `json_object` or `json_schema` (see `server::structured`).
+    pub response_format: Option<Value>,
+    /// Extension (vLLM's): output valid against this JSON Schema.
+    pub guided_json: Option<Value>,
+    /// Extension (vLLM's): output matching this regular expression.
+    pub guided_regex: Option<Value>,
+    /// Extension (vLLM's): output of this Lark grammar (llguidance's dialect).
+    pub guided_grammar: Option<Value>,
+    /// Extension (vLLM's): output exactly one of these strings.
+    pub guided_choice: Option<Value>,
+    /// Extension (vLLM's newer form): `{json | regex | grammar | choice}`.
+    pub structured_outputs: Option<Value>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -99,6 +118,9 @@ pub struct ChatCompletionRequest {
     pub sampling: SamplingFields,
     /// hicra's own options (`extra_body={"hicra": {...}}` in the `openai` client).
     pub hicra: Option<HicraOptions>,
+    /// Every other field: refused or reported by `server::fields`.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 /// hicra's request options.
@@ -163,10 +185,36 @@ struct RequestMessage {
     extra: Map<String, Value>,
 }
 
-impl From<RequestMessage> for ChatMessage {
-    fn from(m: RequestMessage) -> Self {
-        Self { role: m.role.as_str().to_string(), content: m.content, tool_calls: m.tool_calls, tool_call_id: m.tool_call_id, name: m.name, extra: m.extra }
+impl RequestMessage {
+    /// The message for the template, its content as text: a list of content parts becomes
+    /// the concatenation of its text parts (`refusal` parts count as text).
+    fn into_chat_message(self, index: usize) -> Result<ChatMessage, String> {
+        let content = match self.content {
+            Some(Value::Array(parts)) => Some(Value::String(joined_text(&parts, index)?)),
+            other => other,
+        };
+        Ok(ChatMessage { role: self.role.as_str().to_string(), content, tool_calls: self.tool_calls, tool_call_id: self.tool_call_id, name: self.name, extra: self.extra })
     }
+}
+
+/// The text of content parts, in order; a part of another modality is an error naming it.
+fn joined_text(parts: &[Value], message: usize) -> Result<String, String> {
+    let mut text = String::new();
+    for (j, part) in parts.iter().enumerate() {
+        let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+        let field = match kind {
+            "text" | "input_text" => "text",
+            "refusal" => "refusal",
+            "image_url" | "input_image" | "image" | "input_audio" | "audio" | "file" | "input_file" | "video_url" => {
+                return Err(format!("messages[{message}].content[{j}]: '{kind}' parts are not supported: the served model reads text only"));
+            }
+            "" => return Err(format!("messages[{message}].content[{j}]: a content part needs a type (text)")),
+            other => return Err(format!("messages[{message}].content[{j}]: unknown content part type '{other}' (text is supported)")),
+        };
+        let piece = part.get(field).and_then(Value::as_str).ok_or_else(|| format!("messages[{message}].content[{j}]: a '{kind}' part needs a string '{field}'"))?;
+        text.push_str(piece);
+    }
+    Ok(text)
 }
 
 /// `messages`: the conversation, every role one the templates know.
@@ -176,7 +224,8 @@ pub struct Messages(Vec<ChatMessage>);
 impl<'de> Deserialize<'de> for Messages {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let messages = Vec::<RequestMessage>::deserialize(deserializer)?;
-        Ok(Self(messages.into_iter().map(ChatMessage::from).collect()))
+        let messages = messages.into_iter().enumerate().map(|(i, m)| m.into_chat_message(i)).collect::<Result<_, _>>().map_err(D::Error::custom)?;
+        Ok(Self(messages))
     }
 }
 
@@ -264,6 +313,9 @@ pub struct CompletionRequest {
     /// Sampling and output controls.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field: refused or reported by `server::fields`.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 /// Token counts of a response.

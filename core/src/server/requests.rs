@@ -27,6 +27,8 @@ pub(crate) struct Plan {
     pub max_tokens: Option<usize>,
     pub stop: Vec<String>,
     pub top_logprobs: usize,
+    /// The request field that asked for `sampling.constraint` (errors name it).
+    pub constraint_field: &'static str,
 }
 
 /// Checks the sampling fields; errors name the parameter.
@@ -53,11 +55,28 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
         Some(m) => Some(m as usize),
         None => None,
     };
-    for (name, value) in [("presence_penalty", fields.presence_penalty), ("frequency_penalty", fields.frequency_penalty)] {
-        if value.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid(name, format!("{name} is not supported (only 0)")));
+    let mut penalties = [0.0; 2];
+    for (slot, (name, value)) in penalties.iter_mut().zip([("presence_penalty", fields.presence_penalty), ("frequency_penalty", fields.frequency_penalty)]) {
+        let value = value.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&value) {
+            return Err(ApiError::invalid(name, format!("{name} must be between -2 and 2, got {value}")));
         }
+        *slot = value;
     }
+    let [presence_penalty, frequency_penalty] = penalties;
+    let min_p = fields.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid("min_p", format!("min_p must be between 0 and 1, got {min_p}")));
+    }
+    let repetition_penalty = fields.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+        return Err(ApiError::invalid("repetition_penalty", format!("repetition_penalty must be > 0 (1 is off), got {repetition_penalty}")));
+    }
+    let logit_bias = logit_bias(fields.logit_bias.as_ref())?;
+    let (constraint_field, constraint) = match super::structured::requested_constraint(fields)? {
+        Some((field, constraint)) => (field, Some(constraint)),
+        None => ("response_format", None),
+    };
     let top_logprobs = top_logprobs.unwrap_or(0);
     if !(0..=MAX_TOP_LOGPROBS).contains(&top_logprobs) {
         return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")));
@@ -72,11 +91,24 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
     };
     Ok(Plan {
         n: n as usize,
-        sampling: SamplingParams { temperature, top_p, top_k: top_k as usize, seed, ..SamplingParams::default() },
+        sampling: SamplingParams { temperature, top_p, top_k: top_k as usize, seed, min_p, logit_bias, presence_penalty, frequency_penalty, repetition_penalty, constraint },
         max_tokens,
         stop,
         top_logprobs: top_logprobs as usize,
+        constraint_field,
     })
+}
+
+/// OpenAI's `logit_bias`: token ids as string keys, biases in [-100, 100]; sorted by id.
+fn logit_bias(map: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut out = Vec::new();
+    for (key, value) in map.into_iter().flatten() {
+        let id: u32 = key.parse().map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias key '{key}' is not a token id")))?;
+        let bias = value.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| ApiError::invalid("logit_bias", format!("logit_bias for token {id} must be a number between -100 and 100, got {value}")))?;
+        out.push((id, bias as f32));
+    }
+    out.sort_by_key(|&(id, _)| id);
+    Ok(out)
 }
 
 /// A seed for requests that gave none.
