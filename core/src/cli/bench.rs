@@ -13,6 +13,7 @@ use clap::Args;
 use tch::{Kind, Tensor};
 
 use super::{ModelArgs, ShapeArgs};
+use crate::engine::constraint::{with_compact_whitespace, Constraint, Constraints};
 use crate::engine::{Engine, GenerationRequest, SamplingParams};
 use crate::model::{DType, ForwardInput, Transformer};
 
@@ -41,6 +42,23 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object per batch size instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also measure each batch with every row under a JSON grammar (structured outputs):
+    /// the cost of computing and applying the masks.
+    #[arg(long)]
+    constrained: bool,
+}
+
+/// The grammar of `--constrained`: JSON records one per line, without end, so every step of
+/// the measurement computes a mask inside a JSON value (an end-of-sequence token does not
+/// end the grammar: the engine does not feed it to the matcher).
+fn bench_constraint() -> Constraint {
+    let record = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["name", "age", "tags"],
+        "additionalProperties": false
+    });
+    Constraint::Lark { grammar: format!("start: (%json {} \"\\n\")+", with_compact_whitespace(record)) }
 }
 
 /// One measurement.
@@ -68,6 +86,28 @@ struct BenchRow {
     /// For a dtype other than f32: its distance from the same model in f32.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     drift: Option<Drift>,
+    /// With `--constrained`: the same decode with every row under a grammar.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    constrained: Option<ConstrainedCost>,
+}
+
+/// What constrained decoding adds to a decode step.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct ConstrainedCost {
+    constrained_decode_ms_per_step: f64,
+    constrained_decode_tokens_per_s: f64,
+    /// (constrained - unconstrained ms/step) / batch: the mask's cost per generated token.
+    constrained_extra_ms_per_token: f64,
+}
+
+impl ConstrainedCost {
+    fn new(plain: &BenchResult, constrained: &BenchResult) -> Self {
+        Self {
+            constrained_decode_ms_per_step: constrained.decode_ms_per_step,
+            constrained_decode_tokens_per_s: constrained.decode_tokens_per_s,
+            constrained_extra_ms_per_token: (constrained.decode_ms_per_step - plain.decode_ms_per_step) / plain.batch.max(1) as f64,
+        }
+    }
 }
 
 /// Prose for the drift measurement: a few unrelated sentences, numbers and a little code.
@@ -174,7 +214,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{:>6} {:>16} {:>16} {:>14}", "batch", "prefill tok/s", "decode tok/s", "ms/step");
     }
     let rounds_per_batch = (args.warmup + args.repeats.max(1)) as u64;
-    let progress = super::progress::Progress::new("round", 0, args.batch.len() as u64 * rounds_per_batch);
+    let progress = super::progress::Progress::new("round", 0, args.batch.len() as u64 * rounds_per_batch * if args.constrained { 2 } else { 1 });
     let mut round = 0;
     let mut timed = |engine: &mut Engine<'_>, requests: &[GenerationRequest], what: &str| -> anyhow::Result<BenchResult> {
         let result = measure(engine, requests)?;
@@ -211,9 +251,33 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                 result.decode_ms_per_step = again.decode_ms_per_step;
             }
         }
+        let constrained = match (&loaded.tokenizer, args.constrained) {
+            (Some(tokenizer), true) => {
+                engine.set_constraints(std::sync::Arc::new(Constraints::new(std::sync::Arc::new(tokenizer.clone()), loaded.model.config().vocab_size)));
+                let requests: Vec<GenerationRequest> = requests.iter().map(|r| GenerationRequest { sampling: SamplingParams { constraint: Some(bench_constraint()), ..r.sampling.clone() }, ..r.clone() }).collect();
+                for _ in 0..args.warmup {
+                    timed(&mut engine, &requests, "constrained warm-up")?;
+                }
+                let mut best = timed(&mut engine, &requests, "constrained")?;
+                for _ in 1..args.repeats {
+                    let again = timed(&mut engine, &requests, "constrained")?;
+                    if again.decode_ms_per_step < best.decode_ms_per_step {
+                        best = again;
+                    }
+                }
+                Some(ConstrainedCost::new(&result, &best))
+            }
+            _ => None,
+        };
         let row = match args.json {
-            true => serde_json::to_string(&BenchRow { result, bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth, drift })?,
-            false => format!("{:>6} {:>16.1} {:>16.1} {:>14.2}", batch, result.prefill_tokens_per_s, result.decode_tokens_per_s, result.decode_ms_per_step),
+            true => serde_json::to_string(&BenchRow { result, bandwidth_floor_ms: floor_ms, read_bandwidth_gb_s: bandwidth, drift, constrained })?,
+            false => {
+                let mut line = format!("{:>6} {:>16.1} {:>16.1} {:>14.2}", batch, result.prefill_tokens_per_s, result.decode_tokens_per_s, result.decode_ms_per_step);
+                if let Some(c) = &constrained {
+                    line += &format!("   constrained: {:.2} ms/step, +{:.3} ms per token", c.constrained_decode_ms_per_step, c.constrained_extra_ms_per_token);
+                }
+                line
+            }
         };
         progress.suspend(|| println!("{row}"));
     }
