@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
 
 import httpx
 import openai
 import pytest
 
+from conftest import start_hicra
+
+REPO = Path(__file__).resolve().parents[2]
 IGNORED_HEADER = "x-hicra-ignored-fields"
 
 PERSON = {
@@ -256,3 +261,49 @@ def test_unknown_fields_are_listed_in_a_header_and_harmless_ones_are_not(client:
     assert raw.headers.get(IGNORED_HEADER) == "another_one, made_up_knob"
     raw = client.completions.with_raw_response.create(model=model_id, prompt="hi", max_tokens=2)
     assert IGNORED_HEADER not in raw.headers
+
+
+@pytest.fixture(scope="module")
+def hermes_url() -> Iterator[str]:
+    """The default model with Qwen2.5's chat template: tools rendered, `<tool_call>` parsed."""
+    template = REPO / "core/tests/fixtures/chat/Qwen-Qwen2.5-7B-Instruct.jinja"
+    with start_hicra(["--max-context", "512", "--chat-template", str(template)]) as url:
+        yield url
+
+
+def test_strict_tools_in_auto_mode_make_every_written_call_valid(hermes_url: str, model_id: str) -> None:
+    """The default model rarely calls a tool on its own: a logit bias toward the opening tag's
+    tokens makes it write tags often, and everything after a tag must then be a valid call.
+    The same request without `strict` shows what the grammar prevents."""
+    call_start = '\n{"name": "get_weather", "arguments": {"'
+
+    def sample(strict: bool) -> tuple[int, list[str]]:
+        tools = [dict(WEATHER_TOOLS[0], function=dict(WEATHER_TOOLS[0]["function"], strict=strict))]
+        with openai.OpenAI(base_url=f"{hermes_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            tag = client.completions.create(model=model_id, prompt="<tool_call>", max_tokens=1, extra_body={"return_token_ids": True})
+            tag_ids = ext(tag.choices[0])["prompt_token_ids"][:2]
+            response = client.chat.completions.create(
+                model=model_id, messages=[{"role": "user", "content": "What is the weather like in Paris?"}],
+                tools=tools, tool_choice="auto", temperature=1.0, n=8, seed=11, max_tokens=96,
+                logit_bias={str(i): 8 for i in tag_ids},
+            )
+        calls, texts = 0, []
+        for choice in response.choices:
+            for call in choice.message.tool_calls or []:
+                calls += 1
+                if strict:
+                    arguments = json.loads(call.function.arguments)
+                    assert call.function.name == "get_weather" and set(arguments) == {"city", "unit"}, call
+                    assert arguments["unit"] in ("celsius", "fahrenheit"), arguments
+            texts.append(choice.message.content or "")
+        return calls, texts
+
+    def stray_tags(texts: list[str]) -> int:
+        """Tags in the text not followed by the start of a call (or a cut-off piece of one)."""
+        parts = [part for text in texts for part in text.split("<tool_call>")[1:]]
+        return sum(1 for part in parts if not (part.startswith(call_start) or call_start.startswith(part)))
+
+    calls, texts = sample(strict=True)
+    assert calls + sum(t.count("<tool_call>") for t in texts) > 0, "the bias should make the model open calls"
+    assert stray_tags(texts) == 0, texts
+    assert stray_tags(sample(strict=False)[1]) > 0, "without strict the biased model writes stray tags"

@@ -80,7 +80,7 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
     let tools = request.tools.as_deref().filter(|t| !t.is_empty() && !tools_off);
     let tool_format = force_tool_calls(&request, tools, template.source(), &mut plan)?;
     if let Some(constraint) = &plan.sampling.constraint {
-        let param = if tool_format.forced { "tool_choice" } else { plan.constraint_field };
+        let param = if tool_format.constrained { "tools" } else { plan.constraint_field };
         structured::check(&state, constraint, param)?;
     }
     let episode_id = request.hicra.as_ref().and_then(|h| h.episode_id.clone()).or_else(|| headers.get(EPISODE_HEADER).and_then(|v| v.to_str().ok()).map(String::from));
@@ -125,20 +125,21 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
 struct ToolFormat {
     /// The format to parse calls in; `None` when tools are off or the template has none.
     format: Option<ToolCallFormat>,
-    /// `tool_choice` requires a call: the plan's constraint writes it.
-    forced: bool,
+    /// The tools constrain the output (a call `tool_choice` requires, or strict tools).
+    constrained: bool,
 }
 
 /// Turns a `tool_choice` that requires a call (`required`, or a named function) into the
 /// plan's constraint, in the template's tool-call format (Hermes where the template has none,
-/// so that any chat model can be made to call a tool).
+/// so that any chat model can be made to call a tool); with `auto`, tools marked `strict`
+/// make every call the model chooses to write valid.
 fn force_tool_calls(request: &ChatCompletionRequest, tools: Option<&[Value]>, template_source: &str, plan: &mut Plan) -> Result<ToolFormat, ApiError> {
     let detected = ToolCallFormat::detect(template_source);
     let Some(tools) = tools else {
         if request.tool_choice.as_ref().is_some_and(|c| c.is_object() || c.as_str() == Some("required")) {
             return Err(ApiError::invalid("tool_choice", "tool_choice requires a tool call but the request has no tools"));
         }
-        return Ok(ToolFormat { format: None, forced: false });
+        return Ok(ToolFormat { format: None, constrained: false });
     };
     let format = detected.unwrap_or(ToolCallFormat::Hermes);
     let parallel = request.other.get("parallel_tool_calls").and_then(Value::as_bool).unwrap_or(true);
@@ -148,9 +149,20 @@ fn force_tool_calls(request: &ChatCompletionRequest, tools: Option<&[Value]>, te
                 return Err(ApiError::invalid("tool_choice", "tool_choice forces a tool call, so the output cannot also follow response_format"));
             }
             plan.sampling.constraint = Some(constraint);
-            Ok(ToolFormat { format: Some(format), forced: true })
+            Ok(ToolFormat { format: Some(format), constrained: true })
         }
-        None => Ok(ToolFormat { format: detected, forced: false }),
+        None => {
+            // Auto: tools marked strict make any call the model writes valid (a template
+            // without a tool format never has its output read as calls: nothing to enforce).
+            if let Some(constraint) = detected.and_then(|format| structured::strict_tools_constraint(tools, format)) {
+                if plan.sampling.constraint.is_some() {
+                    return Err(ApiError::invalid("tools", "tools marked strict constrain the output, so it cannot also follow response_format"));
+                }
+                plan.sampling.constraint = Some(constraint);
+                return Ok(ToolFormat { format: detected, constrained: true });
+            }
+            Ok(ToolFormat { format: detected, constrained: false })
+        }
     }
 }
 

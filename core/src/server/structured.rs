@@ -167,6 +167,34 @@ fn call_schema(function: &Value, arguments_key: &str) -> Value {
     json!({"type": "object", "properties": properties, "required": ["name", arguments_key], "additionalProperties": false})
 }
 
+/// With `tool_choice` `auto` and tools marked `strict`: the model may write text or calls,
+/// and a call it writes (of any tool, in `format`) must be valid. Hermes: the text before a
+/// call is free and the grammar takes over at the call's opening tag. Llama JSON (the whole
+/// turn is the call): text that does not open a JSON object is free. `None` when no tool is
+/// strict.
+pub(crate) fn strict_tools_constraint(tools: &[Value], format: ToolCallFormat) -> Option<Constraint> {
+    let functions: Vec<&Value> = tools.iter().filter_map(|t| t.get("function")).collect();
+    if !functions.iter().any(|f| f.get("strict").and_then(Value::as_bool) == Some(true)) {
+        return None;
+    }
+    let arguments_key = match format {
+        ToolCallFormat::Hermes => "arguments",
+        ToolCallFormat::LlamaJson => "parameters",
+    };
+    let calls: Vec<Value> = functions.iter().map(|f| call_schema(f, arguments_key)).collect();
+    let call = if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) };
+    let call = serde_json::to_string(&with_compact_whitespace(call)).unwrap_or_default();
+    let grammar = match format {
+        // FREE never holds the opening tag; `opening` ends at the first one (a lazy match),
+        // after which only a valid call may follow.
+        ToolCallFormat::Hermes => format!(
+            "start: FREE | opening calls\nFREE: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/\nopening[lazy]: /(?s:.*)<tool_call>/\ncalls: body (\"\\n<tool_call>\" body)*\nbody: \"\\n\" %json {call} \"\\n</tool_call>\""
+        ),
+        ToolCallFormat::LlamaJson => format!("start: FREE | %json {call}\nFREE: /(?s:[^{{].*)/"),
+    };
+    Some(Constraint::Lark { grammar })
+}
+
 /// Adds `additionalProperties: false` to every object schema with `properties` and no word
 /// on other keys, at any depth.
 fn close_objects(schema: &mut Value) {
@@ -188,4 +216,65 @@ fn close_objects(schema: &mut Value) {
 pub(crate) fn check(state: &AppState, constraint: &Constraint, param: &str) -> Result<(), ApiError> {
     let constraints = state.engine.constraints.clone();
     tokio::task::block_in_place(|| constraints.matcher(constraint)).map(|_| ()).map_err(|e| ApiError::invalid_at(param, format!("{param}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::constraint::{ConstraintMatcher, Constraints};
+    use crate::tokenizer::Tokenizer;
+
+    fn smollm2() -> Option<Arc<Tokenizer>> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/models/smollm2-135m-instruct.gguf");
+        let file = crate::model::gguf::GgufFile::open(&path).ok()?;
+        Some(Arc::new(Tokenizer::from_gguf_spec(crate::tokenizer::spec_from_gguf(&file).ok()?).ok()?))
+    }
+
+    fn tools() -> Vec<Value> {
+        vec![json!({"type": "function", "function": {"name": "get_weather", "strict": true, "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})]
+    }
+
+    /// Feeds `text` token by token; `Ok(true)` when it ends where end-of-sequence is allowed.
+    fn feed(tok: &Tokenizer, matcher: &mut ConstraintMatcher, text: &str) -> Result<bool, String> {
+        for id in tok.encode(text, false).map_err(|e| e.to_string())? {
+            let mask = matcher.allowed().map_err(|e| e.to_string())?;
+            if mask[id as usize / 32] >> (id % 32) & 1 == 0 {
+                return Err(format!("token {id} ({:?}) not allowed after part of {text:?}", tok.decode(&[id], false).unwrap_or_default()));
+            }
+            matcher.advance(id).map_err(|e| e.to_string())?;
+        }
+        let mask = matcher.allowed().map_err(|e| e.to_string())?;
+        Ok(tok.eos_ids().iter().any(|&e| mask[e as usize / 32] >> (e % 32) & 1 == 1))
+    }
+
+    #[test]
+    fn strict_tools_in_auto_mode_allow_free_text_and_valid_calls_only() {
+        let Some(tok) = smollm2() else { return };
+        let constraints = Constraints::new(tok.clone(), 49_152);
+        let constraint = strict_tools_constraint(&tools(), ToolCallFormat::Hermes).expect("a strict tool");
+        let mut plain = constraints.matcher(&constraint).expect("compiles");
+        assert_eq!(feed(&tok, &mut plain, "It is sunny < and > warm."), Ok(true));
+        let mut call = constraints.matcher(&constraint).expect("compiles");
+        assert_eq!(feed(&tok, &mut call, "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>"), Ok(true));
+        let mut bad = constraints.matcher(&constraint).expect("compiles");
+        let err = feed(&tok, &mut bad, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"town\": \"Oslo\"}}").expect_err("an unknown argument");
+        assert!(err.contains("not allowed"), "{err}");
+        // Once the tag is written, nothing but a call may follow it.
+        let mut stray = constraints.matcher(&constraint).expect("compiles");
+        assert!(feed(&tok, &mut stray, "Hi <tool_call> there").is_err());
+        // Llama 3's JSON format: the whole turn is the call, or plain text.
+        let llama = strict_tools_constraint(&tools(), ToolCallFormat::LlamaJson).expect("a strict tool");
+        let mut plain = constraints.matcher(&llama).expect("compiles");
+        assert_eq!(feed(&tok, &mut plain, "It is sunny."), Ok(true));
+        let mut call = constraints.matcher(&llama).expect("compiles");
+        assert_eq!(feed(&tok, &mut call, "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}"), Ok(true));
+        let mut bad = constraints.matcher(&llama).expect("compiles");
+        assert!(feed(&tok, &mut bad, "{\"name\": \"get_time\"").is_err());
+        // Without a strict tool nothing is constrained.
+        let mut loose = tools();
+        loose[0]["function"]["strict"] = json!(false);
+        assert!(strict_tools_constraint(&loose, ToolCallFormat::Hermes).is_none());
+    }
 }
