@@ -169,6 +169,23 @@ impl ConstraintMatcher {
         Ok(words)
     }
 
+    /// [`ConstraintMatcher::allowed`], or only end-of-sequence when the grammar failed (one of
+    /// llguidance's limits, a rejected token) or allows nothing: the output ends there
+    /// instead of failing the batch it decodes in. Deterministic, so the trainer's replay
+    /// sees the same mask.
+    pub fn allowed_or_end(&mut self) -> Vec<u32> {
+        match self.allowed() {
+            Ok(words) if words.iter().any(|&w| w != 0) => return words,
+            Ok(_) => tracing::warn!("a constraint allows no token here; ending the output"),
+            Err(err) => tracing::warn!(%err, "a constraint failed; ending the output"),
+        }
+        let mut words = vec![0u32; self.words];
+        for &e in &self.eos {
+            set(&mut words, e);
+        }
+        words
+    }
+
     /// Follows a sampled token. End-of-sequence ids end the output and are not fed.
     pub fn advance(&mut self, token: u32) -> Result<(), ConstraintError> {
         if self.eos.contains(&token) || self.matcher.is_stopped() {
@@ -280,6 +297,18 @@ mod tests {
         // Complete: only end-of-sequence is left.
         let rest = allowed_ids(&matcher.allowed().expect("mask"), vocab);
         assert!(!rest.is_empty() && rest.iter().all(|id| tok.eos_ids().contains(id)), "{rest:?}");
+    }
+
+    #[test]
+    fn a_failed_grammar_ends_the_output_instead_of_failing() {
+        let Some(tok) = smollm2() else { return };
+        let vocab = 49_152;
+        let constraints = Constraints::new(tok.clone(), vocab);
+        let mut matcher = constraints.matcher(&Constraint::Regex { pattern: "[0-9]+".into() }).expect("compiles");
+        let letter = tok.encode("a", false).expect("encode")[0];
+        assert!(matcher.advance(letter).is_err());
+        let allowed = allowed_ids(&matcher.allowed_or_end(), vocab);
+        assert_eq!(allowed, tok.eos_ids().iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>());
     }
 
     #[test]

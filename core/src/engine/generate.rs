@@ -477,7 +477,7 @@ impl<'m> Engine<'m> {
         let steps = Tensor::from_slice(&steps).view([-1, 1]).to_device(device);
         let top_k = slots.iter().filter_map(|&s| self.slots[s].as_ref()).map(|q| q.request.top_logprobs).max().unwrap_or(0);
         // Host work (masks from the grammars) while the device computes the logits.
-        let edits = self.logit_edits(slots)?;
+        let edits = self.logit_edits(slots);
         let sampled = self.sampling_for(slots).sample(&logits, edits.as_ref(), &steps, top_k);
         let StepReadBack { ids, logprobs, sampling_logprobs, entropies, top } = read_back(&sampled)?;
         let mut events = Vec::with_capacity(slots.len());
@@ -485,8 +485,11 @@ impl<'m> Engine<'m> {
             let Some(seq) = self.slots[slot].as_mut() else { continue };
             let id = ids[row] as u32;
             if let Some(state) = seq.logits.as_mut() {
-                // The mask allowed this token, so its grammar accepts it.
-                state.push(&seq.request.sampling, id).map_err(|e| EngineError::InvalidParameter(e.to_string()))?;
+                // The mask allowed this token, so its grammar accepts it; if it still fails,
+                // the next mask ends this output (never the batch).
+                if let Err(err) = state.push(&seq.request.sampling, id) {
+                    tracing::warn!(%err, sequence = seq.id, "the constraint did not accept a sampled token");
+                }
             }
             seq.ids.push(id);
             seq.generated += 1;
@@ -522,17 +525,17 @@ impl<'m> Engine<'m> {
     }
 
     /// This step's logit bias, penalties and constraint masks of the rows in `slots`.
-    fn logit_edits(&mut self, slots: &[usize]) -> Result<Option<super::logits::LogitEdits>, EngineError> {
+    fn logit_edits(&mut self, slots: &[usize]) -> Option<super::logits::LogitEdits> {
         let mut builder = EditsBuilder::new(slots.len());
         let mut any = false;
         for (row, &slot) in slots.iter().enumerate() {
             let Some(seq) = self.slots[slot].as_mut() else { continue };
             if let Some(state) = seq.logits.as_mut() {
-                state.write_row(row, &seq.request.sampling, &mut builder).map_err(|e| EngineError::InvalidParameter(e.to_string()))?;
+                state.write_row(row, &seq.request.sampling, &mut builder);
                 any = true;
             }
         }
-        Ok(if any { builder.build(self.model.config().vocab_size, self.model.device()) } else { None })
+        if any { builder.build(self.model.config().vocab_size, self.model.device()) } else { None }
     }
 
     fn sampling_for(&mut self, slots: &[usize]) -> &BatchSampling {

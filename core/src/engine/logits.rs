@@ -63,8 +63,9 @@ impl LogitState {
         }
     }
 
-    /// Writes this row's changes for the next token.
-    pub fn write_row(&mut self, row: usize, params: &SamplingParams, edits: &mut EditsBuilder) -> Result<(), ConstraintError> {
+    /// Writes this row's changes for the next token. A failed grammar allows only
+    /// end-of-sequence ([`ConstraintMatcher::allowed_or_end`]).
+    pub fn write_row(&mut self, row: usize, params: &SamplingParams, edits: &mut EditsBuilder) {
         let row = row as i64;
         for &(token, bias) in &params.logit_bias {
             edits.bias.push(row, token, bias);
@@ -81,9 +82,8 @@ impl LogitState {
             }
         }
         if let Some(matcher) = &mut self.matcher {
-            edits.masks.push((row, matcher.allowed()?));
+            edits.masks.push((row, matcher.allowed_or_end()));
         }
-        Ok(())
     }
 }
 
@@ -254,7 +254,7 @@ mod tests {
             state.push(&p, token).expect("push");
         }
         let mut builder = EditsBuilder::new(2);
-        state.write_row(1, &p, &mut builder).expect("row");
+        state.write_row(1, &p, &mut builder);
         let edits = builder.build(8, Device::Cpu).expect("edits");
         let logits = Tensor::from_slice(&[0.5f32, 1.0, 4.0, -2.0, 3.0, 0.0, 0.0, 0.0, 0.5, 1.0, 4.0, -2.0, 3.0, 0.0, 0.0, 0.0]).view([2, 8]);
         let out = values(&edits.apply(&logits));
@@ -291,7 +291,7 @@ mod tests {
         let p = SamplingParams { logit_bias: vec![(3, 2.0), (1_000_000, 5.0)], ..params() };
         let mut state = LogitState::new(&p, &[], None).expect("state").expect("edits");
         let mut builder = EditsBuilder::new(1);
-        state.write_row(0, &p, &mut builder).expect("row");
+        state.write_row(0, &p, &mut builder);
         let out = values(&builder.build(4, Device::Cpu).expect("edits").apply(&Tensor::zeros([1, 4], (Kind::Float, Device::Cpu))));
         assert_eq!(out, vec![0.0, 0.0, 0.0, 2.0]);
     }

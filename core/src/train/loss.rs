@@ -222,7 +222,7 @@ impl<'a> BehaviourReplay<'a> {
             }
             if let Some(state) = &mut self.state {
                 if let Some(builder) = builder.as_deref_mut() {
-                    state.write_row(row, &s.sampling, builder)?;
+                    state.write_row(row, &s.sampling, builder);
                 }
                 state.push(&s.sampling, s.completion_ids[t])?;
             }
