@@ -526,16 +526,23 @@ impl<'m> Engine<'m> {
 
     /// This step's logit bias, penalties and constraint masks of the rows in `slots`.
     fn logit_edits(&mut self, slots: &[usize]) -> Option<super::logits::LogitEdits> {
-        let mut builder = EditsBuilder::new(slots.len());
-        let mut any = false;
+        let mut rows: Vec<(usize, &mut LogitState, &SamplingParams)> = Vec::new();
+        let mut row_of_slot = vec![usize::MAX; self.slots.len()];
         for (row, &slot) in slots.iter().enumerate() {
-            let Some(seq) = self.slots[slot].as_mut() else { continue };
-            if let Some(state) = seq.logits.as_mut() {
-                state.write_row(row, &seq.request.sampling, &mut builder);
-                any = true;
+            row_of_slot[slot] = row;
+        }
+        for (slot, seq) in self.slots.iter_mut().enumerate() {
+            let Some(seq) = seq.as_mut() else { continue };
+            if let (Some(state), true) = (seq.logits.as_mut(), row_of_slot[slot] != usize::MAX) {
+                rows.push((row_of_slot[slot], state, &seq.request.sampling));
             }
         }
-        if any { builder.build(self.model.config().vocab_size, self.model.device()) } else { None }
+        if rows.is_empty() {
+            return None;
+        }
+        let mut builder = EditsBuilder::new(slots.len());
+        super::logits::write_rows(&mut rows, &mut builder);
+        builder.build(self.model.config().vocab_size, self.model.device())
     }
 
     fn sampling_for(&mut self, slots: &[usize]) -> &BatchSampling {
