@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -307,3 +309,36 @@ def test_strict_tools_in_auto_mode_make_every_written_call_valid(hermes_url: str
     assert calls + sum(t.count("<tool_call>") for t in texts) > 0, "the bias should make the model open calls"
     assert stray_tags(texts) == 0, texts
     assert stray_tags(sample(strict=False)[1]) > 0, "without strict the biased model writes stray tags"
+
+
+@pytest.fixture(scope="module")
+def training_url() -> Iterator[str]:
+    folder = Path(tempfile.mkdtemp(prefix="hicra-constrained-train-"))
+    (folder / "trainer.toml").write_text("[optim]\nlr = 1e-3\n[lora]\nrank = 4\n")
+    with start_hicra(["--max-context", "256", "--train-config", str(folder / "trainer.toml"), "--groups-per-step", "1", "--max-staleness", "none"]) as url:
+        yield url
+
+
+def test_constrained_rollouts_train_at_ratio_one_through_the_server(training_url: str, model_id: str) -> None:
+    """A group sampled under a JSON schema and penalties, rewarded, is trained by the server's
+    trainer under the same mask: the step's ratio deviation is rounding, not a distribution gap."""
+    with httpx.Client(base_url=training_url, timeout=120) as http, openai.OpenAI(base_url=f"{training_url}/v1", api_key="none", max_retries=0, timeout=120) as client:
+        response = client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "Invent a user."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+            temperature=1.0, n=4, seed=21, max_tokens=40, frequency_penalty=0.5, extra_body={"min_p": 0.05},
+        )
+        for i, choice in enumerate(response.choices):
+            ok = http.post(f"/v1/rollouts/{ext(choice)['rollout_id']}/reward", json={"reward": float(i)})
+            assert ok.status_code == 200, ok.text
+        deadline = time.monotonic() + 120
+        while True:
+            status = http.get("/v1/training").json()
+            if status["counters"]["steps"] + status["counters"]["failed_steps"] >= 1:
+                break
+            assert time.monotonic() < deadline, f"no step: {status}"
+            time.sleep(0.25)
+        step = status["last_steps"][-1]
+        assert status["counters"]["failed_steps"] == 0 and not step["rejected_groups"], step
+        assert step["ratio_deviation_max"] < 1e-3, step
+        assert step["clip_fraction"] == 0, step
