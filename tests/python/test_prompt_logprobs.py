@@ -145,7 +145,7 @@ def test_chat_prompt_logprobs_match_the_completions_scoring(client: openai.OpenA
 def training_url() -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="hicra-pause-"))
     (folder / "trainer.toml").write_text("[optim]\nlr = 1e-3\n[lora]\nrank = 4\n")
-    args = ["--max-context", "256", "--train-config", str(folder / "trainer.toml"), "--admin-key", "adm", "--max-staleness", "none"]
+    args = ["--max-context", "256", "--train-config", str(folder / "trainer.toml"), "--state-dir", str(folder / "state"), "--admin-key", "adm", "--max-staleness", "none"]
     with start_hicra(args) as url:
         yield url
 

@@ -315,7 +315,8 @@ def test_strict_tools_in_auto_mode_make_every_written_call_valid(hermes_url: str
 def training_url() -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="hicra-constrained-train-"))
     (folder / "trainer.toml").write_text("[optim]\nlr = 1e-3\n[lora]\nrank = 4\n")
-    with start_hicra(["--max-context", "256", "--train-config", str(folder / "trainer.toml"), "--groups-per-step", "1", "--max-staleness", "none"]) as url:
+    args = ["--max-context", "256", "--train-config", str(folder / "trainer.toml"), "--state-dir", str(folder / "state"), "--groups-per-step", "1", "--max-staleness", "none"]
+    with start_hicra(args) as url:
         yield url
 
 
