@@ -253,13 +253,6 @@ impl TokenizerEnv for TrieEnv {
 mod tests {
     use super::*;
 
-    /// The default model's tokenizer, when installed.
-    fn smollm2() -> Option<Arc<Tokenizer>> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/models/smollm2-135m-instruct.gguf");
-        let file = crate::model::gguf::GgufFile::open(&path).ok()?;
-        Some(Arc::new(Tokenizer::from_gguf_spec(crate::tokenizer::spec_from_gguf(&file).ok()?).ok()?))
-    }
-
     fn allowed_ids(words: &[u32], vocab: usize) -> Vec<u32> {
         (0..vocab as u32).filter(|&i| is_set(words, i)).collect()
     }
@@ -279,7 +272,7 @@ mod tests {
 
     #[test]
     fn a_json_schema_mask_only_allows_text_that_stays_valid() {
-        let Some(tok) = smollm2() else { return };
+        let Some(tok) = crate::tokenizer::default_model_tokenizer() else { return };
         let vocab = 49_152;
         let constraints = Constraints::new(tok.clone(), vocab);
         let schema = serde_json::json!({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": false});
@@ -301,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_failed_grammar_ends_the_output_instead_of_failing() {
-        let Some(tok) = smollm2() else { return };
+        let Some(tok) = crate::tokenizer::default_model_tokenizer() else { return };
         let vocab = 49_152;
         let constraints = Constraints::new(tok.clone(), vocab);
         let mut matcher = constraints.matcher(&Constraint::Regex { pattern: "[0-9]+".into() }).expect("compiles");
@@ -313,7 +306,7 @@ mod tests {
 
     #[test]
     fn a_token_outside_the_grammar_is_rejected_by_name() {
-        let Some(tok) = smollm2() else { return };
+        let Some(tok) = crate::tokenizer::default_model_tokenizer() else { return };
         let constraints = Constraints::new(tok.clone(), 49_152);
         let mut matcher = constraints.matcher(&Constraint::Regex { pattern: "[0-9]+".into() }).expect("compiles");
         let letter = tok.encode("a", false).expect("encode")[0];
@@ -323,7 +316,7 @@ mod tests {
 
     #[test]
     fn invalid_constraints_are_errors_that_name_the_problem() {
-        let Some(tok) = smollm2() else { return };
+        let Some(tok) = crate::tokenizer::default_model_tokenizer() else { return };
         let constraints = Constraints::new(tok, 49_152);
         let bad_schema = Constraint::JsonSchema { schema: serde_json::json!({"type": "object", "properties": {"a": {"type": "no-such-type"}}}) };
         let err = constraints.matcher(&bad_schema).expect_err("unknown type");

@@ -138,19 +138,25 @@ pub(crate) fn tool_call_constraint(tools: &[Value], tool_choice: Option<&Value>,
     if chosen.is_empty() {
         return Err(ApiError::invalid_at("tool_choice", "tool_choice requires a tool call but tools lists no function"));
     }
-    let arguments_key = match format {
-        ToolCallFormat::Hermes => "arguments",
-        ToolCallFormat::LlamaJson => "parameters",
-    };
-    let calls: Vec<Value> = chosen.iter().map(|f| call_schema(f, arguments_key)).collect();
-    let call = if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) };
-    let call = serde_json::to_string(&with_compact_whitespace(call)).unwrap_or_default();
+    let call = any_call_schema(&chosen, format);
     let grammar = match (format, parallel) {
         (ToolCallFormat::Hermes, true) => format!("start: call (\"\\n\" call)*\ncall: \"<tool_call>\\n\" %json {call} \"\\n</tool_call>\""),
         (ToolCallFormat::Hermes, false) => format!("start: \"<tool_call>\\n\" %json {call} \"\\n</tool_call>\""),
         (ToolCallFormat::LlamaJson, _) => format!("start: %json {call}"),
     };
     Ok(Some(Constraint::Lark { grammar }))
+}
+
+/// The JSON text of a schema for a call of any of `functions` in `format` (Hermes names the
+/// arguments `arguments`, Llama 3 `parameters`), written compactly.
+fn any_call_schema(functions: &[&Value], format: ToolCallFormat) -> String {
+    let arguments_key = match format {
+        ToolCallFormat::Hermes => "arguments",
+        ToolCallFormat::LlamaJson => "parameters",
+    };
+    let calls: Vec<Value> = functions.iter().map(|f| call_schema(f, arguments_key)).collect();
+    let call = if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) };
+    serde_json::to_string(&with_compact_whitespace(call)).unwrap_or_default()
 }
 
 /// `{"name": <the function>, "<arguments key>": <its parameters>}`, nothing else. Objects of
@@ -177,13 +183,7 @@ pub(crate) fn strict_tools_constraint(tools: &[Value], format: ToolCallFormat) -
     if !functions.iter().any(|f| f.get("strict").and_then(Value::as_bool) == Some(true)) {
         return None;
     }
-    let arguments_key = match format {
-        ToolCallFormat::Hermes => "arguments",
-        ToolCallFormat::LlamaJson => "parameters",
-    };
-    let calls: Vec<Value> = functions.iter().map(|f| call_schema(f, arguments_key)).collect();
-    let call = if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) };
-    let call = serde_json::to_string(&with_compact_whitespace(call)).unwrap_or_default();
+    let call = any_call_schema(&functions, format);
     let grammar = match format {
         // FREE never holds the opening tag; `opening` ends at the first one (a lazy match),
         // after which only a valid call may follow.
@@ -220,17 +220,9 @@ pub(crate) fn check(state: &AppState, constraint: &Constraint, param: &str) -> R
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::engine::constraint::{ConstraintMatcher, Constraints};
     use crate::tokenizer::Tokenizer;
-
-    fn smollm2() -> Option<Arc<Tokenizer>> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/models/smollm2-135m-instruct.gguf");
-        let file = crate::model::gguf::GgufFile::open(&path).ok()?;
-        Some(Arc::new(Tokenizer::from_gguf_spec(crate::tokenizer::spec_from_gguf(&file).ok()?).ok()?))
-    }
 
     fn tools() -> Vec<Value> {
         vec![json!({"type": "function", "function": {"name": "get_weather", "strict": true, "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})]
@@ -251,7 +243,7 @@ mod tests {
 
     #[test]
     fn strict_tools_in_auto_mode_allow_free_text_and_valid_calls_only() {
-        let Some(tok) = smollm2() else { return };
+        let Some(tok) = crate::tokenizer::default_model_tokenizer() else { return };
         let constraints = Constraints::new(tok.clone(), 49_152);
         let constraint = strict_tools_constraint(&tools(), ToolCallFormat::Hermes).expect("a strict tool");
         let mut plain = constraints.matcher(&constraint).expect("compiles");

@@ -478,6 +478,14 @@ fn config_templates(value: Option<&Value>) -> (Option<String>, Option<String>) {
     }
 }
 
+/// The default model's tokenizer (SmolLM2's, from the GGUF `scripts/setup.sh` installs),
+/// for tests elsewhere in the crate; `None` when the file is absent.
+#[cfg(test)]
+pub(crate) fn default_model_tokenizer() -> Option<std::sync::Arc<Tokenizer>> {
+    let spec = gguf::test_support::smollm2_spec()?;
+    Tokenizer::from_gguf_spec(spec).ok().map(std::sync::Arc::new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
