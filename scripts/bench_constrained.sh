@@ -16,10 +16,10 @@ out=target/bench-constrained
 mkdir -p "$out"
 commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- core || echo "+changes")
 rm -f "$out/reference.jsonl"
-target/release/hicra bench --device cpu --batch 1,8,32 --prompt-tokens 64 --decode-tokens 64 --repeats 3 --constrained --json "$@" > "$out/bench.jsonl"
+target/release/hicra bench --device cpu --batch 1,8,32 --prompt-tokens 64 --decode-tokens 64 --repeats 5 --constrained --json "$@" > "$out/bench.jsonl"
 if [ "$#" -eq 0 ]; then
   scripts/install_bench_references.sh
-  .deps/venv/bin/python scripts/bench_constrained_reference.py --batch 1,8,32 --prompt-tokens 64 --decode-tokens 64 --repeats 3 --threads "$(nproc)" > "$out/reference.jsonl"
+  .deps/venv/bin/python scripts/bench_constrained_reference.py --batch 1,8,32 --prompt-tokens 64 --decode-tokens 64 --repeats 5 --threads "$(nproc)" > "$out/reference.jsonl"
 fi
 .deps/venv/bin/python - "$out/bench.jsonl" "$out/reference.jsonl" "$commit" "$(nproc)" > "$out/readme_block.md" <<'PY'
 import json, os, sys
@@ -27,7 +27,7 @@ def load(path):
     return {r["batch"]: r for r in (json.loads(l) for l in open(path) if l.strip())} if os.path.exists(path) else {}
 ours, ref = load(sys.argv[1]), load(sys.argv[2])
 print(f"Measured by `scripts/bench_constrained.sh` at commit {sys.argv[3]} on {sys.argv[4]} CPU cores, default model, f32")
-print("(llama.cpp: its F32 copy), 64 prompt and 64 generated tokens per row, greedy, fastest of 3 runs;")
+print("(llama.cpp: its F32 copy), 64 prompt and 64 generated tokens per row, greedy, fastest of 5 runs;")
 print("ms per decode step free and with every row under a JSON-records grammar (llama.cpp: its GBNF from")
 print("the same schema, one grammar sampler per sequence); x = llama.cpp / hicra:")
 print()
