@@ -159,7 +159,7 @@ mod serving {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port").to_string();
         let model = common::tiny_model_file();
         let start = move |rank: &'static str, config: std::path::PathBuf, model: std::path::PathBuf, port: String| {
-            let args = ["--max-context".into(), "128".into(), "--groups-per-step".into(), "2".into(), "--dist-timeout-s".into(), "60".into(), "--train-config".into(), config.into_os_string(), "--model".into(), model.into_os_string()];
+            let args = ["--max-context".into(), "128".into(), "--groups-per-step".into(), "2".into(), "--dist-timeout-s".into(), "60".into(), "--admin-key".into(), "adm".into(), "--train-config".into(), config.into_os_string(), "--model".into(), model.into_os_string()];
             let env = [("WORLD_SIZE", "2"), ("RANK", rank), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())];
             common::start_server_env(&args, "warn,hicra_core=info", &env)
         };
@@ -230,6 +230,30 @@ mod serving {
         assert_eq!((greedy_version(&client, &first), greedy_version(&client, &second)), (1, 1));
         let replicas = &statuses[1]["replicas"];
         assert_eq!((replicas["rank"].as_u64(), replicas["world_size"].as_u64(), replicas["lost"].is_null()), (Some(1), Some(2), true));
+    }
+
+    #[test]
+    fn a_pause_on_one_replica_holds_both_until_it_resumes() {
+        let (first, second) = start_pair("pause");
+        let client = Client::new();
+        let admin = |server: &Server, what: &str| {
+            let response = client.post(format!("{}/admin/training/{what}", server.url)).bearer_auth("adm").send().expect("admin request");
+            assert_eq!(response.status().as_u16(), 200);
+            response.json::<Value>().expect("json")
+        };
+        let paused = admin(&second, "pause");
+        assert_eq!((paused["paused"].as_bool(), paused["policy_version"].as_u64()), (Some(true), Some(0)), "{paused}");
+        // Enough complete groups between them for a step, on both replicas.
+        rewarded_group(&client, &first, &first, "left");
+        rewarded_group(&client, &second, &second, "right");
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!((greedy_version(&client, &first), greedy_version(&client, &second)), (0, 0), "no replica may step while one is paused");
+        let resumed = admin(&second, "resume");
+        assert_eq!(resumed["paused"].as_bool(), Some(false), "{resumed}");
+        for server in [&first, &second] {
+            common::wait_for_steps(&server.url, None, 1);
+        }
+        assert_eq!((greedy_version(&client, &first), greedy_version(&client, &second)), (1, 1));
     }
 
     #[test]

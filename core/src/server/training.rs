@@ -812,11 +812,18 @@ async fn run_steps_with_replicas(state: AppState, buffer: Arc<TrainingBuffer>, g
             _ => 0,
         };
         // A pause on any replica (the one the admin call reached) holds every replica's steps.
+        // The round holds the step gate from its agreement through its step: a pause arriving
+        // meanwhile answers after that step (with its version), and the next round sees it.
+        let gate = buffer.step_gate.lock().await;
         let agreed = tokio::task::block_in_place(|| group.sum_values(&[ready as i64, checkpointed as i64, buffer.is_paused() as i64]));
         let (held_by_all, rank0_checkpoint, paused_anywhere) = match agreed.as_deref() {
             Ok([held, version, paused]) => (*held, *version as u64, *paused > 0),
             Ok(_) => (0, 0, true),
-            Err(err) => return lose_replicas(&state, &buffer, err.to_string()).await,
+            Err(err) => {
+                // Its checkpoint takes the gate.
+                drop(gate);
+                return lose_replicas(&state, &buffer, err.to_string()).await;
+            }
         };
         if let (true, Some(journal)) = (group.rank() > 0, &state.journal) {
             journal.set_checkpoint_version(rank0_checkpoint);
@@ -826,7 +833,9 @@ async fn run_steps_with_replicas(state: AppState, buffer: Arc<TrainingBuffer>, g
             continue;
         }
         let share = tokio::task::block_in_place(|| buffer.take_share());
-        if step_once(&state, &buffer, share).await {
+        let updated = step_holding_gate(&state, &buffer, share).await;
+        drop(gate);
+        if updated {
             super::checkpoints::after_update(&state);
         }
         if group.is_broken() {
@@ -853,9 +862,15 @@ async fn lose_replicas(state: &AppState, buffer: &Arc<TrainingBuffer>, reason: S
 /// engine steps even with no groups of its own: the step is taken together.
 async fn step_once(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<ReadyGroup>) -> bool {
     let _gate = buffer.step_gate.lock().await;
+    step_holding_gate(state, buffer, batch).await
+}
+
+/// [`step_once`] for a caller that holds the step gate (a replica's round holds it from the
+/// agreement on).
+async fn step_holding_gate(state: &AppState, buffer: &Arc<TrainingBuffer>, batch: Vec<ReadyGroup>) -> bool {
     // A pause that took the gate between `take_batch` and here has answered with the current
     // version: keep that promise and put the groups back. (Replicas agreed on this step
-    // together and must take it.)
+    // together and must take it; their rounds hold the gate, so no pause lands in between.)
     if buffer.is_paused() && buffer.settings.replicas.is_none() {
         buffer.requeue(batch);
         return false;
