@@ -104,6 +104,8 @@ fn two_arms_two_seeds_compared_at_equal_compute_and_resumed() {
     // the same sampling seed.
     assert_eq!(json[0]["steps"][0]["step"], 0);
     assert_eq!(json[0]["steps"][0]["pass1"], json[1]["steps"][0]["pass1"], "untrained evaluations differ between arms");
+    // ...so it is measured once per seed: the second arm of each seed reuses it.
+    assert_eq!(first.stderr.matches("reusing the untrained evaluation").count(), 2, "{}", first.stderr);
     for chart in ["pass1.png", "pass1.svg", "pass_k.png", "pass_k.svg"] {
         assert!(std::fs::metadata(out.join(chart)).map(|m| m.len() > 1000).unwrap_or(false), "{chart} missing");
     }

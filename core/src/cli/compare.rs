@@ -51,11 +51,16 @@ pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
     }
     let plan = sweep.plan(&base)?;
     let total = plan.len();
+    // The untrained model's evaluation, measured once per distinct configuration (in
+    // practice: once per seed; the arms differ only in what acts from the first step on).
+    let mut start_evaluations: Vec<(serde_json::Value, (f64, f64))> = Vec::new();
     for (index, planned) in plan.iter().enumerate() {
         let label = format!("[{}/{total}] {} seed {}", index + 1, planned.arm, planned.seed);
         let dir = &planned.config.output_dir;
+        let key = planned.config.start_evaluation_key();
         if finished(dir, planned.config.steps) {
             eprintln!("{label}: finished earlier, skipped");
+            remember_start_evaluation(&mut start_evaluations, key, dir);
             continue;
         }
         if args.report_only {
@@ -64,6 +69,10 @@ pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
         eprintln!("{label}: training {} steps in {}", planned.config.steps, dir.display());
         let model = ModelArgs { model: planned.config.model.clone(), device: args.device, dtype: None, max_context: 4096, adapter: None, local_rank: 0 }.load()?;
         let mut run = Run::new(planned.config.clone(), model)?;
+        if let Some((_, (pass1, pass_k))) = start_evaluations.iter().find(|(k, _)| *k == key) {
+            eprintln!("{label}: reusing the untrained evaluation of an earlier arm with this seed (pass@1 {pass1:.3})");
+            run.reuse_start_evaluation(*pass1, *pass_k);
+        }
         let start = if dir.join("checkpoint").exists() { run.resume().with_context(|| format!("{label}: resuming"))? } else { 0 };
         let progress = super::progress::Progress::new(&format!("{} seed {} step", planned.arm, planned.seed), start, planned.config.steps);
         run.run(start, |m| {
@@ -72,6 +81,7 @@ pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
         })
         .with_context(|| label.clone())?;
         progress.finish();
+        remember_start_evaluation(&mut start_evaluations, key, dir);
     }
 
     let mut curves: BTreeMap<(String, u64), Curve> = BTreeMap::new();
@@ -94,6 +104,18 @@ pub(crate) fn run(args: CompareArgs) -> anyhow::Result<()> {
     println!("{table}");
     eprintln!("comparison of {} finished runs of {total} written to {}", curves.len(), sweep.output_dir.join("compare.md").display());
     Ok(())
+}
+
+/// Keeps the step-0 evaluation the run in `dir` logged (if any) for later runs with `key`.
+fn remember_start_evaluation(known: &mut Vec<(serde_json::Value, (f64, f64))>, key: serde_json::Value, dir: &Path) {
+    if known.iter().any(|(k, _)| *k == key) {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("metrics.jsonl")) else { return };
+    let first = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|row| row["run_step"].as_u64() == Some(0));
+    if let Some((Some(pass1), Some(pass_k))) = first.map(|row| (row["eval_start_pass1"].as_f64(), row["eval_start_pass_k"].as_f64())) {
+        known.push((key, (pass1, pass_k)));
+    }
 }
 
 /// Whether the run in `dir` has logged its last step.

@@ -123,6 +123,26 @@ pub struct RunConfig {
     pub trainer: TrainerConfig,
 }
 
+impl RunConfig {
+    /// What the untrained model's held-out evaluation depends on: this configuration without
+    /// the settings that act only once training starts (credit, optimizer, loss, step sizes,
+    /// detectors, output). Runs with equal keys measure the same step-0 evaluation.
+    pub fn start_evaluation_key(&self) -> serde_json::Value {
+        let mut key = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(map) = key.as_object_mut() {
+            for training_only in ["steps", "prompts_per_step", "group_size", "resample_equal_groups", "sg_plugin", "sg_plugin_config", "credit_plugin", "credit_plugin_config", "strategic_grams", "output_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_rollouts"] {
+                map.remove(training_only);
+            }
+            if let Some(trainer) = map.get_mut("trainer").and_then(serde_json::Value::as_object_mut) {
+                for training_only in ["credit", "optim", "loss"] {
+                    trainer.remove(training_only);
+                }
+            }
+        }
+        key
+    }
+}
+
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
@@ -290,6 +310,9 @@ pub struct Run {
     custom_environment: Option<(usize, EnvironmentFactory)>,
     /// This process's share of the prompts: (rank, world size); (0, 1) alone.
     replica: (usize, usize),
+    /// Step 0's untrained evaluation `(pass@1, pass@k)`, when another run with the same
+    /// [`RunConfig::start_evaluation_key`] already measured it (see [`Run::reuse_start_evaluation`]).
+    known_start_evaluation: Option<(f64, f64)>,
 }
 
 /// A library user's environment: one per episode, for its example.
@@ -363,7 +386,7 @@ impl Run {
         let trainer = Trainer::new(&mut loaded.model, config.trainer.clone())?;
         std::fs::create_dir_all(&config.output_dir).map_err(|source| RunError::Io { path: config.output_dir.clone(), source })?;
         let metrics_path = config.output_dir.join("metrics.jsonl");
-        Ok(Self { config, loaded, trainer, train, eval, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins, custom_environment: None, replica: (0, 1) })
+        Ok(Self { config, loaded, trainer, train, eval, grams, metrics_path, custom_reward: None, pattern, plugin, step_plugins, custom_environment: None, replica: (0, 1), known_start_evaluation: None })
     }
 
     /// Trains together with the other replicas of `group` (data parallel): each samples its
@@ -668,6 +691,14 @@ impl Run {
         (completions, masked)
     }
 
+    /// Takes step 0's untrained evaluation from another run instead of measuring it again:
+    /// valid for a run whose [`RunConfig::start_evaluation_key`] is the same (before any step
+    /// the adapters add nothing, so only the model, the held-out set, the sampling and the
+    /// scoring decide it). `hicra compare` uses it for the arms of one seed.
+    pub fn reuse_start_evaluation(&mut self, pass1: f64, pass_k: f64) {
+        self.known_start_evaluation = Some((pass1, pass_k));
+    }
+
     /// One loop step: sample, score, train; returns its metrics and its rewarded rollouts.
     fn step(&mut self, step: u64) -> Result<(StepMetrics, Vec<RolloutRecord>), RunError> {
         // libtorch's generator drives LoRA dropout; seeding it from (seed, step) makes a resumed
@@ -678,9 +709,10 @@ impl Run {
         // With replicas, each samples its share; indices stay those of the whole step.
         let (first, count) = self.shard(n);
         let batch: Vec<&Example> = (first..first + count).map(|i| &self.train[(step as usize * n + i) % self.train.len()]).collect();
-        let (eval_start_pass1, eval_start_pass_k) = match step == 0 && self.config.eval_before_training && !self.eval.is_empty() {
-            true => self.evaluate(0).map(|(a, b)| (Some(a), Some(b)))?,
-            false => (None, None),
+        let (eval_start_pass1, eval_start_pass_k) = match (step == 0 && self.config.eval_before_training && !self.eval.is_empty(), self.known_start_evaluation) {
+            (true, Some((pass1, pass_k))) => (Some(pass1), Some(pass_k)),
+            (true, None) => self.evaluate(0).map(|(a, b)| (Some(a), Some(b)))?,
+            (false, _) => (None, None),
         };
         let started = Instant::now();
         let (scored, masked): (Vec<ScoredGroup>, usize) = match self.episode_turns() {
@@ -812,6 +844,16 @@ fn keep_lines_before(path: &std::path::Path, field: &str, before: u64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_evaluation_key_ignores_what_acts_only_once_training_starts() {
+        let base = RunConfig::default();
+        let other_credit = RunConfig { trainer: TrainerConfig { credit: crate::train::credit::CreditScheme::Grpo { scale_by_std: false }, ..base.trainer.clone() }, steps: 99, output_dir: "elsewhere".into(), ..base.clone() };
+        assert_eq!(base.start_evaluation_key(), other_credit.start_evaluation_key());
+        for changed in [RunConfig { temperature: 0.5, ..base.clone() }, RunConfig { eval_samples: 9, ..base.clone() }, RunConfig { seed: 3, ..base.clone() }, RunConfig { model: "other".into(), ..base.clone() }] {
+            assert_ne!(base.start_evaluation_key(), changed.start_evaluation_key());
+        }
+    }
 
     #[test]
     fn last_number_reward_reads_the_final_number() {
