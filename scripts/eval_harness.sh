@@ -10,7 +10,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-scripts/setup.sh >&2
+scripts/setup.sh --reference >&2   # transformers and gguf: the hf backend and the export
 marker=.deps/.installed-eval
 want="$(cat scripts/eval-requirements.txt scripts/fixtures/requirements-fixtures.txt)"
 if [ ! -f "$marker" ] || [ "$(cat "$marker")" != "$want" ]; then
