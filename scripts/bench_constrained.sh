@@ -11,6 +11,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+scripts/setup.sh >&2
 cargo build --release --bin hicra >&2
 out=target/bench-constrained
 mkdir -p "$out"
