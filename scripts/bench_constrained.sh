@@ -7,7 +7,7 @@
 # this run. About three minutes on 2 CPU cores.
 #
 #   scripts/bench_constrained.sh                 # README updated
-#   scripts/bench_constrained.sh --device cuda   # more `hicra bench` flags (README untouched)
+#   scripts/bench_constrained.sh --device cuda --batch 1,32   # `hicra bench` flags instead (README untouched)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -17,7 +17,10 @@ out=target/bench-constrained
 mkdir -p "$out"
 commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- core || echo "+changes")
 rm -f "$out/reference.jsonl"
-target/release/hicra bench --device cpu --batch 1,8,32 --prompt-tokens 64 --decode-tokens 64 --repeats 5 --constrained --json "$@" > "$out/bench.jsonl"
+# The README's run is on the CPU beside llama.cpp's CPU build; flags given replace that.
+defaults=(--device cpu --batch 1,8,32 --prompt-tokens 64 --decode-tokens 64 --repeats 5)
+if [ "$#" -gt 0 ]; then defaults=(); fi
+target/release/hicra bench "${defaults[@]}" --constrained --json "$@" > "$out/bench.jsonl"
 if [ "$#" -eq 0 ]; then
   scripts/install_bench_references.sh
   .deps/venv/bin/python scripts/bench_constrained_reference.py --batch 1,8,32 --prompt-tokens 64 --decode-tokens 64 --repeats 5 --threads "$(nproc)" > "$out/reference.jsonl"
