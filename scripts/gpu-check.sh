@@ -14,7 +14,8 @@
 #   2. greedy generation through `hicra serve` with the openai client, equal to the CPU's;
 #   3. one online training step in bf16 with the sampler/trainer ratio statistics;
 #   4. prefill, decode at batch 1, 16 and 64, and the 8 x 1024-token training step on the
-#      Qwen2.5-0.5B shape in bf16, side by side with transformers + PEFT on the same GPU.
+#      Qwen2.5-0.5B shape in bf16, side by side with transformers + PEFT on the same GPU;
+#      decode under a JSON grammar (structured outputs) at the same batch sizes.
 # Environment: HICRA_GPU_PYTHON (default /opt/torch/.venv/bin/python3, else python3),
 # HICRA_GPU_SHAPE (default qwen2.5-0.5b). Raw logs go to $OUT (or target/gpu-check/out).
 # A dry run of the script's logic on a CPU machine: HICRA_GPU_DEVICE=cpu HICRA_GPU_SKIP_BENCH=1.
@@ -32,6 +33,18 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$bin"
   strip -o "$bin/hicra" target/release/hicra
   strip -o "$bin/parity" "$parity"
+  # A real tokenizer (the default model's, 3.5 MB; the model itself is over the carry limit)
+  # for the constrained-decoding benchmark on random weights.
+  if [ ! -f "$bin/tokenizer/tokenizer.json" ]; then
+    .deps/venv/bin/python - "$bin/tokenizer" <<'PY'
+import sys
+sys.path.insert(0, "scripts")
+from torch_stubs import ensure_torch_importable
+ensure_torch_importable()
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(".deps/models", gguf_file="smollm2-135m-instruct.gguf").save_pretrained(sys.argv[1])
+PY
+  fi
   du -ch "$bin"/* | tail -n 1
   exit 0
 fi
@@ -140,6 +153,12 @@ if [ -n "${HICRA_GPU_SKIP_BENCH:-}" ]; then
   exit 0
 fi
 timeout "$(budget 60)" "$hicra" bench --device cuda --dtype bf16 --shape "$shape" --batch 1,16,64 --json > "$out/bench-hicra.jsonl" 2> "$out/bench-hicra.log"
+# Constrained decoding: the same decode free and under a JSON grammar (masks computed on the
+# host while the GPU runs the forward pass, applied on the device).
+if [ -f "$bin/tokenizer/tokenizer.json" ]; then
+  timeout "$(budget 35)" "$hicra" bench --device cuda --dtype bf16 --shape "$shape" --tokenizer "$bin/tokenizer/tokenizer.json" \
+    --batch 1,16,64 --prompt-tokens 64 --decode-tokens 64 --repeats 2 --constrained --json > "$out/bench-constrained.jsonl" 2> "$out/bench-constrained.log"
+fi
 timeout "$(budget 90)" "$py" scripts/bench_reference.py --only transformers --shape "$shape" --device cuda --dtype bf16 --batch 1,16,64 --wait-idle 0 \
   > "$out/bench-transformers.jsonl" 2> "$out/bench-transformers.log"
 train_args=(--shape "$shape" --batch 8 --prompt-tokens 512 --completion-tokens 512 --micro-batch 8 --steps 3)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The benchmark table of scripts/gpu-check.sh, from the JSON lines its runs wrote into OUT_DIR
-(bench-hicra.jsonl, bench-transformers.jsonl, train-hicra.jsonl, train-hicra-checkpointed.jsonl,
-train-transformers.jsonl) and the peak GPU memory of the three training runs:
+(bench-hicra.jsonl, bench-constrained.jsonl, bench-transformers.jsonl, train-hicra.jsonl,
+train-hicra-checkpointed.jsonl, train-transformers.jsonl) and the peak GPU memory of the three training runs:
 
     python3 scripts/gpu_check_table.py OUT_DIR SHAPE HICRA_MIB HICRA_CHECKPOINTED_MIB REFERENCE_MIB
 
@@ -36,6 +36,12 @@ def main() -> int:
     for batch in (1, 16, 64):
         a, b = ours.get(batch, {}).get("decode_tokens_per_s"), theirs.get(batch, {}).get("decode_tokens_per_s")
         rows.append(f"| decode tok/s, batch {batch} | {number(a)} | {number(b)} | {ratio(a, b)} |")
+    constrained = {r["batch"]: r for r in json_lines(out / "bench-constrained.jsonl")}
+    for batch in (1, 16, 64):
+        r = constrained.get(batch, {})
+        free, masked, added = r.get("decode_ms_per_step"), r.get("constrained_decode_ms_per_step"), r.get("constrained_extra_ms_per_token")
+        shown = f"{masked:.2f} ({free:.2f} free, {added:+.3f} ms/token)" if None not in (masked, free, added) else "-"
+        rows.append(f"| decode ms/step under a JSON grammar, batch {batch} | {shown} | - | - |")
     a, b = ours.get(64, {}).get("prefill_tokens_per_s"), theirs.get(64, {}).get("prefill_tokens_per_s")
     rows.append(f"| prefill tok/s, 64 x 128 tokens | {number(a)} | {number(b)} | {ratio(a, b)} |")
     theirs_train = (json_lines(out / "train-transformers.jsonl") or [{}])[-1].get("step_seconds")

@@ -98,7 +98,7 @@ impl ModelArgs {
 }
 
 /// What a benchmark measures: a real model (`--model`), or random weights of a real shape
-/// (`--shape`, no download), which has no tokenizer.
+/// (`--shape`, no download), which has no tokenizer unless `--tokenizer` gives one.
 pub(crate) struct BenchModel {
     pub model: model::Transformer,
     pub tokenizer: Option<crate::tokenizer::Tokenizer>,
@@ -115,6 +115,10 @@ pub(crate) struct ShapeArgs {
     /// Seed of the random weights of `--shape`.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// With `--shape`: a `tokenizer.json` to pair with the random weights (its vocabulary must
+    /// fit the shape's), for what needs text (`bench --constrained`).
+    #[arg(long, requires = "shape")]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -129,7 +133,17 @@ impl ModelArgs {
         let started = std::time::Instant::now();
         let model = model::shapes::random_model(which, shape.seed, dtype.kind(), device, self.max_context)?;
         tracing::info!(shape = which.name(), parameters = which.parameter_count(), ?device, ?dtype, secs = started.elapsed().as_secs_f32(), "random-weight model built");
-        Ok(BenchModel { model, tokenizer: None, name: format!("{} (random weights, seed {})", which.name(), shape.seed) })
+        let tokenizer = match &shape.tokenizer {
+            Some(path) => {
+                let config = path.with_file_name("tokenizer_config.json");
+                let tokenizer = crate::tokenizer::Tokenizer::from_hf_files(path, config.is_file().then_some(config.as_path()))?;
+                let vocab = model.config().vocab_size;
+                anyhow::ensure!(tokenizer.vocab_size() <= vocab, "{}: {} tokens do not fit the {} logits of {}", path.display(), tokenizer.vocab_size(), vocab, which.name());
+                Some(tokenizer)
+            }
+            None => None,
+        };
+        Ok(BenchModel { model, tokenizer, name: format!("{} (random weights, seed {})", which.name(), shape.seed) })
     }
 }
 
