@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_reference import llama_batched_context  # noqa: E402
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. "
 RECORD_SCHEMA = {
     "type": "object",
@@ -95,28 +97,8 @@ def main() -> int:
 
     P = len(ids)
     for b in [int(x) for x in a.batch.split(",")]:
-        cp = L.llama_context_default_params()
-        cp.n_ctx = max(512, b * (P + a.decode_tokens + 16))
-        cp.n_batch = max(512, b * P)
-        cp.n_seq_max = b
-        cp.n_threads = a.threads
-        cp.n_threads_batch = a.threads
-        cp.kv_unified = False
-        cp.no_perf = True
-        ctx = L.llama_init_from_model(model, cp)
+        ctx, _, pbatch, dbatch = llama_batched_context(L, model, ids, b, a.decode_tokens, a.threads)
         mem = L.llama_get_memory(ctx)
-        pbatch = L.llama_batch_init(b * P, 0, 1)
-        dbatch = L.llama_batch_init(b, 0, 1)
-        for s in range(b):
-            for i, t in enumerate(ids):
-                k = s * P + i
-                pbatch.token[k], pbatch.pos[k], pbatch.n_seq_id[k] = t, i, 1
-                pbatch.seq_id[k][0] = s
-                pbatch.logits[k] = 1 if i == P - 1 else 0
-            dbatch.n_seq_id[s] = 1
-            dbatch.seq_id[s][0] = s
-            dbatch.logits[s] = 1
-        pbatch.n_tokens, dbatch.n_tokens = b * P, b
 
         def decode_ms_per_step(constrained: bool) -> tuple[float, str]:
             samplers = [chain(constrained) for _ in range(b)]

@@ -275,6 +275,43 @@ def gguf_file_type(path: Path) -> str:
     return "unknown"
 
 
+def llama_batched_context(L, model, ids: list[int], b: int, decode_tokens: int, threads: int):
+    """A llama.cpp context for `b` sequences of prompt `ids` plus `decode_tokens` each (one
+    sequence id per prompt, non-unified KV cache), the prompt batch (logits only at each
+    prompt's last position) and a one-token-per-sequence decode batch; also the context's
+    parameters, for the record."""
+    P = len(ids)
+    cp = L.llama_context_default_params()
+    # Every sequence needs P + decode cells, and llama.cpp caps n_batch at n_ctx, so a
+    # smaller context would abort long prompts (GGML_ASSERT n_tokens_all <= n_batch).
+    cp.n_ctx = max(512, b * (P + decode_tokens + 16))
+    cp.n_batch = max(512, b * P)
+    cp.n_seq_max = b
+    cp.n_threads = threads
+    cp.n_threads_batch = threads
+    cp.kv_unified = False
+    cp.no_perf = True
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        raise SystemExit(f"llama.cpp could not create a context for batch {b}")
+    pbatch = L.llama_batch_init(b * P, 0, 1)
+    dbatch = L.llama_batch_init(b, 0, 1)
+    for s in range(b):
+        for i, t in enumerate(ids):
+            k = s * P + i
+            pbatch.token[k] = t
+            pbatch.pos[k] = i
+            pbatch.n_seq_id[k] = 1
+            pbatch.seq_id[k][0] = s
+            pbatch.logits[k] = 1 if i == P - 1 else 0
+        dbatch.n_seq_id[s] = 1
+        dbatch.seq_id[s][0] = s
+        dbatch.logits[s] = 1
+    pbatch.n_tokens = b * P
+    dbatch.n_tokens = b
+    return ctx, cp, pbatch, dbatch
+
+
 def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
     import ctypes
 
@@ -326,35 +363,8 @@ def run_llamacpp(a: argparse.Namespace, batches: list[int]) -> None:
             f"vocab={n_vocab}, threads={a.threads}")
         for b in batches:
             P = a.prompt_tokens
-            cp = L.llama_context_default_params()
-            # Every sequence needs P + decode cells, and llama.cpp caps n_batch at n_ctx, so a
-            # smaller context would abort long prompts (GGML_ASSERT n_tokens_all <= n_batch).
-            cp.n_ctx = max(512, b * (P + a.decode_tokens + 16))
-            cp.n_batch = max(512, b * P)
-            cp.n_seq_max = b
-            cp.n_threads = a.threads
-            cp.n_threads_batch = a.threads
-            cp.kv_unified = False
-            cp.no_perf = True
-            ctx = L.llama_init_from_model(model, cp)
-            if not ctx:
-                raise SystemExit(f"llama.cpp could not create a context for batch {b}")
+            ctx, cp, pbatch, dbatch = llama_batched_context(L, model, ids, b, a.decode_tokens, a.threads)
             mem = L.llama_get_memory(ctx)
-            pbatch = L.llama_batch_init(b * P, 0, 1)
-            dbatch = L.llama_batch_init(b, 0, 1)
-            for s in range(b):
-                for i, t in enumerate(ids):
-                    k = s * P + i
-                    pbatch.token[k] = t
-                    pbatch.pos[k] = i
-                    pbatch.n_seq_id[k] = 1
-                    pbatch.seq_id[k][0] = s
-                    pbatch.logits[k] = 1 if i == P - 1 else 0
-                dbatch.n_seq_id[s] = 1
-                dbatch.seq_id[s][0] = s
-                dbatch.logits[s] = 1
-            pbatch.n_tokens = b * P
-            dbatch.n_tokens = b
 
             def argmax_rows(idx: list[int]) -> list[int]:
                 out = []
