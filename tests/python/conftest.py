@@ -118,6 +118,17 @@ def start_hicra(args: list[str]) -> Iterator[str]:
         _stop(proc)
 
 
+@contextlib.contextmanager
+def start_training_hicra(extra: list[str]) -> Iterator[str]:
+    """`start_hicra` with training on: a small LoRA (rank 4, lr 1e-3), stale rollouts kept,
+    the state folder in a fresh temporary directory (never the repository's ./hicra-state)."""
+    folder = Path(tempfile.mkdtemp(prefix="hicra-train-"))
+    (folder / "trainer.toml").write_text("[optim]\nlr = 1e-3\n[lora]\nrank = 4\n")
+    args = ["--max-context", str(MAX_CONTEXT), "--train-config", str(folder / "trainer.toml"), "--state-dir", str(folder / "state"), "--max-staleness", "none", *extra]
+    with start_hicra(args) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """The session's server: the default model, a fixed API key, a small context."""

@@ -10,16 +10,14 @@ A training server pauses its steps on request, so an evaluation sees one policy 
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
 import openai
 import pytest
 
-from conftest import start_hicra
+from conftest import start_training_hicra
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 # Decode (KV cache, one position at a time) and a whole-sequence forward pass round differently
@@ -143,10 +141,7 @@ def test_chat_prompt_logprobs_match_the_completions_scoring(client: openai.OpenA
 
 @pytest.fixture(scope="module")
 def training_url() -> Iterator[str]:
-    folder = Path(tempfile.mkdtemp(prefix="hicra-pause-"))
-    (folder / "trainer.toml").write_text("[optim]\nlr = 1e-3\n[lora]\nrank = 4\n")
-    args = ["--max-context", "256", "--train-config", str(folder / "trainer.toml"), "--state-dir", str(folder / "state"), "--admin-key", "adm", "--max-staleness", "none"]
-    with start_hicra(args) as url:
+    with start_training_hicra(["--admin-key", "adm"]) as url:
         yield url
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_hicra
+from conftest import start_hicra, start_training_hicra
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORED_HEADER = "x-hicra-ignored-fields"
@@ -313,10 +312,7 @@ def test_strict_tools_in_auto_mode_make_every_written_call_valid(hermes_url: str
 
 @pytest.fixture(scope="module")
 def training_url() -> Iterator[str]:
-    folder = Path(tempfile.mkdtemp(prefix="hicra-constrained-train-"))
-    (folder / "trainer.toml").write_text("[optim]\nlr = 1e-3\n[lora]\nrank = 4\n")
-    args = ["--max-context", "256", "--train-config", str(folder / "trainer.toml"), "--state-dir", str(folder / "state"), "--groups-per-step", "1", "--max-staleness", "none"]
-    with start_hicra(args) as url:
+    with start_training_hicra(["--groups-per-step", "1"]) as url:
         yield url
 
 
