@@ -176,3 +176,15 @@ def test_paused_training_keeps_one_policy_version_while_rewards_arrive(training_
         while http.get("/v1/training").json()["policy_version"] == version:
             assert time.monotonic() < deadline, "no step after resume"
             time.sleep(0.5)
+
+
+def test_a_scored_prompt_over_the_context_is_a_400_naming_the_prompt(client: openai.OpenAI, model_id: str, max_context: int) -> None:
+    for max_tokens in (0, 2):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model_id, prompt=[5] * (max_context + 1), echo=True, logprobs=1, max_tokens=max_tokens)
+        body = err.value.body
+        assert body["param"] == "prompt" and body["code"] == "context_length_exceeded", body
+        assert f"context limit is {max_context}" in body["message"], body
+    # Exactly the context: nothing to generate, but it can be scored.
+    scored = client.completions.create(model=model_id, prompt=[5] * max_context, echo=True, logprobs=1, max_tokens=0)
+    assert len(scored.choices[0].logprobs.token_logprobs) == max_context

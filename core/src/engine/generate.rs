@@ -561,19 +561,26 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// The checks a request must pass before it takes a slot: a non-empty prompt shorter than
-/// `max_context` (one position must remain to generate), ids inside the vocabulary, sane
-/// sampling parameters. Shared by the engine and by the scheduler's early refusal.
-pub fn validate_request(request: &GenerationRequest, vocab_size: usize, max_context: usize) -> Result<(), EngineError> {
-    if request.prompt_ids.is_empty() {
+/// The checks every prompt must pass, to be continued (`generating`) or scored: not empty,
+/// within `max_context` (one position to spare when generating), ids inside the vocabulary.
+pub fn validate_prompt(prompt_ids: &[u32], vocab_size: usize, max_context: usize, generating: bool) -> Result<(), EngineError> {
+    if prompt_ids.is_empty() {
         return Err(EngineError::EmptyPrompt);
     }
-    if request.prompt_ids.len() >= max_context {
-        return Err(EngineError::PromptTooLong { prompt_tokens: request.prompt_ids.len(), max_context });
+    if prompt_ids.len() + usize::from(generating) > max_context {
+        return Err(EngineError::PromptTooLong { prompt_tokens: prompt_ids.len(), max_context, generating });
     }
-    if let Some(&id) = request.prompt_ids.iter().find(|&&id| id as usize >= vocab_size) {
+    if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab_size) {
         return Err(EngineError::TokenOutOfRange { id, vocab_size });
     }
+    Ok(())
+}
+
+/// The checks a request must pass before it takes a slot: its prompt's
+/// ([`validate_prompt`]) and sane sampling parameters. Shared by the engine and by the
+/// scheduler's early refusal.
+pub fn validate_request(request: &GenerationRequest, vocab_size: usize, max_context: usize) -> Result<(), EngineError> {
+    validate_prompt(&request.prompt_ids, vocab_size, max_context, true)?;
     let s = &request.sampling;
     if !(s.temperature.is_finite() && s.temperature >= 0.0) {
         return Err(EngineError::InvalidParameter(format!("temperature must be >= 0, got {}", s.temperature)));

@@ -17,20 +17,26 @@ pub mod sampler;
 pub mod scheduler;
 pub mod score;
 
-pub use generate::{Engine, FinishReason, Generation, GenerationRequest, GeneratedToken};
+pub use generate::{validate_prompt, Engine, FinishReason, Generation, GenerationRequest, GeneratedToken};
 pub use sampler::SamplingParams;
 pub use score::{score_completions, score_prompt, PromptToken};
+
+fn generation_note(generating: &bool) -> &'static str {
+    if *generating { " (at least one position must remain for generation)" } else { "" }
+}
 
 /// Why a request cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    /// The prompt leaves no room to generate within the context.
-    #[error("prompt has {prompt_tokens} tokens but the context limit is {max_context} (at least one position must remain for generation)")]
+    /// The prompt does not fit the context (with one position to spare when generating).
+    #[error("prompt has {prompt_tokens} tokens but the context limit is {max_context}{}", generation_note(.generating))]
     PromptTooLong {
         /// Length of the prompt.
         prompt_tokens: usize,
         /// The context limit (model positions and KV cache capacity).
         max_context: usize,
+        /// Whether the prompt was to be continued (then one position must remain).
+        generating: bool,
     },
     /// A prompt was empty.
     #[error("prompt is empty: at least one token is required")]

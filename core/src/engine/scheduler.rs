@@ -195,7 +195,7 @@ enum Command {
     /// Copy the trainer's state for a checkpoint, between decode steps.
     Snapshot(tokio::sync::oneshot::Sender<Option<TrainerSnapshot>>),
     /// Teacher-forced logprobs of these prompts' tokens, with this many alternatives each.
-    ScorePrompts(Vec<Vec<u32>>, usize, tokio::sync::oneshot::Sender<Result<ScoredPrompts, String>>),
+    ScorePrompts(Vec<Vec<u32>>, usize, tokio::sync::oneshot::Sender<Result<ScoredPrompts, EngineError>>),
 }
 
 /// [`EngineHandle::score_prompts`]'s answer.
@@ -293,10 +293,15 @@ impl EngineHandle {
     /// Teacher-forced logprobs of every token of each prompt (after its first) under the
     /// served policy, with `top_k` alternatives per position, computed on the engine thread
     /// between decode steps: the numbers a sampler at temperature 1 would report for them.
-    pub async fn score_prompts(&self, prompts: Vec<Vec<u32>>, top_k: usize) -> Result<ScoredPrompts, String> {
+    /// A prompt that is empty, over the context or outside the vocabulary is
+    /// [`SubmitError::Invalid`], checked here before the engine sees it.
+    pub async fn score_prompts(&self, prompts: Vec<Vec<u32>>, top_k: usize) -> Result<ScoredPrompts, SubmitError> {
+        for prompt in &prompts {
+            crate::engine::validate_prompt(prompt, self.info.vocab_size, self.info.max_context, false)?;
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.commands.send(Command::ScorePrompts(prompts, top_k, reply)).map_err(|_| "the engine has stopped".to_string())?;
-        answer.await.map_err(|_| "the engine dropped the scoring".to_string())?
+        self.commands.send(Command::ScorePrompts(prompts, top_k, reply)).map_err(|_| SubmitError::Stopped)?;
+        Ok(answer.await.map_err(|_| SubmitError::Stopped)??)
     }
 
     /// A copy of the trainer's state (adapters, optimizer, versions) taken between decode
@@ -446,7 +451,7 @@ impl Scheduler<'_> {
             Command::ScorePrompts(prompts, top_k, reply) => {
                 let scored: Result<Vec<_>, _> = prompts.iter().map(|ids| crate::engine::score_prompt(self.model, ids, top_k)).collect();
                 let policy_version = self.policy_version.load(Ordering::Acquire);
-                let _ = reply.send(scored.map(|prompts| ScoredPrompts { prompts, policy_version }).map_err(|e| e.to_string()));
+                let _ = reply.send(scored.map(|prompts| ScoredPrompts { prompts, policy_version }));
             }
         }
     }

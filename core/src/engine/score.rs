@@ -30,7 +30,7 @@ pub fn score_completions(
         }
         let total = prompt.len() + completion.len();
         if total > limit {
-            return Err(EngineError::PromptTooLong { prompt_tokens: total, max_context: limit });
+            return Err(EngineError::PromptTooLong { prompt_tokens: total, max_context: limit, generating: false });
         }
     }
     let inv_t = if temperature > 0.0 { 1.0 / temperature } else { 1.0 };
@@ -124,12 +124,7 @@ fn score_prompt_in_chunks(model: &Transformer, prompt: &[u32], top_k: usize, chu
         return Ok(Vec::new());
     }
     let vocab = model.config().vocab_size;
-    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-        return Err(EngineError::TokenOutOfRange { id, vocab_size: vocab });
-    }
-    if prompt.len() > model.max_positions() {
-        return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len(), max_context: model.max_positions() });
-    }
+    super::validate_prompt(prompt, vocab, model.max_positions(), false)?;
     let batch = PaddedPairs::new(&[(std::slice::from_ref(first), rest)], model.device());
     let top_k = top_k.min(vocab) as i64;
     tch::no_grad(|| -> Result<Vec<PromptToken>, EngineError> {

@@ -97,7 +97,7 @@ pub(super) async fn chat_completions(State(state): State<AppState>, headers: Hea
     let engine_requests = requests::engine_requests(&plan, &prompt_ids, &state);
     let events = state.engine.submit(engine_requests)?;
     let prompt_logprobs = match prompt_top_k {
-        Some(k) => state.engine.score_prompts(vec![prompt_ids.clone()], k).await.map_err(ApiError::Internal)?.prompts.pop(),
+        Some(k) => state.engine.score_prompts(vec![prompt_ids.clone()], k).await?.prompts.pop(),
         None => None,
     };
     let job = ChatJob {

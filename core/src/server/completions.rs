@@ -48,10 +48,10 @@ pub(super) async fn completions(State(state): State<AppState>, ApiJson(request):
     // Submit every prompt before waiting, so they batch together in the engine; all or
     // nothing, so a refused batch leaves none of its prompts queued behind the 429.
     let groups = prompts.iter().map(|ids| requests::engine_requests(&plan, ids, &state)).collect();
-    let submissions = state.engine.submit_all(groups)?;
+    let submissions = state.engine.submit_all(groups).map_err(|e| ApiError::from(e).for_prompt_field())?;
     // Prompt logprobs for echo, computed on the engine thread between decode steps.
     let echoed = match (request.echo, request.logprobs) {
-        (true, Some(_)) => Some(state.engine.score_prompts(prompts.clone(), plan.top_logprobs).await.map_err(ApiError::Internal)?.prompts),
+        (true, Some(_)) => Some(state.engine.score_prompts(prompts.clone(), plan.top_logprobs).await.map_err(|e| ApiError::from(e).for_prompt_field())?.prompts),
         _ => None,
     };
     let id = format!("cmpl-{}", state.rollouts.next_id());
@@ -124,12 +124,12 @@ fn prompt_ids(tokenizer: &Tokenizer, prompt: Prompt) -> Result<Vec<Vec<u32>>, Ap
 /// given, `n` identical choices per prompt; nothing is generated or recorded as a rollout.
 async fn score_prompts(state: AppState, logprobs: &Option<i64>, plan: &requests::Plan, prompts: Vec<Vec<u32>>) -> Result<Response, ApiError> {
     for ids in &prompts {
-        check_prompt(ids, &state)?;
+        crate::engine::validate_prompt(ids, state.engine.info.vocab_size, state.engine.info.max_context, false).map_err(|e| ApiError::from(e).for_prompt_field())?;
     }
     let tokenizer = state.engine.tokenizer.clone();
     let (scored, policy_version) = match logprobs {
         Some(_) => {
-            let scored = state.engine.score_prompts(prompts.clone(), plan.top_logprobs).await.map_err(ApiError::Internal)?;
+            let scored = state.engine.score_prompts(prompts.clone(), plan.top_logprobs).await.map_err(|e| ApiError::from(e).for_prompt_field())?;
             (Some(scored.prompts), scored.policy_version)
         }
         None => (None, state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire)),
@@ -147,18 +147,6 @@ async fn score_prompts(state: AppState, logprobs: &Option<i64>, plan: &requests:
     usage.total_tokens = usage.prompt_tokens;
     let id = format!("cmpl-{}", state.rollouts.next_id());
     Ok(Json(Completion { id, object: "text_completion", created: unix_now(), model: state.engine.info.name.clone(), choices, usage }).into_response())
-}
-
-/// The checks generation makes at submission, for a prompt that is only scored.
-fn check_prompt(ids: &[u32], state: &AppState) -> Result<(), ApiError> {
-    let info = &state.engine.info;
-    if ids.len() > info.max_context {
-        return Err(ApiError::invalid("prompt", format!("the prompt has {} tokens, over the context limit of {}", ids.len(), info.max_context)));
-    }
-    if let Some(&id) = ids.iter().find(|&&id| id as usize >= info.vocab_size) {
-        return Err(ApiError::invalid("prompt", format!("token id {id} is outside the vocabulary (size {})", info.vocab_size)));
-    }
-    Ok(())
 }
 
 /// An echoed prompt: its text and, when it was `scored`, its logprob entries.

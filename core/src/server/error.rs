@@ -65,6 +65,15 @@ impl ApiError {
         Self::InvalidRequest { message: message.into(), param: Some(param) }
     }
 
+    /// A prompt error as `/v1/completions` names it: the engine's prompt errors name
+    /// `messages` (the chat route's field); other errors are left as they are.
+    pub fn for_prompt_field(self) -> Self {
+        match self {
+            Self::InvalidRequest { message, param: Some("messages") } => Self::InvalidRequest { message, param: Some("prompt") },
+            other => other,
+        }
+    }
+
     /// A 400 naming a field known only at run time (a nested path, a client's field name).
     pub fn invalid_at(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidField { message: message.into(), param: param.into() }
