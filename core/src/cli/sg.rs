@@ -91,13 +91,13 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
     let embedder = SentenceEmbedder::load(&embedder_dir, device)
         .with_context(|| format!("loading the sentence embedder from {} (scripts/setup.sh installs it; or pass --embedder)", embedder_dir.display()))?;
     // One bar per stage: bytes of the corpus for its three passes, phrases for the embedding.
-    let mut bar: Option<(&'static str, super::progress::Progress)> = None;
+    let mut bar: Option<(crate::sg::MineStage, super::progress::Progress)> = None;
     let report = mine_observed(&args.corpus, &config, &embedder, &mut |p| {
         if bar.as_ref().map(|(stage, _)| *stage) != Some(p.stage) {
             if let Some((_, old)) = bar.take() {
                 old.finish();
             }
-            bar = Some((p.stage, super::progress::Progress::new(stage_label(p.stage), 0, p.total)));
+            bar = Some((p.stage, super::progress::Progress::new(p.stage.progress_label(), 0, p.total)));
         }
         if let Some((_, progress)) = &bar {
             progress.update(p.done);
@@ -136,13 +136,3 @@ fn run_mine(args: MineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a mining stage's bar says it counts.
-fn stage_label(stage: &str) -> &'static str {
-    match stage {
-        "count" => "pass 1, counting n-grams: bytes",
-        "exact" => "pass 2, exact counts: bytes",
-        "embed" => "embedding candidates",
-        "cluster" => "clustering",
-        _ => "pass 3, cluster frequencies: bytes",
-    }
-}

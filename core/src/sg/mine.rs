@@ -203,11 +203,9 @@ pub struct MineReport {
     pub seconds: HashMap<String, f64>,
 }
 
-/// Streams the corpus's solutions: calls `visit(text)` for each record that counts.
-/// Returns (records, solutions).
 /// Calls `visit` with the text of every solution of the corpus, reporting the bytes read to
 /// `observe` as `stage`; returns (records, solutions).
-fn for_each_solution(path: &Path, config: &MineConfig, stage: &'static str, observe: &mut dyn FnMut(MineProgress), mut visit: impl FnMut(&str)) -> Result<(usize, usize), MineError> {
+fn for_each_solution(path: &Path, config: &MineConfig, stage: MineStage, observe: &mut dyn FnMut(MineProgress), mut visit: impl FnMut(&str)) -> Result<(usize, usize), MineError> {
     let file = std::fs::File::open(path).map_err(|source| MineError::Io { path: path.to_path_buf(), source })?;
     let total = file.metadata().map_err(|source| MineError::Io { path: path.to_path_buf(), source })?.len();
     let (mut records, mut solutions, mut done) = (0, 0, 0u64);
@@ -261,12 +259,50 @@ pub fn mine(path: &Path, config: &MineConfig, embedder: &SentenceEmbedder) -> Re
     mine_observed(path, config, embedder, &mut |_| {})
 }
 
+/// The stages of a mining run, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MineStage {
+    /// Pass 1 over the corpus: counting n-grams in a bounded table.
+    Count,
+    /// Pass 2: exact counts of the candidates.
+    Exact,
+    /// Embedding the candidates.
+    Embed,
+    /// Clustering the embeddings.
+    Cluster,
+    /// Pass 3: each cluster's document frequency.
+    ClusterFrequencies,
+}
+
+impl MineStage {
+    /// Its key in [`MineReport::seconds`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Count => "count",
+            Self::Exact => "exact",
+            Self::Embed => "embed",
+            Self::Cluster => "cluster",
+            Self::ClusterFrequencies => "cluster_df",
+        }
+    }
+
+    /// What its progress counts, for a progress bar.
+    pub fn progress_label(self) -> &'static str {
+        match self {
+            Self::Count => "pass 1, counting n-grams: bytes",
+            Self::Exact => "pass 2, exact counts: bytes",
+            Self::Embed => "embedding candidates",
+            Self::Cluster => "clustering",
+            Self::ClusterFrequencies => "pass 3, cluster frequencies: bytes",
+        }
+    }
+}
+
 /// Where a mining run is: a stage and how far into it (for progress bars).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MineProgress {
-    /// `count` (pass 1 over the corpus), `exact` (pass 2), `embed`, `cluster` or `cluster_df`
-    /// (pass 3).
-    pub stage: &'static str,
+    /// The stage.
+    pub stage: MineStage,
     /// Units done: bytes of the corpus for the passes, phrases for `embed`.
     pub done: u64,
     /// Units in the stage.
@@ -283,7 +319,7 @@ pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedd
     let started = Instant::now();
     let mut sketch = CountMinSketch::new(config.sketch_width, 4);
     let mut in_doc: HashSet<u64> = HashSet::new();
-    let (records, solutions) = for_each_solution(path, config, "count", observe, |text| {
+    let (records, solutions) = for_each_solution(path, config, MineStage::Count, observe, |text| {
         in_doc.clear();
         for_each_ngram(&word_segments(text), sizes.clone(), |_, hash| {
             if in_doc.insert(hash) {
@@ -291,7 +327,7 @@ pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedd
             }
         });
     })?;
-    seconds.insert("count".to_string(), started.elapsed().as_secs_f64());
+    seconds.insert(MineStage::Count.name().to_string(), started.elapsed().as_secs_f64());
     if solutions == 0 {
         return Err(MineError::NoSolutions { path: path.to_path_buf(), records, min_reward: config.min_reward });
     }
@@ -301,7 +337,7 @@ pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedd
     let started = Instant::now();
     let mut counted: HashMap<u64, Counted> = HashMap::new();
     let mut occurrences_in_doc: HashMap<u64, u32> = HashMap::new();
-    for_each_solution(path, config, "exact", observe, |text| {
+    for_each_solution(path, config, MineStage::Exact, observe, |text| {
         occurrences_in_doc.clear();
         for_each_ngram(&word_segments(text), sizes.clone(), |gram, hash| {
             if sketch.estimate(hash) >= floor {
@@ -317,7 +353,7 @@ pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedd
         }
     })?;
     drop(sketch);
-    seconds.insert("exact".to_string(), started.elapsed().as_secs_f64());
+    seconds.insert(MineStage::Exact.name().to_string(), started.elapsed().as_secs_f64());
     let counted_ngrams = counted.len();
     let mut frequent: Vec<(u64, Counted)> = counted.into_iter().filter(|(_, c)| c.docs >= floor).collect();
     frequent.sort_by(|a, b| b.1.docs.cmp(&a.1.docs).then_with(|| a.1.tokens.cmp(&b.1.tokens)));
@@ -338,13 +374,13 @@ pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedd
     let started = Instant::now();
     let texts: Vec<String> = candidates.iter().map(|(_, c)| phrase(&c.tokens)).collect();
     let total = texts.len() as u64;
-    let embeddings = embedder.embed_observed(&texts.iter().map(String::as_str).collect::<Vec<_>>(), &mut |done| observe(MineProgress { stage: "embed", done: done as u64, total }))?;
-    observe(MineProgress { stage: "cluster", done: 0, total: 1 });
-    seconds.insert("embed".to_string(), started.elapsed().as_secs_f64());
+    let embeddings = embedder.embed_observed(&texts.iter().map(String::as_str).collect::<Vec<_>>(), &mut |done| observe(MineProgress { stage: MineStage::Embed, done: done as u64, total }))?;
+    observe(MineProgress { stage: MineStage::Cluster, done: 0, total: 1 });
+    seconds.insert(MineStage::Embed.name().to_string(), started.elapsed().as_secs_f64());
     let started = Instant::now();
     let labels = cluster(&embeddings, config.clustering).map_err(|e| MineError::Cluster(e.to_string()))?;
-    seconds.insert("cluster".to_string(), started.elapsed().as_secs_f64());
-    observe(MineProgress { stage: "cluster", done: 1, total: 1 });
+    seconds.insert(MineStage::Cluster.name().to_string(), started.elapsed().as_secs_f64());
+    observe(MineProgress { stage: MineStage::Cluster, done: 1, total: 1 });
 
     // Pass 3: cluster document frequencies.
     let started = Instant::now();
@@ -352,7 +388,7 @@ pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedd
     let cluster_count = labels.iter().max().map_or(0, |m| m + 1);
     let mut cluster_docs = vec![0u32; cluster_count];
     let mut in_doc: HashSet<usize> = HashSet::new();
-    for_each_solution(path, config, "cluster_df", observe, |text| {
+    for_each_solution(path, config, MineStage::ClusterFrequencies, observe, |text| {
         in_doc.clear();
         for_each_ngram(&word_segments(text), sizes.clone(), |_, hash| {
             if let Some(&l) = cluster_of.get(&hash) {
@@ -363,7 +399,7 @@ pub fn mine_observed(path: &Path, config: &MineConfig, embedder: &SentenceEmbedd
             cluster_docs[l] += 1;
         }
     })?;
-    seconds.insert("cluster_df".to_string(), started.elapsed().as_secs_f64());
+    seconds.insert(MineStage::ClusterFrequencies.name().to_string(), started.elapsed().as_secs_f64());
 
     let clusters = rank_clusters(&candidates, &labels, &cluster_docs, config.keep_share);
     let strategic_grams = clusters.iter().filter(|c| c.kept).flat_map(|c| c.members.iter().map(|m| m.ngram.clone())).collect();

@@ -11,4 +11,4 @@ pub mod mine;
 pub mod ngrams;
 
 pub use cluster::Clustering;
-pub use mine::{mine, mine_observed, overlap, MineConfig, MineError, MineProgress, MineReport};
+pub use mine::{mine, mine_observed, overlap, MineConfig, MineError, MineProgress, MineReport, MineStage};
