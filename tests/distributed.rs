@@ -11,39 +11,12 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
-/// A run of the tiny model whose rewards vary (completions containing an `e`), so that steps
-/// update. Dropout is 0: both layouts must compute the same function.
+/// The shared tiny run (`tests/fixtures/tiny-run.toml`) for `steps` steps, written to `dir`.
 fn write_config(dir: &Path, steps: u64) -> PathBuf {
-    let model = common::tiny_model_file();
-    let text = format!(
-        r#"
-model = "{model}"
-steps = {steps}
-prompts_per_step = 4
-group_size = 4
-max_new_tokens = 8
-eval_prompts = 2
-eval_samples = 2
-reward = "regex"
-reward_pattern = "e"
-output_dir = "{out}"
-
-[data]
-kind = "arithmetic"
-count = 40
-max_operand = 9
-seed = 3
-
-[trainer.optim]
-lr = 0.0001
-
-[trainer.lora]
-rank = 4
-dropout = 0.0
-"#,
-        model = model.display(),
-        out = dir.join("out").display(),
-    );
+    let text = include_str!("fixtures/tiny-run.toml")
+        .replace("MODEL", &common::tiny_model_file().display().to_string())
+        .replace("STEPS", &steps.to_string())
+        .replace("OUTPUT_DIR", &dir.join("out").display().to_string());
     let path = dir.join("run.toml");
     std::fs::write(&path, text).expect("config written");
     path

@@ -22,32 +22,9 @@ TINY_MODEL = REPO / "core" / "tests" / "fixtures" / "parity" / "llama" / "model.
 
 
 def _run_config(out: Path) -> str:
-    return textwrap.dedent(
-        f"""
-        model = "{TINY_MODEL}"
-        steps = 2
-        prompts_per_step = 4
-        group_size = 4
-        max_new_tokens = 8
-        eval_prompts = 2
-        eval_samples = 2
-        reward = "regex"
-        reward_pattern = "e"
-        output_dir = "{out}"
-
-        [data]
-        kind = "arithmetic"
-        count = 40
-        max_operand = 9
-        seed = 3
-
-        [trainer.optim]
-        lr = 0.0001
-
-        [trainer.lora]
-        rank = 4
-        """
-    )
+    """The shared tiny run (tests/fixtures/tiny-run.toml) for two steps."""
+    template = (REPO / "tests" / "fixtures" / "tiny-run.toml").read_text()
+    return template.replace("MODEL", str(TINY_MODEL)).replace("STEPS", "2").replace("OUTPUT_DIR", str(out))
 
 
 def _free_port() -> int:
