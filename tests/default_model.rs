@@ -176,17 +176,7 @@ fn constrained_sampling_at_temperature_one_gives_schema_valid_json_and_trains_at
     }
     let finished = generations.iter().filter(|g| g.finish_reason == FinishReason::Stop).count();
     assert!(finished >= 6, "only {finished} of 8 completions closed their JSON");
-    let samples: Vec<TrainSample> = generations
-        .iter()
-        .map(|g| TrainSample {
-            prompt_ids: prompt.clone(),
-            completion_ids: g.tokens.iter().map(|t| t.id).collect(),
-            old_logprobs: g.tokens.iter().map(|t| t.sampling_logprob).collect(),
-            advantages: vec![1.0; g.tokens.len()],
-            sampling: sampling.clone(),
-            sampled_mask: Vec::new(),
-        })
-        .collect();
+    let samples: Vec<TrainSample> = generations.iter().map(|g| TrainSample::from_generation(&prompt, g, &sampling, 1.0)).collect();
     let constraints = Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size);
     let vocab = loaded.model.config().vocab_size;
     loss::validate(&samples, vocab, loaded.model.max_positions(), Some(&constraints)).expect("the rollouts replay under their sampling");

@@ -245,17 +245,7 @@ fn truncated_sampling_is_trained_against_the_distribution_it_was_drawn_from() {
     trainer.step(&model, &[group(sample_group(&model, 8, 8, 2))]).expect("step makes B non-zero");
     let sampling = SamplingParams { temperature: 0.8, top_p: 0.6, top_k: 12, seed: 0, ..SamplingParams::default() };
     let generations = generate_with(&model, &sampling, 6, 8, 9);
-    let samples: Vec<TrainSample> = generations
-        .iter()
-        .map(|g| TrainSample {
-            prompt_ids: PROMPT.to_vec(),
-            completion_ids: g.tokens.iter().map(|t| t.id).collect(),
-            old_logprobs: g.tokens.iter().map(|t| t.sampling_logprob).collect(),
-            advantages: vec![1.0; g.tokens.len()],
-            sampling: sampling.clone(),
-            sampled_mask: Vec::new(),
-        })
-        .collect();
+    let samples: Vec<TrainSample> = generations.iter().map(|g| TrainSample::from_generation(&PROMPT, g, &sampling, 1.0)).collect();
     // The truncation is real: the behaviour logprobs are above the untruncated ones.
     let lifted = generations.iter().flat_map(|g| &g.tokens).filter(|t| t.sampling_logprob > t.logprob + 1e-3).count();
     assert!(lifted > 0, "top-k/top-p should renormalise some draws");

@@ -85,6 +85,19 @@ pub struct TrainSample {
 }
 
 impl TrainSample {
+    /// A generation as it was sampled (its tokens and their behaviour logprobs) under
+    /// `sampling`, every token with `advantage`.
+    pub fn from_generation(prompt_ids: &[u32], generation: &crate::engine::Generation, sampling: &SamplingParams, advantage: f32) -> Self {
+        Self {
+            prompt_ids: prompt_ids.to_vec(),
+            completion_ids: generation.tokens.iter().map(|t| t.id).collect(),
+            old_logprobs: generation.tokens.iter().map(|t| t.sampling_logprob).collect(),
+            advantages: vec![advantage; generation.tokens.len()],
+            sampling: sampling.clone(),
+            sampled_mask: Vec::new(),
+        }
+    }
+
     /// Whether completion token `i` carries loss (was sampled, not episode context).
     pub fn carries_loss(&self, i: usize) -> bool {
         self.sampled_mask.get(i).copied().unwrap_or(true)
