@@ -1,7 +1,7 @@
 //! Multi-threaded f32 products of a few activation rows with a weight matrix, for decoding on
 //! the CPU.
 //!
-//! A decode step multiplies one activation row per sequence (up to [`MAX_ROWS`]) by every
+//! A decode step multiplies one activation row per sequence (up to `MAX_ROWS`) by every
 //! weight matrix. Up to a few dozen rows that is bound by memory bandwidth: the weights must be
 //! read once per step, and the arithmetic is cheap next to it. libtorch's CPU paths are not
 //! built for it (MKL `sgemv` runs on one core; its GEMM on 8-32 rows re-reads the weights and
@@ -10,7 +10,7 @@
 //! rows at a time against four activation rows at a time (16 accumulators in registers), so
 //! the weights come from memory once and the activation rows from cache.
 //!
-//! A prefill (more than [`MAX_ROWS`] rows) goes through the same kernel [`MAX_ROWS`] rows at a
+//! A prefill (more than `MAX_ROWS` rows) goes through the same kernel `MAX_ROWS` rows at a
 //! time: on AMD CPUs MKL's GEMM takes a generic path (a 128-token prefill of the default
 //! model on 2 EPYC cores: 600-870 tok/s through MKL, 1000-1130 through this kernel).
 //!
