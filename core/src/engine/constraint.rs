@@ -104,11 +104,6 @@ impl Constraints {
         Self { tokenizer, vocab_size, factory: OnceLock::new() }
     }
 
-    /// The model's vocabulary size, the length of every mask.
-    pub fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-
     /// A matcher at the start of `constraint`'s output; an invalid schema, pattern or grammar
     /// is an [`ConstraintError::Invalid`] naming the problem.
     pub fn matcher(&self, constraint: &Constraint) -> Result<ConstraintMatcher, ConstraintError> {

@@ -45,16 +45,16 @@ impl LogitState {
             }
             None => None,
         };
-        let seen = if params.repetition_penalty != 1.0 { context.iter().copied().collect() } else { HashSet::new() };
+        let seen = if params.penalises_repetition() { context.iter().copied().collect() } else { HashSet::new() };
         Ok(Some(Self { seen, output_counts: HashMap::new(), matcher }))
     }
 
     /// Follows a token of the output.
     pub fn push(&mut self, params: &SamplingParams, token: u32) -> Result<(), ConstraintError> {
-        if params.repetition_penalty != 1.0 {
+        if params.penalises_repetition() {
             self.seen.insert(token);
         }
-        if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
+        if params.penalises_output() {
             *self.output_counts.entry(token).or_default() += 1;
         }
         match &mut self.matcher {
@@ -81,12 +81,12 @@ impl LogitState {
         for &(token, bias) in &params.logit_bias {
             edits.bias.push(row, token, bias);
         }
-        if params.repetition_penalty != 1.0 {
+        if params.penalises_repetition() {
             for &token in &self.seen {
                 edits.repeat.push(row, token, params.repetition_penalty as f32);
             }
         }
-        if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
+        if params.penalises_output() {
             for (&token, &count) in &self.output_counts {
                 let penalty = params.frequency_penalty * count as f64 + params.presence_penalty;
                 edits.penalty.push(row, token, -penalty as f32);

@@ -103,7 +103,17 @@ impl SamplingParams {
     /// Whether logit bias, penalties or a constraint change the logits (see
     /// [`super::logits`]); such rows sample from changed logits, greedy ones too.
     pub fn edits_logits(&self) -> bool {
-        !self.logit_bias.is_empty() || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0 || self.constraint.is_some()
+        !self.logit_bias.is_empty() || self.penalises_repetition() || self.penalises_output() || self.constraint.is_some()
+    }
+
+    /// Whether the repetition penalty is on (it needs every token seen so far).
+    pub fn penalises_repetition(&self) -> bool {
+        self.repetition_penalty != 1.0
+    }
+
+    /// Whether frequency or presence penalties are on (they need the output's token counts).
+    pub fn penalises_output(&self) -> bool {
+        self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 }
 
