@@ -143,27 +143,21 @@ fn force_tool_calls(request: &ChatCompletionRequest, tools: Option<&[Value]>, te
     };
     let format = detected.unwrap_or(ToolCallFormat::Hermes);
     let parallel = request.other.get("parallel_tool_calls").and_then(Value::as_bool).unwrap_or(true);
-    match structured::tool_call_constraint(tools, request.tool_choice.as_ref(), format, parallel)? {
-        Some(constraint) => {
-            if plan.sampling.constraint.is_some() {
-                return Err(ApiError::invalid("tool_choice", "tool_choice forces a tool call, so the output cannot also follow response_format"));
-            }
-            plan.sampling.constraint = Some(constraint);
-            Ok(ToolFormat { format: Some(format), constrained: true })
-        }
-        None => {
-            // Auto: tools marked strict make any call the model writes valid (a template
-            // without a tool format never has its output read as calls: nothing to enforce).
-            if let Some(constraint) = detected.and_then(|format| structured::strict_tools_constraint(tools, format)) {
-                if plan.sampling.constraint.is_some() {
-                    return Err(ApiError::invalid("tools", "tools marked strict constrain the output, so it cannot also follow response_format"));
-                }
-                plan.sampling.constraint = Some(constraint);
-                return Ok(ToolFormat { format: detected, constrained: true });
-            }
-            Ok(ToolFormat { format: detected, constrained: false })
-        }
+    // A call `tool_choice` requires, else (auto) tools marked strict, which make any call the
+    // model writes valid (a template without a tool format never has its output read as
+    // calls: nothing to enforce there).
+    let (constraint, format, param, conflict) = match structured::tool_call_constraint(tools, request.tool_choice.as_ref(), format, parallel)? {
+        Some(constraint) => (constraint, Some(format), "tool_choice", "tool_choice forces a tool call, so the output cannot also follow response_format"),
+        None => match detected.and_then(|format| structured::strict_tools_constraint(tools, format)) {
+            Some(constraint) => (constraint, detected, "tools", "tools marked strict constrain the output, so it cannot also follow response_format"),
+            None => return Ok(ToolFormat { format: detected, constrained: false }),
+        },
+    };
+    if plan.sampling.constraint.is_some() {
+        return Err(ApiError::invalid(param, conflict));
     }
+    plan.sampling.constraint = Some(constraint);
+    Ok(ToolFormat { format, constrained: true })
 }
 
 /// Records a finished choice as a rollout and, for an episode call, as the episode's next turn.

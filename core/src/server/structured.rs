@@ -30,10 +30,10 @@ pub(crate) fn requested_constraint(fields: &SamplingFields) -> Result<Option<(&'
             found.push(("response_format", c));
         }
     }
-    let guided = [("guided_json", &fields.guided_json), ("guided_regex", &fields.guided_regex), ("guided_grammar", &fields.guided_grammar), ("guided_choice", &fields.guided_choice)];
-    for (name, value) in guided {
+    let guided = [("guided_json", "json", &fields.guided_json), ("guided_regex", "regex", &fields.guided_regex), ("guided_grammar", "grammar", &fields.guided_grammar), ("guided_choice", "choice", &fields.guided_choice)];
+    for (name, kind, value) in guided {
         if let Some(value) = value.as_ref().filter(|v| !v.is_null()) {
-            found.push((name, guided_constraint(name, value)?));
+            found.push((name, vllm_constraint(kind, name, value)?));
         }
     }
     if let Some(outputs) = fields.structured_outputs.as_ref().filter(|v| !v.is_null()) {
@@ -64,12 +64,13 @@ fn response_format(format: &Value) -> Result<Option<Constraint>, ApiError> {
     }
 }
 
-/// vLLM's `guided_*` fields.
-fn guided_constraint(name: &str, value: &Value) -> Result<Constraint, ApiError> {
-    match name {
-        "guided_json" => Ok(Constraint::JsonSchema { schema: json_schema_value(name, value)? }),
-        "guided_regex" => Ok(Constraint::Regex { pattern: string_field(name, value)? }),
-        "guided_grammar" => Ok(Constraint::Lark { grammar: string_field(name, value)? }),
+/// One of vLLM's kinds of constraint (`json`, `regex`, `grammar` or `choice`), given in the
+/// request field `name` (`guided_json`, `structured_outputs.json`, ...).
+fn vllm_constraint(kind: &str, name: &str, value: &Value) -> Result<Constraint, ApiError> {
+    match kind {
+        "json" => Ok(Constraint::JsonSchema { schema: json_schema_value(name, value)? }),
+        "regex" => Ok(Constraint::Regex { pattern: string_field(name, value)? }),
+        "grammar" => Ok(Constraint::Lark { grammar: string_field(name, value)? }),
         _ => choice_constraint(name, value),
     }
 }
@@ -79,15 +80,7 @@ fn structured_outputs(value: &Value) -> Result<Constraint, ApiError> {
     let object = value.as_object().ok_or_else(|| ApiError::invalid_at("structured_outputs", "structured_outputs must be an object with json, regex, grammar or choice"))?;
     let given: Vec<(&String, &Value)> = object.iter().filter(|(k, v)| !v.is_null() && ["json", "regex", "grammar", "choice"].contains(&k.as_str())).collect();
     match given.as_slice() {
-        [(key, value)] => {
-            let name = format!("structured_outputs.{key}");
-            match key.as_str() {
-                "json" => Ok(Constraint::JsonSchema { schema: json_schema_value(&name, value)? }),
-                "regex" => Ok(Constraint::Regex { pattern: string_field(&name, value)? }),
-                "grammar" => Ok(Constraint::Lark { grammar: string_field(&name, value)? }),
-                _ => choice_constraint(&name, value),
-            }
-        }
+        [(kind, value)] => vllm_constraint(kind, &format!("structured_outputs.{kind}"), value),
         [] => Err(ApiError::invalid_at("structured_outputs", "structured_outputs needs one of json, regex, grammar or choice")),
         _ => Err(ApiError::invalid_at("structured_outputs", "structured_outputs takes exactly one of json, regex, grammar or choice")),
     }
