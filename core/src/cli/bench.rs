@@ -222,6 +222,22 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
         progress.reached(round, &format!("batch {} {what}: prefill {:.0} tok/s, decode {:.0} tok/s", requests.len(), result.prefill_tokens_per_s, result.decode_tokens_per_s));
         Ok(result)
     };
+    // Warm-up rounds, then the fastest prefill and the fastest decode of the measured rounds.
+    let mut fastest = |engine: &mut Engine<'_>, requests: &[GenerationRequest], (warm_up, measured): (&str, &str)| -> anyhow::Result<BenchResult> {
+        for _ in 0..args.warmup {
+            timed(engine, requests, warm_up)?;
+        }
+        let mut best = timed(engine, requests, measured)?;
+        for _ in 1..args.repeats {
+            let again = timed(engine, requests, measured)?;
+            best.prefill_tokens_per_s = best.prefill_tokens_per_s.max(again.prefill_tokens_per_s);
+            if again.decode_tokens_per_s > best.decode_tokens_per_s {
+                best.decode_tokens_per_s = again.decode_tokens_per_s;
+                best.decode_ms_per_step = again.decode_ms_per_step;
+            }
+        }
+        Ok(best)
+    };
     for &batch in &args.batch {
         let capacity = prompt.len() + args.decode_tokens + 1;
         let mut engine = match &loaded.tokenizer {
@@ -239,32 +255,12 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<()> {
                 top_logprobs: 0,
             })
             .collect();
-        for _ in 0..args.warmup {
-            timed(&mut engine, &requests, "warm-up")?;
-        }
-        let mut result = timed(&mut engine, &requests, "measured")?;
-        for _ in 1..args.repeats {
-            let again = timed(&mut engine, &requests, "measured")?;
-            result.prefill_tokens_per_s = result.prefill_tokens_per_s.max(again.prefill_tokens_per_s);
-            if again.decode_tokens_per_s > result.decode_tokens_per_s {
-                result.decode_tokens_per_s = again.decode_tokens_per_s;
-                result.decode_ms_per_step = again.decode_ms_per_step;
-            }
-        }
+        let result = fastest(&mut engine, &requests, ("warm-up", "measured"))?;
         let constrained = match (&loaded.tokenizer, args.constrained) {
             (Some(tokenizer), true) => {
                 engine.set_constraints(std::sync::Arc::new(Constraints::new(std::sync::Arc::new(tokenizer.clone()), loaded.model.config().vocab_size)));
                 let requests: Vec<GenerationRequest> = requests.iter().map(|r| GenerationRequest { sampling: SamplingParams { constraint: Some(bench_constraint()), ..r.sampling.clone() }, ..r.clone() }).collect();
-                for _ in 0..args.warmup {
-                    timed(&mut engine, &requests, "constrained warm-up")?;
-                }
-                let mut best = timed(&mut engine, &requests, "constrained")?;
-                for _ in 1..args.repeats {
-                    let again = timed(&mut engine, &requests, "constrained")?;
-                    if again.decode_ms_per_step < best.decode_ms_per_step {
-                        best = again;
-                    }
-                }
+                let best = fastest(&mut engine, &requests, ("constrained warm-up", "constrained"))?;
                 Some(ConstrainedCost::new(&result, &best))
             }
             _ => None,
