@@ -123,16 +123,19 @@ fn prompt_ids(tokenizer: &Tokenizer, prompt: Prompt) -> Result<Vec<Vec<u32>>, Ap
 /// `max_tokens: 0` with `echo`: each prompt returned as text, scored when `logprobs` is
 /// given, `n` identical choices per prompt; nothing is generated or recorded as a rollout.
 async fn score_prompts(state: AppState, logprobs: &Option<i64>, plan: &requests::Plan, prompts: Vec<Vec<u32>>) -> Result<Response, ApiError> {
-    for ids in &prompts {
-        crate::engine::validate_prompt(ids, state.engine.info.vocab_size, state.engine.info.max_context, false).map_err(|e| ApiError::from(e).for_prompt_field())?;
-    }
     let tokenizer = state.engine.tokenizer.clone();
     let (scored, policy_version) = match logprobs {
+        // `score_prompts` checks the prompts itself.
         Some(_) => {
             let scored = state.engine.score_prompts(prompts.clone(), plan.top_logprobs).await.map_err(|e| ApiError::from(e).for_prompt_field())?;
             (Some(scored.prompts), scored.policy_version)
         }
-        None => (None, state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire)),
+        None => {
+            for ids in &prompts {
+                crate::engine::validate_prompt(ids, state.engine.info.vocab_size, state.engine.info.max_context, false).map_err(|e| ApiError::from(e).for_prompt_field())?;
+            }
+            (None, state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire))
+        }
     };
     let mut choices = Vec::new();
     let mut usage = Usage::default();
