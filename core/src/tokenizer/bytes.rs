@@ -88,23 +88,20 @@ fn sentencepiece_bytes(piece: &str, space: char) -> Vec<u8> {
     piece.replace(space, " ").into_bytes()
 }
 
-/// GPT-2's table from printable characters back to bytes: printable Latin-1 bytes stand for
+/// GPT-2's character for `byte` (`bytes_to_unicode`): printable Latin-1 bytes stand for
 /// themselves, the others were shifted to U+0100 onwards in byte order.
-fn byte_level_table() -> HashMap<char, u8> {
+pub(crate) fn byte_level_char(byte: u8) -> char {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut shifted = 0x100u32;
-    let mut table = HashMap::with_capacity(256);
-    for byte in 0..=255u8 {
-        let c = if printable(byte) {
-            byte as char
-        } else {
-            let c = char::from_u32(shifted).unwrap_or('\u{FFFD}');
-            shifted += 1;
-            c
-        };
-        table.insert(c, byte);
+    if printable(byte) {
+        return char::from(byte);
     }
-    table
+    let rank = (0..byte).filter(|&b| !printable(b)).count() as u32;
+    char::from_u32(0x100 + rank).unwrap_or('\u{FFFD}')
+}
+
+/// GPT-2's table from those characters back to bytes.
+fn byte_level_table() -> HashMap<char, u8> {
+    (0..=255u8).map(|byte| (byte_level_char(byte), byte)).collect()
 }
 
 #[cfg(test)]

@@ -314,20 +314,10 @@ pub(super) mod test_support {
         Some(spec_from_gguf(&file).expect("tokenizer metadata"))
     }
 
-    /// GPT-2's byte-to-character map (bytes_to_unicode).
-    pub(crate) fn byte_char(b: u8) -> char {
-        let printable = |x: u8| matches!(x, 33..=126 | 161..=172 | 174..=255);
-        if printable(b) {
-            return char::from(b);
-        }
-        let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
-        char::from_u32(256 + rank).expect("valid char")
-    }
-
     /// A tiny byte-level BPE vocabulary: all 256 bytes, a few merges, control tokens and a
     /// user-defined one.
     pub(crate) fn synthetic_spec() -> GgufTokenizerSpec {
-        let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
+        let mut tokens: Vec<String> = (0..=255u8).map(|b| crate::tokenizer::bytes::byte_level_char(b).to_string()).collect();
         let merges = ["h e", "l l", "he ll", "Ġ w", "o r", "Ġw or"];
         for m in merges {
             tokens.push(m.replace(' ', ""));
