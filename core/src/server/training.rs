@@ -165,6 +165,11 @@ struct BufferState {
     ready: VecDeque<ReadyGroup>,
     counters: GroupCounters,
     history: VecDeque<Value>,
+    /// The policy version before the step that is with the engine now, until that step is
+    /// recorded in `history`. The engine publishes the new version as soon as the weights
+    /// change; until the step is in the journal and the history, `GET /v1/training` keeps
+    /// showing the version before it, so a version there always comes with its step.
+    step_in_flight: Option<u64>,
 }
 
 impl BufferState {
@@ -662,11 +667,20 @@ impl TrainingBuffer {
         while state.history.len() > HISTORY {
             state.history.pop_front();
         }
+        state.step_in_flight = None;
     }
 
-    /// The whole state as `GET /v1/training` shows it.
-    fn snapshot(&self, policy_version: u64) -> Value {
+    /// Marks a step as handed to the engine, from `version_before`; [`Self::record_step`]
+    /// ends the mark.
+    fn step_started(&self, version_before: u64) {
+        self.lock().step_in_flight = Some(version_before);
+    }
+
+    /// The whole state as `GET /v1/training` shows it; `engine_version` is the version the
+    /// engine serves, read under the state's lock (see [`BufferState::step_in_flight`]).
+    fn snapshot(&self, engine_version: &std::sync::atomic::AtomicU64) -> Value {
         let mut state = self.lock();
+        let policy_version = state.step_in_flight.unwrap_or_else(|| engine_version.load(std::sync::atomic::Ordering::Acquire));
         // Expiry is applied on every read, so what is shown never lags the worker's tick.
         self.expire(&mut state, Instant::now());
         let pending_rollouts = state.pending_rollouts();
@@ -907,6 +921,7 @@ async fn step_holding_gate(state: &AppState, buffer: &Arc<TrainingBuffer>, batch
     };
     let group_ids: Vec<String> = batch.iter().map(|g| g.id.clone()).collect();
     let offered: HashSet<String> = groups.iter().map(|g| g.id.clone()).collect();
+    buffer.step_started(version);
     match state.engine.train(groups).await {
         Ok(report) => {
             state.metrics.record_step(&report, &analysis);
@@ -1055,10 +1070,9 @@ async fn set_paused(state: &AppState, paused: bool) -> Result<Json<Value>, ApiEr
 
 /// `GET /v1/training`.
 pub(super) async fn status(State(state): State<AppState>) -> Json<Value> {
-    let version = state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire);
     match &state.training {
         Some(buffer) => {
-            let mut snapshot = buffer.snapshot(version);
+            let mut snapshot = buffer.snapshot(&state.engine.policy_version);
             if let Some(checkpointer) = &state.checkpoints {
                 snapshot["checkpoint"] = json!({
                     "last": checkpointer.last(),
@@ -1073,7 +1087,7 @@ pub(super) async fn status(State(state): State<AppState>) -> Json<Value> {
             }
             Json(snapshot)
         }
-        None => Json(json!({"training": false, "policy_version": version})),
+        None => Json(json!({"training": false, "policy_version": state.engine.policy_version.load(std::sync::atomic::Ordering::Acquire)})),
     }
 }
 
@@ -1105,4 +1119,31 @@ pub(super) async fn record_reward(state: &AppState, id: &str, reward: f64, group
     let mut reply = reward_off_runtime(state.clone(), vec![entry]).await?;
     reply["training"] = json!(true);
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The engine publishes a step's version the moment the weights change; the status keeps
+    /// the version before it until the step is in the history, so a reader never sees a new
+    /// version without the step that made it.
+    #[test]
+    fn the_status_shows_a_version_only_with_its_step() {
+        let buffer = TrainingBuffer::new(TrainingSettings::default(), None);
+        let engine_version = AtomicU64::new(3);
+        assert_eq!(buffer.snapshot(&engine_version)["policy_version"], 3);
+
+        buffer.step_started(3);
+        engine_version.store(4, Ordering::Release);
+        let during = buffer.snapshot(&engine_version);
+        assert_eq!(during["policy_version"], 3);
+        assert_eq!(during["last_steps"].as_array().map(Vec::len), Some(0));
+
+        buffer.record_step(json!({"policy_version": 4}), None, &StepPluginReport::default());
+        let after = buffer.snapshot(&engine_version);
+        assert_eq!(after["policy_version"], 4);
+        assert_eq!(after["last_steps"][0]["policy_version"], 4);
+    }
 }
