@@ -168,7 +168,15 @@ pub async fn checkpoint_now(state: &AppState, reason: &str, freeze: bool) -> Res
     let store = checkpointer.store.clone();
     let base_model = checkpointer.base_model.clone();
     let (version, step) = (snapshot.policy_version, snapshot.step);
-    let path = tokio::task::spawn_blocking(move || store.write(version, &snapshot, &base_model, serde_json::json!({})))
+    let path = tokio::task::spawn_blocking(move || {
+        let written = store.write(version, &snapshot, &base_model, serde_json::json!({}));
+        // The snapshot copies the adapters and the optimizer's moments (tens to hundreds of
+        // MB); the allocator keeps what is freed (see `memory`), so hand it back now rather
+        // than at the next step.
+        drop(snapshot);
+        crate::memory::release_free_memory();
+        written
+    })
         .await
         .map_err(|e| format!("the checkpoint writer panicked: {e}"))?
         .map_err(|e| e.to_string())?;
