@@ -12,7 +12,10 @@ use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
 fn start(extra: &[&str]) -> Server {
-    let config = std::env::temp_dir().join(format!("hicra-online-{}.toml", std::process::id()));
+    // One file per server: tests start servers concurrently, and a shared file could be read
+    // while another test rewrites it.
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let config = common::scratch_dir(&format!("online-{}", STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed))).join("trainer.toml");
     std::fs::write(&config, "[optim]\nlr = 0.05\n[lora]\nrank = 8\n").expect("write trainer config");
     let mut args: Vec<OsString> = vec!["--max-context".into(), "128".into(), "--train-config".into(), config.into(), "--model".into(), tiny_model_file().into()];
     args.extend(extra.iter().map(OsString::from));
@@ -163,20 +166,21 @@ fn rewards_are_validated_recorded_once_and_grouped_by_their_own_prompts() {
 
 #[test]
 fn pending_groups_are_bounded_and_expire() {
-    let server = start(&["--max-pending-groups", "2", "--group-timeout-s", "3"]);
+    // A group's clock starts at its first reward: sample everything first, so the rewards and
+    // the checks fit well inside the timeout even on a loaded machine.
+    let server = start(&["--max-pending-groups", "2", "--group-timeout-s", "6"]);
     let client = Client::new();
+    let sampled: Vec<Vec<String>> = (0..3).map(|k| sample(&client, &server, &format!("pending {k}"), 2, json!({}))).collect();
     let mut opened = Vec::new();
-    for k in 0..3 {
-        let ids = sample(&client, &server, &format!("pending {k}"), 2, json!({}));
+    for ids in sampled {
         let (status, reply) = post(&client, &format!("{}/v1/rollouts/{}/reward", server.url, ids[0]), json!({"reward": 1.0}));
         opened.push((status, ids, reply));
     }
     assert_eq!(opened.iter().map(|o| o.0).collect::<Vec<_>>(), vec![200, 200, 429], "{:?}", opened.iter().map(|o| &o.2).collect::<Vec<_>>());
     let status = training(&client, &server);
     assert!(status["pending_groups"] == 2 && status["counters"]["rewards"] == 2, "the 429 recorded nothing: {status}");
-    std::thread::sleep(std::time::Duration::from_millis(3500));
-    let status = training(&client, &server);
-    assert!(status["pending_groups"] == 0 && status["counters"]["expired"] == 2 && status["counters"]["expired_rollouts"] == 2, "{status}");
+    let status = common::wait_for_training(&server.url, None, "expiry", |s| s["pending_groups"] == 0);
+    assert!(status["counters"]["expired"] == 2 && status["counters"]["expired_rollouts"] == 2, "{status}");
     let (status, reply) = post(&client, &format!("{}/v1/rollouts/{}/reward", server.url, opened[2].1[0]), json!({"reward": 1.0}));
     assert_eq!(status, 200, "room again after expiry: {reply}");
     let metrics = client.get(format!("{}/metrics", server.url)).send().expect("metrics").text().expect("text");
@@ -253,7 +257,11 @@ fn resident_memory_between_steps_stays_flat_when_step_shapes_vary() {
     // after a step shows against the serving footprint (the tiny model's would not).
     let config = std::env::temp_dir().join(format!("hicra-memory-{}.toml", std::process::id()));
     std::fs::write(&config, "[optim]\nlr = 1e-4\n[loss]\nmicro_batch = 4\n").expect("write trainer config");
-    let server = start_server(&["--max-context".into(), "512".into(), "--groups-per-step".into(), "1".into(), "--train-config".into(), config.into_os_string()]);
+    // No checkpoints: one copies the trainer's state, and a read during its write would count it.
+    let server = start_server(&[
+        "--max-context".into(), "512".into(), "--groups-per-step".into(), "1".into(), "--train-config".into(), config.into_os_string(),
+        "--checkpoint-every-steps".into(), "0".into(), "--checkpoint-every-s".into(), "0".into(),
+    ]);
     let client = Client::new();
     let mut resident = Vec::new();
     for step in 1..=20u64 {
