@@ -175,7 +175,7 @@ fn detector_and_credit_plugins_drive_online_training() {
 fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing() {
     let dir = scratch_dir("plugins-misbehave");
     let config = dir.join("serve.toml");
-    let toml = format!("plugins = [{:?}]\ntrain = true\nmax_context = 128\nplugin_timeout_ms = 500\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\n", built_plugin("hicra_test_misbehaving"));
+    let toml = format!("plugins = [{:?}]\ntrain = true\nmax_context = 128\nplugin_timeout_ms = 2000\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\n", built_plugin("hicra_test_misbehaving"));
     std::fs::write(&config, toml).expect("config");
     let model = tiny_model_file();
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
@@ -225,7 +225,7 @@ fn hung_plugin_calls_are_capped_and_a_hung_configure_fails_the_reload() {
     std::fs::copy(built_plugin("hicra_test_misbehaving"), &plugin_file).expect("copy plugin");
     let config = dir.join("serve.toml");
     let toml = format!(
-        "plugins = [{:?}]\nadmin_key = \"admin\"\nmax_context = 128\nplugin_timeout_ms = 400\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\nblock_configure_while = {:?}\n",
+        "plugins = [{:?}]\nadmin_key = \"admin\"\nmax_context = 128\nplugin_timeout_ms = 2000\n\n[plugin_config.misbehaving]\nmode = \"per_item\"\nblock_configure_while = {:?}\n",
         plugin_file, configure_gate
     );
     std::fs::write(&config, toml).expect("config");
@@ -247,18 +247,19 @@ fn hung_plugin_calls_are_capped_and_a_hung_configure_fails_the_reload() {
         for handle in calls {
             let (status, failed) = handle.join().expect("thread");
             assert_eq!(status, 400, "{failed}");
-            assert!(message(&failed).contains("plugin 'misbehaving': score timed out after 400 ms"), "{failed}");
+            assert!(message(&failed).contains("plugin 'misbehaving': score timed out after 2000 ms"), "{failed}");
         }
     });
     let (_, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
     assert_eq!((listed["plugins"][0]["hung_calls"].as_u64(), listed["hung_calls"].as_u64()), (Some(cap as u64), Some(cap as u64)), "{listed}");
     assert_eq!(metric(&client, &server.url, "hicra_plugin_hung_calls"), cap as f64);
 
-    // Further calls fail fast, well under the time-out, and say why.
+    // Further calls fail fast, well under the time-out (the bound leaves room for a loaded
+    // machine), and say why.
     for _ in 0..2 {
         let started = Instant::now();
         let (status, refused) = call(&client, "POST", score_url.clone(), "", Some(json!({})));
-        assert!(started.elapsed() < Duration::from_millis(200), "took {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_millis(1000), "took {:?}", started.elapsed());
         assert_eq!(status, 400, "{refused}");
         let expected = format!("plugin 'misbehaving': {cap} calls are still hung after their time-out; refusing new calls until they return (reload the plugin)");
         assert!(message(&refused).contains(&expected), "{refused}");
@@ -270,9 +271,9 @@ fn hung_plugin_calls_are_capped_and_a_hung_configure_fails_the_reload() {
     std::fs::write(&configure_gate, b"").expect("gate");
     let started = Instant::now();
     let (status, refused) = call(&client, "POST", url("/admin/plugins/reload"), "admin", None);
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert_eq!(status, 400, "{refused}");
-    assert!(message(&refused).contains("previous plugins keep serving: plugin 'misbehaving': configure timed out after 400 ms"), "{refused}");
+    assert!(message(&refused).contains("previous plugins keep serving: plugin 'misbehaving': configure timed out after 2000 ms"), "{refused}");
     let (_, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
     assert_eq!(listed["plugins"][0]["generation"], generation, "{listed}");
     assert_eq!(listed["hung_calls"].as_u64(), Some(cap as u64 + 1), "{listed}");
