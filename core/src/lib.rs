@@ -17,6 +17,7 @@
 //! - [`compare`]: statistics for comparing training arms over seeds.
 //! - [`files`]: writing files atomically (temp file, then rename).
 //! - [`memory`]: resident memory, and returning freed memory to the OS after a step.
+//! - [`random`]: SplitMix64, for draws that must repeat exactly from a seed.
 //! - [`cli`]: the `hicra` subcommands; the only place that uses `anyhow`.
 
 // tch implements `x += y` in place: on tensors that alias others (shallow clones) or that
@@ -34,6 +35,7 @@ pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod plugins;
+pub mod random;
 pub mod server;
 pub mod sg;
 pub mod tokenizer;

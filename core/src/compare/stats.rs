@@ -10,6 +10,8 @@
 //! Intervals use the percentile method: the 2.5% and 97.5% points of the resampled means,
 //! taken as nearest ranks of the sorted means.
 
+use crate::random::splitmix;
+
 /// Largest number of resamples enumerated exactly (6 seeds: 46,656).
 pub const EXACT_LIMIT: usize = 50_000;
 /// Resamples drawn when there are too many to enumerate.
@@ -106,14 +108,6 @@ fn percentile_interval(sorted: &[f64], level: f64) -> (f64, f64) {
     (sorted[low], sorted[high])
 }
 
-/// SplitMix64: the fixed-seed draws of a large bootstrap.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 #[cfg(test)]
 mod tests {

@@ -373,9 +373,17 @@ mod tests {
 
     /// Synthetic logits at a real vocabulary size: a head of 24 clear candidates over a long
     /// random tail that still carries real mass.
+    /// The tail is drawn from a local generator: libtorch's is process-wide, and other tests
+    /// reseed and draw from it concurrently, which would make this fixture vary between runs.
     fn real_logits() -> Tensor {
-        tch::manual_seed(11);
-        let tail = Tensor::randn([REAL_VOCAB], (Kind::Float, Device::Cpu)) - 3.0;
+        let mut state = 11;
+        let normal = |state: &mut u64| {
+            // Box-Muller.
+            let (u, v) = (1.0 - crate::random::uniform(state), crate::random::uniform(state));
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        };
+        let tail_values: Vec<f32> = (0..REAL_VOCAB).map(|_| normal(&mut state) - 3.0).collect();
+        let tail = Tensor::from_slice(&tail_values);
         let head = Tensor::linspace(6.0, 2.0, 24, (Kind::Float, Device::Cpu));
         tail.slice(0, 0, 24, 1).copy_(&head);
         tail.view([1, REAL_VOCAB])

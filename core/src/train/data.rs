@@ -88,15 +88,7 @@ pub enum DataError {
     Parameters(String),
 }
 
-/// SplitMix64: a tiny deterministic generator for data, shuffles and seeds (tests use it
-/// for reproducible schedules too). Advances `state` and returns the next value.
-pub fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use crate::random::splitmix;
 
 /// Loads or generates the examples.
 pub fn load(config: &DataConfig) -> Result<Vec<Example>, DataError> {
