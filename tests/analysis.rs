@@ -11,7 +11,6 @@ use std::process::Command;
 use hicra_core::model::{load, LoadOptions};
 use hicra_core::train::data::DataConfig;
 use hicra_core::train::run::{RewardKind, Run, RunConfig};
-use reqwest::blocking::Client;
 use serde_json::{json, Value};
 
 fn scratch(tag: &str) -> PathBuf {
@@ -121,7 +120,7 @@ fn a_training_server_logs_each_steps_rollouts_for_analysis() {
     let dir = scratch("online");
     let log = dir.join("rollouts.jsonl");
     let server = common::start_server(&[OsString::from("--train"), "--max-context".into(), "128".into(), "--rollout-log".into(), log.clone().into(), "--model".into(), common::tiny_model_file().into()]);
-    let client = Client::new();
+    let client = common::http_client();
     let body: Value = client
         .post(format!("{}/v1/chat/completions", server.url))
         .json(&json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 8, "seed": 5}))

@@ -155,6 +155,12 @@ pub fn built_plugin(name: &str) -> PathBuf {
 }
 
 
+/// An HTTP client for talking to test servers. reqwest's default 30 s time-out is too short
+/// for a request to the default model while other servers of the same test binary train.
+pub fn http_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(300)).build().expect("HTTP client")
+}
+
 /// Polls `GET /v1/training` until at least `steps` training steps have finished (ran or
 /// failed) and returns its last answer. Steps run off the reward requests, so tests wait here.
 pub fn wait_for_steps(url: &str, key: Option<&str>, steps: u64) -> serde_json::Value {
@@ -167,7 +173,7 @@ pub fn wait_for_steps(url: &str, key: Option<&str>, steps: u64) -> serde_json::V
 /// Polls `GET /v1/training` until `done` holds (at most 180 s, else the test fails naming
 /// `what`) and returns that answer.
 pub fn wait_for_training(url: &str, key: Option<&str>, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let client = reqwest::blocking::Client::new();
+    let client = http_client();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
     loop {
         let mut request = client.get(format!("{url}/v1/training"));

@@ -178,7 +178,7 @@ mod serving {
     #[test]
     fn replicas_rewarded_separately_take_one_step_together_with_identical_adapters() {
         let (first, second) = start_pair("step");
-        let client = Client::new();
+        let client = common::http_client();
         // One group on each replica: neither holds two, together they do.
         // A batch mixing the replicas' rollouts cannot be recorded as a whole: refused.
         let mixed = [sample(&client, &first, "mixed", 1), sample(&client, &second, "mixed", 1)].concat();
@@ -208,7 +208,7 @@ mod serving {
     #[test]
     fn a_pause_on_one_replica_holds_both_until_it_resumes() {
         let (first, second) = start_pair("pause");
-        let client = Client::new();
+        let client = common::http_client();
         let admin = |server: &Server, what: &str| {
             let response = client.post(format!("{}/admin/training/{what}", server.url)).bearer_auth("adm").send().expect("admin request");
             assert_eq!(response.status().as_u16(), 200);
@@ -232,7 +232,7 @@ mod serving {
     #[test]
     fn a_killed_replica_is_reported_and_the_survivor_keeps_serving() {
         let (first, second) = start_pair("killed");
-        let client = Client::new();
+        let client = common::http_client();
         second.kill();
         let killed_at = Instant::now();
         let status = common::wait_for_training(&first.url, None, "the lost replica reported", |s| !s["replicas"]["lost"].is_null());

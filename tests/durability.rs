@@ -141,7 +141,7 @@ fn a_stopped_server_restarts_at_the_same_policy_with_its_groups_and_rollout_log(
     let state = scratch_dir("durable-stop");
     let config = trainer_config("stop");
     let args = server_args(&state, &config, &[]);
-    let client = Client::new();
+    let client = common::http_client();
 
     let server = start_server_env(&args, "warn", &[]);
     let mut rewarded = Vec::new();
@@ -276,7 +276,7 @@ fn a_stopped_server_restarts_at_the_same_policy_with_its_groups_and_rollout_log(
 #[test]
 fn a_restart_between_steps_trains_exactly_like_an_uninterrupted_server() {
     let config = trainer_config("same");
-    let client = Client::new();
+    let client = common::http_client();
     let run = |tag: &str, restart_before: Option<u64>| {
         let state = scratch_dir(tag);
         let args = server_args(&state, &config, &[]);
@@ -307,7 +307,7 @@ struct Random(u64);
 
 impl Random {
     fn millis(&mut self, below: u64) -> Duration {
-        Duration::from_millis(hicra_core::train::data::splitmix(&mut self.0) % below.max(1))
+        Duration::from_millis(hicra_core::random::splitmix(&mut self.0) % below.max(1))
     }
 }
 
@@ -402,7 +402,7 @@ fn sigkill_at_random_instants_loses_no_reward_and_trains_every_group_once() {
                 let url = server.url.clone();
                 std::thread::spawn(move || {
                     let body = json!({"model": served_name(), "prompt": PROBE, "n": 4, "temperature": 1.0, "max_tokens": 120, "stream": true});
-                    let _ = Client::new().post(format!("{url}/v1/completions")).json(&body).send().and_then(|r| r.text());
+                    let _ = common::http_client().post(format!("{url}/v1/completions")).json(&body).send().and_then(|r| r.text());
                 });
                 std::thread::sleep(Duration::from_millis(20) + random.millis(150));
                 figures.kills_while_decoding += 1;

@@ -52,7 +52,7 @@ fn sample(client: &Client, server: &Server, content: &str, n: usize, extra: Valu
 #[test]
 fn rewards_train_the_served_model_in_place() {
     let server = start(&[]);
-    let client = Client::new();
+    let client = common::http_client();
     let probe = [5u32, 17, 99, 3];
     let (before, version) = completion_logprobs(&client, &server, &probe);
     assert_eq!(version, 0);
@@ -70,7 +70,7 @@ fn rewards_train_the_served_model_in_place() {
         let during: Vec<_> = (0..3)
             .map(|i| {
                 let url = chat_url.clone();
-                scope.spawn(move || post(&Client::new(), &url, json!({"model": "model", "messages": [{"role": "user", "content": format!("q{i}")}], "max_tokens": 16})))
+                scope.spawn(move || post(&common::http_client(), &url, json!({"model": "model", "messages": [{"role": "user", "content": format!("q{i}")}], "max_tokens": 16})))
             })
             .collect();
         let (status, reply) = post(&client, &format!("{}/v1/rewards", server.url), json!({"rewards": [{"rollout_id": ids[3], "reward": 1.0}]}));
@@ -119,7 +119,7 @@ fn rewards_train_the_served_model_in_place() {
 #[test]
 fn rewards_are_validated_recorded_once_and_grouped_by_their_own_prompts() {
     let server = start(&[]);
-    let client = Client::new();
+    let client = common::http_client();
     let reward_url = |id: &str| format!("{}/v1/rollouts/{id}/reward", server.url);
 
     // Refused before anything is recorded: unknown, not a number, not finite in f32.
@@ -169,7 +169,7 @@ fn pending_groups_are_bounded_and_expire() {
     // A group's clock starts at its first reward: sample everything first, so the rewards and
     // the checks fit well inside the timeout even on a loaded machine.
     let server = start(&["--max-pending-groups", "2", "--group-timeout-s", "6"]);
-    let client = Client::new();
+    let client = common::http_client();
     let sampled: Vec<Vec<String>> = (0..3).map(|k| sample(&client, &server, &format!("pending {k}"), 2, json!({}))).collect();
     let mut opened = Vec::new();
     for ids in sampled {
@@ -190,7 +190,7 @@ fn pending_groups_are_bounded_and_expire() {
 #[test]
 fn steps_drop_rollouts_older_than_max_staleness_and_responses_name_both_versions() {
     let server = start(&["--max-staleness", "0"]);
-    let client = Client::new();
+    let client = common::http_client();
     let (status, body) = post(&client, &format!("{}/v1/chat/completions", server.url), json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "n": 2, "max_tokens": 4}));
     assert_eq!(status, 200);
     let hicra = &body["choices"][0]["hicra"];
@@ -214,7 +214,7 @@ fn hicra_amplifies_the_advantage_exactly_on_a_served_strategic_gram() {
     let dir = common::scratch_dir("hicra-sg");
     let log = dir.join("rollouts.jsonl");
     let server = start_server(&[OsString::from("--train"), "--max-context".into(), "256".into(), "--rollout-log".into(), log.clone().into()]);
-    let client = Client::new();
+    let client = common::http_client();
     // Repetition makes the continuation predictable; top_k = 1 keeps it to the best token.
     let prompt = "Let me verify this. Let me verify this. Let me verify this. Let me verify this. Let me";
     let (status, body) = post(&client, &format!("{}/v1/completions", server.url), json!({"model": "smollm2-135m-instruct", "prompt": prompt, "n": 4, "temperature": 1.0, "top_k": 1, "max_tokens": 12}));
@@ -262,7 +262,7 @@ fn resident_memory_between_steps_stays_flat_when_step_shapes_vary() {
         "--max-context".into(), "512".into(), "--groups-per-step".into(), "1".into(), "--train-config".into(), config.into_os_string(),
         "--checkpoint-every-steps".into(), "0".into(), "--checkpoint-every-s".into(), "0".into(),
     ]);
-    let client = Client::new();
+    let client = common::http_client();
     let mut resident = Vec::new();
     for step in 1..=20u64 {
         // Step 3 is four times longer than the others; the rest vary in size.

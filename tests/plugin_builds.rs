@@ -124,7 +124,7 @@ fn the_starter_plugin_trains_then_a_rebuild_changes_its_behaviour_without_a_rest
     let config = dir.join("serve.toml");
     std::fs::write(&config, format!("plugins = [{installed:?}]\nadmin_key = \"admin\"\ntrain = true\nmax_context = 128\n\n[plugin_config.concise]\nmax_chars = 4\n")).expect("config");
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), tiny_model_file().into()]);
-    let client = Client::new();
+    let client = common::http_client();
     let url = |path: &str| format!("{}{path}", server.url);
 
     // Version 1 scores min(1, 4 / characters); four such scores complete a group, which the
@@ -159,7 +159,7 @@ fn the_starter_plugin_trains_then_a_rebuild_changes_its_behaviour_without_a_rest
         let during: Vec<_> = (0..3)
             .map(|_| {
                 let chat_url = chat_url.clone();
-                scope.spawn(move || post(&Client::new(), chat_url, "", json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8})).0)
+                scope.spawn(move || post(&common::http_client(), chat_url, "", json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8})).0)
             })
             .collect();
         let reloaded = post(&client, url("/admin/plugins/reload"), "admin", json!({}));
@@ -205,7 +205,7 @@ fn libraries_built_against_an_incompatible_sdk_are_refused_and_the_server_keeps_
     let config = dir.join("serve.toml");
     std::fs::write(&config, format!("plugins = [{installed:?}]\nadmin_key = \"admin\"\nmax_context = 128\n")).expect("config");
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), tiny_model_file().into()]);
-    let client = Client::new();
+    let client = common::http_client();
     let url = |path: &str| format!("{}{path}", server.url);
 
     for (library, expected) in [(&newer_plugin, "built against hicra-sdk 0.2.0"), (&reshaped_plugin, "too many fields (expected 4, found 5) in RewardItem")] {
@@ -239,7 +239,7 @@ fn a_watched_plugin_folder_loads_new_libraries_by_itself() {
         "--model".into(),
         tiny_model_file().into(),
     ]);
-    let client = Client::new();
+    let client = common::http_client();
     let names = || -> Vec<String> {
         let listed = get(&client, format!("{}/admin/plugins", server.url), "admin");
         listed["plugins"].as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect()).unwrap_or_default()

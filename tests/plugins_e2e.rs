@@ -55,7 +55,7 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
     std::fs::write(&config, toml).expect("config");
     let model = tiny_model_file();
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
-    let client = Client::new();
+    let client = common::http_client();
     let url = |path: &str| format!("{}{path}", server.url);
 
     let (status, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
@@ -94,7 +94,7 @@ fn plugin_rewards_train_and_hot_swap_without_restart() {
         let during: Vec<_> = (0..3)
             .map(|_| {
                 let chat_url = chat_url.clone();
-                scope.spawn(move || call(&Client::new(), "POST", chat_url, "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8}))))
+                scope.spawn(move || call(&common::http_client(), "POST", chat_url, "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8}))))
             })
             .collect();
         let reloaded = call(&client, "POST", url("/admin/plugins/reload"), "admin", None);
@@ -154,7 +154,7 @@ fn detector_and_credit_plugins_drive_online_training() {
         std::fs::write(&config, toml).expect("config");
         let model = tiny_model_file();
         let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
-        let client = Client::new();
+        let client = common::http_client();
         let (_, body) = call(&client, "POST", format!("{}/v1/chat/completions", server.url), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 8, "seed": 4})));
         let rewards: Vec<Value> = body["choices"].as_array().expect("choices").iter().enumerate().map(|(i, c)| json!({"rollout_id": c["hicra"]["rollout_id"], "reward": (i % 2) as f64})).collect();
         let (status, reply) = call(&client, "POST", format!("{}/v1/rewards", server.url), "", Some(json!({"rewards": rewards})));
@@ -179,7 +179,7 @@ fn a_plugin_that_panics_hangs_or_returns_garbage_at_serving_time_poisons_nothing
     std::fs::write(&config, toml).expect("config");
     let model = tiny_model_file();
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
-    let client = Client::new();
+    let client = common::http_client();
     let url = |path: &str| format!("{}{path}", server.url);
     let (_, body) = call(&client, "POST", url("/v1/chat/completions"), "", Some(json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "n": 4, "temperature": 1.0, "max_tokens": 12, "seed": 21})));
     let ids: Vec<String> = body["choices"].as_array().expect("choices").iter().map(|c| c["hicra"]["rollout_id"].as_str().expect("id").to_string()).collect();
@@ -231,7 +231,7 @@ fn hung_plugin_calls_are_capped_and_a_hung_configure_fails_the_reload() {
     std::fs::write(&config, toml).expect("config");
     let model = tiny_model_file();
     let server = start_server(&[OsString::from("--config"), config.into(), "--model".into(), model.into()]);
-    let client = Client::new();
+    let client = common::http_client();
     let url = |path: &str| format!("{}{path}", server.url);
     let (_, listed) = call(&client, "GET", url("/admin/plugins"), "admin", None);
     let (generation, cap) = (listed["plugins"][0]["generation"].clone(), listed["max_hung_calls"].as_u64().expect("cap") as usize);
@@ -243,7 +243,7 @@ fn hung_plugin_calls_are_capped_and_a_hung_configure_fails_the_reload() {
     std::fs::write(&score_gate, b"").expect("gate");
     let blocked = json!({"metadata": {"misbehave": "block", "gate": score_gate}});
     std::thread::scope(|scope| {
-        let calls: Vec<_> = (0..cap).map(|_| scope.spawn(|| call(&Client::new(), "POST", score_url.clone(), "", Some(blocked.clone())))).collect();
+        let calls: Vec<_> = (0..cap).map(|_| scope.spawn(|| call(&common::http_client(), "POST", score_url.clone(), "", Some(blocked.clone())))).collect();
         for handle in calls {
             let (status, failed) = handle.join().expect("thread");
             assert_eq!(status, 400, "{failed}");

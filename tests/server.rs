@@ -101,6 +101,10 @@ fn serves_chat_errors_rollouts_and_concurrency() {
         let handles: Vec<_> = requests.iter().map(|r| scope.spawn(|| post(&server, "/v1/chat/completions", r))).collect();
         handles.into_iter().map(|h| h.join().expect("thread").1).collect()
     });
+    // Read now: the one-at-a-time replays below would dilute the mean.
+    let metrics = http.get(format!("{}/metrics", server.url)).send().expect("metrics").text().expect("text");
+    let mean_batch: f64 = metrics.lines().find_map(|l| l.strip_prefix("hicra_mean_batch_size ")).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    assert!(mean_batch > 1.5, "requests were not batched: mean batch {mean_batch}");
     for (request, concurrent) in requests.iter().zip(&together) {
         let (status, alone) = post(&server, "/v1/chat/completions", request);
         assert_eq!(status, 200);
@@ -110,9 +114,6 @@ fn serves_chat_errors_rollouts_and_concurrency() {
         let (a, b) = (logprobs(concurrent), logprobs(&alone));
         assert!(!a.is_empty() && a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 1e-4), "request {request}: {a:?} vs {b:?}");
     }
-    let metrics = http.get(format!("{}/metrics", server.url)).send().expect("metrics").text().expect("text");
-    let mean_batch: f64 = metrics.lines().find_map(|l| l.strip_prefix("hicra_mean_batch_size ")).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    assert!(mean_batch > 1.5, "requests were not batched: mean batch {mean_batch}");
 }
 
 /// A `hicra serve` child whose stderr (logs included) is kept for the test to read.
