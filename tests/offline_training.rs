@@ -224,16 +224,18 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_one() {
 
     let killed = scratch("kill-resumed");
     let config = write_config(&killed);
-    let mut random = 0x2545_F491_4F6C_DD1Du64 ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let seed = std::env::var("HICRA_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    eprintln!("kill schedule seed {seed} (HICRA_CRASH_SEED={seed} repeats it)");
+    let mut random = seed;
     let (mut kills, mut attempt) = (0, 0);
     loop {
         let mut child = train(&config, attempt > 0);
         attempt += 1;
-        random ^= random << 13;
-        random ^= random >> 7;
-        random ^= random << 17;
+        let draw = hicra_core::random::splitmix(&mut random);
         // The first kill lands early (often inside the first checkpoint); later ones anywhere.
-        let delay = if kills == 0 { 150 + random % 300 } else { 100 + random % 500 };
+        let delay = if kills == 0 { 150 + draw % 300 } else { 100 + draw % 500 };
         std::thread::sleep(std::time::Duration::from_millis(delay));
         if kills < 5 && child.try_wait().expect("poll").is_none() {
             child.kill().expect("SIGKILL");
@@ -242,10 +244,10 @@ fn killed_and_resumed_runs_equal_an_uninterrupted_one() {
             continue;
         }
         let output = child.wait_with_output().expect("run");
-        assert!(output.status.success(), "attempt {attempt} after {kills} kills: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "attempt {attempt} after {kills} kills (seed {seed}): {}", String::from_utf8_lossy(&output.stderr));
         break;
     }
-    assert!(kills >= 3, "only {kills} kills landed before the run finished");
+    assert!(kills >= 3, "only {kills} kills landed before the run finished (seed {seed})");
 
     let steps_of = |file: &str, field: &str| -> Vec<u64> {
         let text = std::fs::read_to_string(killed.join(file)).expect("log");

@@ -41,7 +41,7 @@ struct Random(u64);
 
 impl Random {
     fn next(&mut self) -> u64 {
-        hicra_core::train::data::splitmix(&mut self.0)
+        hicra_core::random::splitmix(&mut self.0)
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize

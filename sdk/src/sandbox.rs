@@ -165,7 +165,9 @@ mod tests {
     fn infinite_loops_and_unbounded_allocation_are_stopped() {
         let looping = run_python("while True:\n    pass\n", &quick()).expect("sandbox");
         assert!(matches!(looping.status, SandboxStatus::Killed(_) | SandboxStatus::TimedOut), "{looping:?}");
-        assert!(looping.elapsed < Duration::from_secs(6));
+        // Stopped by its CPU limit or the 5 s wall clock, not left running (the margin is for
+        // spawning and reaping on a loaded machine).
+        assert!(looping.elapsed < Duration::from_secs(10), "{looping:?}");
         let hungry = run_python("x = []\nwhile True:\n    x.append(' ' * 10_000_000)\n", &quick()).expect("sandbox");
         assert!(!matches!(hungry.status, SandboxStatus::Passed), "{hungry:?}");
         assert!(hungry.stderr.contains("MemoryError") || matches!(hungry.status, SandboxStatus::Killed(_)), "{hungry:?}");

@@ -88,7 +88,7 @@ pub enum DataError {
     Parameters(String),
 }
 
-pub use crate::random::splitmix;
+use crate::random::splitmix;
 
 /// Loads or generates the examples.
 pub fn load(config: &DataConfig) -> Result<Vec<Example>, DataError> {

@@ -351,7 +351,7 @@ impl Run {
         let mut examples = data::load(&config.data)?;
         let mut state = config.seed ^ 0xD1B5_4A32_D192_ED03;
         for i in (1..examples.len()).rev() {
-            let j = (data::splitmix(&mut state) % (i as u64 + 1)) as usize;
+            let j = (crate::random::splitmix(&mut state) % (i as u64 + 1)) as usize;
             examples.swap(i, j);
         }
         let (train, eval) = match &config.eval_data {
@@ -520,7 +520,7 @@ impl Run {
         let temperature = self.config.temperature;
         let sampling = |episode: usize, turn: usize| {
             let mut state = seed ^ tag.wrapping_mul(0x9E37_79B9) ^ (((first + episode / samples) as u64) << 20) ^ (episode % samples) as u64 ^ ((turn as u64) << 40);
-            SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: data::splitmix(&mut state), ..SamplingParams::default() }
+            SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: crate::random::splitmix(&mut state), ..SamplingParams::default() }
         };
         let table = Table { model: &self.loaded.model, tokenizer, template, max_new_tokens: self.config.max_new_tokens, max_turns };
         let played = play(&table, episodes, sampling)?;
@@ -558,7 +558,7 @@ impl Run {
             let ids = self.prompt_ids(example)?;
             for s in 0..samples {
                 let mut state = self.config.seed ^ tag.wrapping_mul(0x9E37_79B9) ^ (((first + p) as u64) << 20) ^ s as u64;
-                let sampling = SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: data::splitmix(&mut state), ..SamplingParams::default() };
+                let sampling = SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: crate::random::splitmix(&mut state), ..SamplingParams::default() };
                 requests.push(GenerationRequest::new(ids.clone(), sampling, self.config.max_new_tokens, &self.loaded.tokenizer));
             }
             prompts.push(ids);
