@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import socket
 import subprocess
 import tempfile
 import time
@@ -40,10 +39,12 @@ DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 _server_log: Path | None = None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _listening_url(log: Path) -> str | None:
+    """The address the server printed once bound (`listening on http://...`), if it has."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("listening on "):
+            return line.removeprefix("listening on ").strip()
+    return None
 
 
 def _log_tail(path: Path | None, lines: int = 40) -> str:
@@ -81,30 +82,32 @@ def model_id() -> str:
 
 @contextlib.contextmanager
 def start_hicra(args: list[str]) -> Iterator[str]:
-    """Starts `hicra serve --device cpu --host 127.0.0.1 --port FREE ARGS`, waits for /health,
-    yields `http://127.0.0.1:PORT`, and stops the server."""
+    """Starts `hicra serve --device cpu --host 127.0.0.1 --port 0 ARGS`, waits for /health,
+    yields the URL it listens on, and stops the server."""
     global _server_log
     binary = Path(os.environ.get("HICRA_BIN", REPO / "target" / "release" / "hicra"))
     if not binary.is_file():
         pytest.fail(f"{binary} not found: run `cargo build --release` or set HICRA_BIN")
-    port = _free_port()
-    cmd = [str(binary), "serve", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), *args]
+    # Port 0: the server binds a free port itself and prints it (a port picked here and
+    # closed again could be taken before the server binds it).
+    cmd = [str(binary), "serve", "--device", "cpu", "--host", "127.0.0.1", "--port", "0", *args]
     fd, log_name = tempfile.mkstemp(prefix="hicra-serve-", suffix=".log")
     os.close(fd)
     _server_log = Path(log_name)
-    url = f"http://127.0.0.1:{port}"
     with open(_server_log, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        url = None
         while True:
             if proc.poll() is not None:
                 pytest.fail(
                     f"`{shlex.join(cmd)}` exited with {proc.returncode} before it was ready:\n"
                     + _log_tail(_server_log)
                 )
+            url = url or _listening_url(_server_log)
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if url and httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
