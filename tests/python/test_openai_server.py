@@ -454,8 +454,9 @@ def test_concurrent_requests_match_sequential_ones(client: openai.OpenAI, model_
     Greedy, with logprobs to 1e-4: the CPU kernels round differently with the batch size at
     the last bit, so a seeded sampled text can part ways after a near-tie between two tokens
     (seen about once in four runs of 32 requests at temperature 0.8, before and after the
-    prefix cache). Cross-talk between requests changes whole tokens and logprobs, which this
-    still catches.
+    prefix cache), and even a greedy one where the two best tokens are within rounding of each
+    other. So outputs are compared up to the first such near-tie (top-2 gap under 1e-3, rare).
+    Cross-talk between requests changes whole tokens and logprobs, which this still catches.
     """
     topics = ["the sea", "a library", "mountains", "a robot", "bread", "winter", "a city", "music"]
 
@@ -468,21 +469,38 @@ def test_concurrent_requests_match_sequential_ones(client: openai.OpenAI, model_
             max_tokens=8 + (i * 7) % 33,
             temperature=0,
             logprobs=True,
+            top_logprobs=2,
         )
 
-    def run(i: int) -> tuple[str, str, int, list[float]]:
+    def run(i: int) -> dict:
         response = client.chat.completions.create(**request(i))
         choice = response.choices[0]
-        logprobs = [t.logprob for t in choice.logprobs.content]
-        return choice.message.content or "", choice.finish_reason, response.usage.completion_tokens, logprobs
+        content = choice.logprobs.content
+        return {
+            "tokens": [t.token for t in content],
+            "logprobs": [t.logprob for t in content],
+            "top2_gaps": [t.top_logprobs[0].logprob - t.top_logprobs[1].logprob if len(t.top_logprobs) > 1 else float("inf") for t in content],
+            "finish": choice.finish_reason,
+            "completion_tokens": response.usage.completion_tokens,
+        }
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         together = list(pool.map(run, range(32)))
-    for i, (_, finish, tokens, _) in enumerate(together):
-        assert finish in ("stop", "length")
-        assert 0 < tokens <= request(i)["max_tokens"]
+    for i, result in enumerate(together):
+        assert result["finish"] in ("stop", "length")
+        assert 0 < result["completion_tokens"] <= request(i)["max_tokens"]
     one_by_one = [run(i) for i in range(32)]
-    mismatches = [i for i in range(32) if together[i][:3] != one_by_one[i][:3]]
-    assert not mismatches, [(i, together[i][:3], one_by_one[i][:3]) for i in mismatches]
-    gap = max(abs(a - b) for x, y in zip(together, one_by_one) for a, b in zip(x[3], y[3]))
-    assert gap <= 1e-4, gap
+    near_ties = 0
+    for i, (batched, alone) in enumerate(zip(together, one_by_one)):
+        # Compared through the first near-tie (that position's token included: either may win).
+        tie = next((k for k, gap in enumerate(alone["top2_gaps"]) if gap < 1e-3), None)
+        near_ties += tie is not None
+        if tie is None:
+            assert batched["tokens"] == alone["tokens"] and batched["finish"] == alone["finish"], (i, batched, alone)
+            compared = len(alone["tokens"])
+        else:
+            assert batched["tokens"][:tie] == alone["tokens"][:tie], (i, tie, batched, alone)
+            compared = tie + 1
+        gap = max(abs(a - b) for a, b in zip(batched["logprobs"][:compared], alone["logprobs"][:compared]))
+        assert gap <= 1e-4, (i, gap)
+    assert near_ties <= 4, f"{near_ties} of 32 outputs met a near-tie: the comparison lost its power"
