@@ -243,6 +243,20 @@ def test_a_constraint_is_recorded_with_the_rollout(client: openai.OpenAI, http: 
 
 
 @pytest.mark.parametrize("field,value", [
+    ("frequency_penalty", 2.5),
+    ("presence_penalty", -3.0),
+    ("min_p", 1.5),
+    ("repetition_penalty", 0.0),
+    ("top_p", 0.0),
+    ("logit_bias", {"42": 150}),
+])
+def test_sampling_values_out_of_range_are_refused_by_name(client: openai.OpenAI, model_id: str, field: str, value: object) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body={field: value})
+    assert err.value.body["param"] == field and field in err.value.body["message"], err.value.body
+
+
+@pytest.mark.parametrize("field,value", [
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),

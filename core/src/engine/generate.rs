@@ -585,22 +585,9 @@ pub fn validate_request(request: &GenerationRequest, vocab_size: usize, max_cont
     if !(s.temperature.is_finite() && s.temperature >= 0.0) {
         return Err(EngineError::InvalidParameter(format!("temperature must be >= 0, got {}", s.temperature)));
     }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(EngineError::InvalidParameter(format!("top_p must be in (0, 1], got {}", s.top_p)));
-    }
-    if !(0.0..=1.0).contains(&s.min_p) {
-        return Err(EngineError::InvalidParameter(format!("min_p must be in [0, 1], got {}", s.min_p)));
-    }
-    for (name, value) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
-        if !(-2.0..=2.0).contains(&value) {
-            return Err(EngineError::InvalidParameter(format!("{name} must be in [-2, 2], got {value}")));
-        }
-    }
-    if !(s.repetition_penalty.is_finite() && s.repetition_penalty > 0.0) {
-        return Err(EngineError::InvalidParameter(format!("repetition_penalty must be > 0, got {}", s.repetition_penalty)));
-    }
-    if let Some((token, bias)) = s.logit_bias.iter().find(|(token, bias)| *token as usize >= vocab_size || !(-100.0..=100.0).contains(bias)) {
-        return Err(EngineError::InvalidParameter(format!("logit_bias: token {token} with bias {bias} (ids below {vocab_size}, biases in [-100, 100])")));
+    s.check_ranges().map_err(|e| EngineError::InvalidParameter(e.message))?;
+    if let Some((token, _)) = s.logit_bias.iter().find(|(token, _)| *token as usize >= vocab_size) {
+        return Err(EngineError::InvalidParameter(format!("logit_bias: token {token} is outside the vocabulary (ids below {vocab_size})")));
     }
     if request.top_logprobs > vocab_size {
         return Err(EngineError::InvalidParameter(format!("top_logprobs {} exceeds the vocabulary", request.top_logprobs)));

@@ -79,7 +79,42 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling parameter outside its range.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidSampling {
+    /// The parameter, as the OpenAI API names it.
+    pub param: &'static str,
+    /// What is wrong, with the value.
+    pub message: String,
+}
+
 impl SamplingParams {
+    /// Checks the ranges of top-p, min-p, the penalties and the logit biases (the same for
+    /// every caller: the HTTP API names the parameter, the engine refuses what reaches it).
+    /// Logit-bias token ids are checked against the vocabulary by the engine.
+    pub fn check_ranges(&self) -> Result<(), InvalidSampling> {
+        let invalid = |param, message| Err(InvalidSampling { param, message });
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid("top_p", format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return invalid("min_p", format!("min_p must be between 0 and 1, got {}", self.min_p));
+        }
+        for (param, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&value) {
+                return invalid(param, format!("{param} must be between -2 and 2, got {value}"));
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return invalid("repetition_penalty", format!("repetition_penalty must be > 0 (1 is off), got {}", self.repetition_penalty));
+        }
+        if let Some((token, bias)) = self.logit_bias.iter().find(|(_, bias)| !(-100.0..=100.0).contains(bias)) {
+            return invalid("logit_bias", format!("logit_bias for token {token} must be a number between -100 and 100, got {bias}"));
+        }
+        Ok(())
+    }
+
     /// Greedy decoding.
     pub fn greedy() -> Self {
         Self { temperature: 0.0, ..Self::default() }
@@ -373,6 +408,7 @@ mod tests {
 
     /// Synthetic logits at a real vocabulary size: a head of 24 clear candidates over a long
     /// random tail that still carries real mass.
+    ///
     /// The tail is drawn from a local generator: libtorch's is process-wide, and other tests
     /// reseed and draw from it concurrently, which would make this fixture vary between runs.
     fn real_logits() -> Tensor {

@@ -42,9 +42,6 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
         return Err(ApiError::invalid("temperature", format!("temperature must be >= 0, got {temperature}")));
     }
     let top_p = fields.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid("top_p", format!("top_p must be in (0, 1], got {top_p}")));
-    }
     let top_k = fields.top_k.unwrap_or(0);
     if top_k < 0 {
         return Err(ApiError::invalid("top_k", format!("top_k must be >= 0 (0 disables it), got {top_k}")));
@@ -55,23 +52,6 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
         Some(m) => Some(m as usize),
         None => None,
     };
-    let mut penalties = [0.0; 2];
-    for (slot, (name, value)) in penalties.iter_mut().zip([("presence_penalty", fields.presence_penalty), ("frequency_penalty", fields.frequency_penalty)]) {
-        let value = value.unwrap_or(0.0);
-        if !(-2.0..=2.0).contains(&value) {
-            return Err(ApiError::invalid(name, format!("{name} must be between -2 and 2, got {value}")));
-        }
-        *slot = value;
-    }
-    let [presence_penalty, frequency_penalty] = penalties;
-    let min_p = fields.min_p.unwrap_or(0.0);
-    if !(0.0..=1.0).contains(&min_p) {
-        return Err(ApiError::invalid("min_p", format!("min_p must be between 0 and 1, got {min_p}")));
-    }
-    let repetition_penalty = fields.repetition_penalty.unwrap_or(1.0);
-    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
-        return Err(ApiError::invalid("repetition_penalty", format!("repetition_penalty must be > 0 (1 is off), got {repetition_penalty}")));
-    }
     let logit_bias = logit_bias(fields.logit_bias.as_ref())?;
     let (constraint_field, constraint) = match super::structured::requested_constraint(fields)? {
         Some((field, constraint)) => (field, Some(constraint)),
@@ -89,9 +69,22 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
         Some(seed) => seed as u64,
         None => random_seed(),
     };
+    let sampling = SamplingParams {
+        temperature,
+        top_p,
+        top_k: top_k as usize,
+        seed,
+        min_p: fields.min_p.unwrap_or(0.0),
+        logit_bias,
+        presence_penalty: fields.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: fields.frequency_penalty.unwrap_or(0.0),
+        repetition_penalty: fields.repetition_penalty.unwrap_or(1.0),
+        constraint,
+    };
+    sampling.check_ranges().map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok(Plan {
         n: n as usize,
-        sampling: SamplingParams { temperature, top_p, top_k: top_k as usize, seed, min_p, logit_bias, presence_penalty, frequency_penalty, repetition_penalty, constraint },
+        sampling,
         max_tokens,
         stop,
         top_logprobs: top_logprobs as usize,
@@ -99,12 +92,13 @@ pub(crate) fn plan(fields: &SamplingFields, top_logprobs: Option<i64>) -> Result
     })
 }
 
-/// OpenAI's `logit_bias`: token ids as string keys, biases in [-100, 100]; sorted by id.
+/// OpenAI's `logit_bias`: token ids as string keys, numbers as biases (their range is
+/// [`SamplingParams::check_ranges`]'s); sorted by id.
 fn logit_bias(map: Option<&serde_json::Map<String, serde_json::Value>>) -> Result<Vec<(u32, f32)>, ApiError> {
     let mut out = Vec::new();
     for (key, value) in map.into_iter().flatten() {
         let id: u32 = key.parse().map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias key '{key}' is not a token id")))?;
-        let bias = value.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| ApiError::invalid("logit_bias", format!("logit_bias for token {id} must be a number between -100 and 100, got {value}")))?;
+        let bias = value.as_f64().ok_or_else(|| ApiError::invalid("logit_bias", format!("logit_bias for token {id} must be a number between -100 and 100, got {value}")))?;
         out.push((id, bias as f32));
     }
     out.sort_by_key(|&(id, _)| id);

@@ -176,9 +176,7 @@ pub fn validate(samples: &[TrainSample], vocab_size: usize, max_positions: usize
         if !(t.is_finite() && t > 0.0) {
             return Err(TrainError::InvalidSample { index: i, reason: format!("temperature {t}: greedy or invalid sampling has no behaviour distribution to train against") });
         }
-        if !(s.sampling.top_p > 0.0 && s.sampling.top_p <= 1.0) {
-            return Err(TrainError::InvalidSample { index: i, reason: format!("top_p {} outside (0, 1]", s.sampling.top_p) });
-        }
+        s.sampling.check_ranges().map_err(|e| TrainError::InvalidSample { index: i, reason: e.message })?;
         if s.sampling.edits_logits() {
             let mut replay = BehaviourReplay::new(std::slice::from_ref(s), constraints);
             replay.follow(n).map_err(|e| TrainError::InvalidSample { index: i, reason: format!("its tokens do not replay under its sampling: {e}") })?;
