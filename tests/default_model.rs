@@ -133,11 +133,15 @@ fn max_tokens_ends_with_length() {
     assert_eq!(generation.finish_reason, FinishReason::Length);
 }
 
+/// The constraint compiler for the loaded model's tokenizer and vocabulary.
+fn constraints_for(loaded: &hicra_core::model::LoadedModel) -> Constraints {
+    Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size)
+}
+
 /// Samples `n` completions of `prompt` under `sampling` with constraints enabled.
 fn sample_constrained(loaded: &hicra_core::model::LoadedModel, prompt: &[u32], sampling: &SamplingParams, n: usize, max_tokens: usize) -> Vec<hicra_core::engine::Generation> {
-    let constraints = std::sync::Arc::new(Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size));
     let mut engine = Engine::new(&loaded.model, &loaded.tokenizer, n, 512);
-    engine.set_constraints(constraints);
+    engine.set_constraints(std::sync::Arc::new(constraints_for(loaded)));
     let requests: Vec<GenerationRequest> = (0..n as u64).map(|i| GenerationRequest::new(prompt.to_vec(), SamplingParams { seed: 100 + i, ..sampling.clone() }, max_tokens, &loaded.tokenizer)).collect();
     engine.generate(&requests).expect("generate")
 }
@@ -177,7 +181,7 @@ fn constrained_sampling_at_temperature_one_gives_schema_valid_json_and_trains_at
     let finished = generations.iter().filter(|g| g.finish_reason == FinishReason::Stop).count();
     assert!(finished >= 6, "only {finished} of 8 completions closed their JSON");
     let samples: Vec<TrainSample> = generations.iter().map(|g| TrainSample::from_generation(&prompt, g, &sampling, 1.0)).collect();
-    let constraints = Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size);
+    let constraints = constraints_for(&loaded);
     let vocab = loaded.model.config().vocab_size;
     loss::validate(&samples, vocab, loaded.model.max_positions(), Some(&constraints)).expect("the rollouts replay under their sampling");
     let tokens: usize = samples.iter().map(|s| s.completion_ids.len()).sum();
@@ -195,7 +199,7 @@ fn constrained_sampling_at_temperature_one_gives_schema_valid_json_and_trains_at
 #[test]
 fn a_rollout_whose_tokens_break_its_constraint_is_an_invalid_sample() {
     let loaded = default_model();
-    let constraints = Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size);
+    let constraints = constraints_for(&loaded);
     let completion = loaded.tokenizer.encode("hello", false).expect("encode");
     let sample = TrainSample {
         prompt_ids: vec![1, 2, 3],
@@ -235,7 +239,7 @@ fn a_two_turn_episode_sampled_under_a_constraint_and_penalties_replays_turn_by_t
     let sampled_mask: Vec<bool> = std::iter::repeat_n(true, first_ids.len()).chain(std::iter::repeat_n(false, context.len())).chain(std::iter::repeat_n(true, second.tokens.len())).collect();
     let old_logprobs: Vec<f32> = first.tokens.iter().map(|t| t.sampling_logprob).chain(std::iter::repeat_n(0.0, context.len())).chain(second.tokens.iter().map(|t| t.sampling_logprob)).collect();
     let sample = TrainSample { prompt_ids: first_prompt.clone(), advantages: vec![1.0; completion.len()], completion_ids: completion, old_logprobs, sampling: sampling.clone(), sampled_mask };
-    let constraints = Constraints::new(std::sync::Arc::new(loaded.tokenizer.clone()), loaded.model.config().vocab_size);
+    let constraints = constraints_for(&loaded);
     loss::validate(std::slice::from_ref(&sample), loaded.model.config().vocab_size, loaded.model.max_positions(), Some(&constraints)).expect("both turns replay");
     let stats = tch::no_grad(|| loss::accumulate(&loaded.model, std::slice::from_ref(&sample), &LossConfig::default(), Some(&constraints), sample.loss_tokens(), 1));
     let gap = stats.new_logprobs[0]
